@@ -1,0 +1,187 @@
+"""File input/output shared by every stage: atomic writes and image/array/JSON/.mat readers.
+
+Outputs are always written to a temporary name in the destination folder and then renamed, so
+an interrupted run never leaves a half-written file under the final name (resumable stages
+treat "the final file exists" as "this output is complete"). Paths may be local or remote
+(``gs://``, ``az://`` via blobfile); remote writes go through blobfile directly, which uploads
+whole objects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+from typing import Any, Iterator
+
+import numpy as np
+
+from .errors import DiffMixError
+
+_REMOTE_PREFIXES = ("gs://", "az://", "https://", "http://")
+
+
+def is_remote(path: str) -> bool:
+    return str(path).startswith(_REMOTE_PREFIXES)
+
+
+def exists(path: str) -> bool:
+    if is_remote(path):
+        import blobfile
+
+        return blobfile.exists(path)
+    return os.path.exists(path)
+
+
+def makedirs(path: str) -> None:
+    if is_remote(path):
+        import blobfile
+
+        blobfile.makedirs(path)
+    else:
+        os.makedirs(path, exist_ok=True)
+
+
+def listdir(path: str) -> list[str]:
+    """Sorted entries (names, not paths) of a local or remote folder."""
+    if is_remote(path):
+        import blobfile
+
+        return sorted(name.rstrip("/") for name in blobfile.listdir(path))
+    return sorted(os.listdir(path))
+
+
+def join(*parts: str) -> str:
+    if is_remote(parts[0]):
+        import blobfile
+
+        return blobfile.join(*parts)
+    return os.path.join(*parts)
+
+
+def read_bytes(path: str) -> bytes:
+    try:
+        if is_remote(path):
+            import blobfile
+
+            with blobfile.BlobFile(path, "rb") as f:
+                return f.read()
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise DiffMixError(f"{path}: file not found") from None
+    except OSError as err:
+        raise DiffMixError(f"{path}: cannot read ({err.strerror or err})") from None
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "wb") -> Iterator[Any]:
+    """Open ``path`` for writing through a temporary file that is renamed on success.
+
+    On any exception the temporary file is removed and ``path`` is left untouched.
+    """
+    if is_remote(path):
+        import blobfile
+
+        with blobfile.BlobFile(path, mode) as f:
+            yield f
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Atomically write ``obj`` as indented JSON (numpy scalars/arrays converted)."""
+    write_bytes(path, (json.dumps(obj, indent=2, default=_json_default) + "\n").encode())
+
+
+def read_json(path: str) -> Any:
+    try:
+        return json.loads(read_bytes(path).decode())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DiffMixError(f"{path}: not valid JSON ({err})") from None
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    return str(obj)
+
+
+def read_image(path: str) -> np.ndarray:
+    """Read an RGB image (png, tif/tiff, jpg) as uint8 [H, W, 3] (alpha dropped, grey expanded)."""
+    from PIL import Image, UnidentifiedImageError
+
+    data = read_bytes(path)
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            arr = np.asarray(im.convert("RGB") if im.mode != "RGB" else im)
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise DiffMixError(f"{path}: not a readable image ({err})") from None
+    if arr.dtype != np.uint8:
+        arr = np.clip(arr, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(arr)
+
+
+def write_png(path: str, image: np.ndarray) -> None:
+    """Atomically write a uint8 [H, W] or [H, W, 3] array as PNG."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG")
+    write_bytes(path, buf.getvalue())
+
+
+def write_npy(path: str, array: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    write_bytes(path, buf.getvalue())
+
+
+def read_npy(path: str) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(read_bytes(path)), allow_pickle=False)
+    except ValueError as err:
+        raise DiffMixError(f"{path}: not a readable .npy array ({err})") from None
+
+
+def read_mat(path: str) -> dict[str, Any]:
+    """Read a MATLAB v5 ``.mat`` file into a dict (MATLAB header keys dropped)."""
+    import scipy.io
+
+    try:
+        mat = scipy.io.loadmat(io.BytesIO(read_bytes(path)))
+    except (ValueError, TypeError, NotImplementedError, OSError) as err:
+        raise DiffMixError(f"{path}: not a readable .mat file ({err})") from None
+    return {k: v for k, v in mat.items() if not k.startswith("__")}
+
+
+def write_mat(path: str, arrays: dict[str, Any]) -> None:
+    import scipy.io
+
+    buf = io.BytesIO()
+    scipy.io.savemat(buf, arrays, do_compression=True)
+    write_bytes(path, buf.getvalue())
