@@ -174,7 +174,7 @@ def read_mat(path: str) -> dict[str, Any]:
 
     try:
         mat = scipy.io.loadmat(io.BytesIO(read_bytes(path)))
-    except (ValueError, TypeError, NotImplementedError, OSError, scipy.io.matlab.MatReadError) as err:
+    except Exception as err:  # scipy raises many types (IndexError, MatReadError, ...) on corrupt files
         raise DiffMixError(f"{path}: not a readable .mat file ({err})") from None
     return {k: v for k, v in mat.items() if not k.startswith("__")}
 

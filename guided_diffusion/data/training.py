@@ -1,0 +1,328 @@
+"""Training pipeline: seeded random crops with rot90/flips, batched with the U-Net condition.
+
+Reproducibility and resume: the crop for global step ``k``, batch item ``j`` on rank ``r`` is a pure
+function of ``(seed, r, k, j)``. Files are visited in epochs (each file of the rank's shard once per
+epoch, in a seeded random order unless ``deterministic``); the crop window, rot90 and flips come
+from an item seed derived from ``(seed, r, k, j)``. So restoring :class:`DataState` (seed, step)
+reproduces the exact batch stream, with or without worker processes.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from ..errors import DiffMixError
+from .classes import ClassTable, resolve_class_table
+from .condition import build_condition
+from .readers import LabeledImage, read_dataset
+
+# Tags keep the file-order and crop random streams independent although both derive from seed.
+_TAG_ORDER = 1
+_TAG_CROP = 2
+
+
+def dist_rank_world() -> Tuple[int, int]:
+    """(rank, world size) of torch.distributed when initialised, else (0, 1)."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+    except (ImportError, RuntimeError):
+        pass
+    return 0, 1
+
+
+@dataclass
+class DataState:
+    """What the training loop saves to resume the data stream: the seed and the next step."""
+
+    seed: int = 0
+    step: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataState":
+        return cls(seed=int(d["seed"]), step=int(d["step"]))
+
+
+def item_seed(seed: int, rank: int, step: int, j: int) -> int:
+    """The 64-bit seed of batch item ``j`` at global step ``step`` on ``rank``."""
+    state = np.random.SeedSequence([int(seed), int(rank), int(step), int(j), _TAG_CROP]).generate_state(2, np.uint32)
+    return int(state[0]) << 32 | int(state[1])
+
+
+def augment(array: np.ndarray, rot: int, flip_lr: bool, flip_ud: bool) -> np.ndarray:
+    """rot90 ``rot`` times (counter-clockwise) then optional left-right / up-down flips.
+
+    Works on [H, W] and [H, W, C] arrays alike (the spatial axes are the first two).
+    """
+    out = np.rot90(array, k=rot, axes=(0, 1)) if rot % 4 else array
+    if flip_lr:
+        out = out[:, ::-1]
+    if flip_ud:
+        out = out[::-1]
+    return np.ascontiguousarray(out)
+
+
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 [H, W, 3] -> float32 [3, H, W] in [-1, 1] (x / 127.5 - 1, as the official loader)."""
+    return torch.from_numpy(image.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+
+
+class TrainCropDataset(torch.utils.data.Dataset):
+    """Random training crops of in-memory labelled images.
+
+    ``dataset[(index, seed)]`` is the crop of image ``index`` drawn with ``seed``; ``dataset[index]``
+    uses seed = index. The result is a dict:
+
+    * ``"image"``: float32 [3, S, S] in [-1, 1];
+    * ``"inst"``: int64 [S, S] instance ids (as stored, 0 = background);
+    * ``"type"``: int64 [S, S] merged classes;
+    * ``"path"``: the source image path;
+    * ``"crop"``: (x0, y0, rot, flip_lr, flip_ud) -- the window's top-left corner in the source
+      image, then the augmentation applied to the window.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[LabeledImage],
+        image_size: int,
+        random_flip: bool = True,
+        random_rotate: bool = True,
+    ):
+        self.samples = list(samples)
+        self.image_size = int(image_size)
+        self.random_flip = random_flip
+        self.random_rotate = random_rotate
+        for s in self.samples:
+            h, w = s.shape
+            if h < self.image_size or w < self.image_size:
+                raise DiffMixError(f"{s.files.image}: image {w}x{h} is smaller than the crop size {self.image_size}")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def crop_params(self, index: int, seed: int) -> Tuple[int, int, int, bool, bool]:
+        """(x0, y0, rot, flip_lr, flip_ud) for image ``index`` under ``seed``.
+
+        All four values are always drawn so the stream does not depend on the augmentation flags.
+        """
+        h, w = self.samples[index].shape
+        rng = np.random.default_rng(int(seed))
+        y0 = int(rng.integers(0, h - self.image_size + 1))
+        x0 = int(rng.integers(0, w - self.image_size + 1))
+        rot = int(rng.integers(0, 4))
+        flips = rng.random(2) < 0.5
+        return (
+            x0,
+            y0,
+            rot if self.random_rotate else 0,
+            bool(flips[0]) and self.random_flip,
+            bool(flips[1]) and self.random_flip,
+        )
+
+    def __getitem__(self, key: Union[int, Tuple[int, int]]) -> dict:
+        index, seed = key if isinstance(key, tuple) else (key, key)
+        sample = self.samples[index]
+        x0, y0, rot, flip_lr, flip_ud = self.crop_params(index, seed)
+        s = self.image_size
+        window = (slice(y0, y0 + s), slice(x0, x0 + s))
+        image = augment(sample.image[window], rot, flip_lr, flip_ud)
+        inst = augment(sample.inst_map[window], rot, flip_lr, flip_ud)
+        types = augment(sample.type_map[window], rot, flip_lr, flip_ud)
+        return {
+            "image": image_to_tensor(image),
+            "inst": torch.from_numpy(inst.astype(np.int64)),
+            "type": torch.from_numpy(types.astype(np.int64)),
+            "path": sample.files.image,
+            "crop": (x0, y0, rot, flip_lr, flip_ud),
+        }
+
+
+class CropPlan:
+    """Which (image index, item seed) each batch item of each global step uses, on one rank.
+
+    Args:
+        shard: dataset indices this rank draws from.
+        batch_size: items per step on this rank.
+        seed, rank: see module docstring.
+        deterministic: visit the shard in its listed order each epoch instead of a seeded shuffle.
+    """
+
+    def __init__(self, shard: Sequence[int], batch_size: int, seed: int, rank: int = 0, deterministic: bool = False):
+        if not shard:
+            raise DiffMixError("no training images for this rank")
+        self.shard = np.asarray(shard, dtype=np.int64)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.deterministic = deterministic
+        self._order_cache: Tuple[int, Optional[np.ndarray]] = (-1, None)
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if self.deterministic:
+            return self.shard
+        if self._order_cache[0] != epoch:
+            rng = np.random.default_rng([self.seed, self.rank, epoch, _TAG_ORDER])
+            self._order_cache = (epoch, self.shard[rng.permutation(len(self.shard))])
+        return self._order_cache[1]
+
+    def batch_keys(self, step: int) -> List[Tuple[int, int]]:
+        """The dataset keys ``(index, item_seed)`` of global step ``step``."""
+        n = len(self.shard)
+        keys = []
+        for j in range(self.batch_size):
+            g = step * self.batch_size + j
+            index = int(self._epoch_order(g // n)[g % n])
+            keys.append((index, item_seed(self.seed, self.rank, step, j)))
+        return keys
+
+
+class _PlanBatchSampler:
+    """Infinite batch sampler for DataLoader: yields the key lists of steps start, start+1, ..."""
+
+    def __init__(self, plan: CropPlan, start: int):
+        self.plan = plan
+        self.start = start
+
+    def __iter__(self):
+        step = self.start
+        while True:
+            yield self.plan.batch_keys(step)
+            step += 1
+
+
+def collate_batch(items: List[dict], num_classes: int, no_instance: bool):
+    """Stack dataset items and build the condition: ``(x [B,3,S,S], cond dict)``."""
+    x = torch.stack([it["image"] for it in items])
+    inst = torch.stack([it["inst"] for it in items])
+    types = torch.stack([it["type"] for it in items])
+    y = build_condition(types, inst, num_classes, no_instance)
+    return x, {"y": y, "inst": inst, "type": types, "path": [it["path"] for it in items]}
+
+
+class CropBatches:
+    """Infinite iterator of training batches ``(x, cond)`` with a saveable :class:`DataState`.
+
+    ``x``: float32 [B, 3, S, S] in [-1, 1]. ``cond``: ``{"y": float32 [B, C, S, S]`` (from
+    :func:`build_condition`), ``"inst": int64 [B, S, S]``, ``"type": int64 [B, S, S]``,
+    ``"path": list[str]}``. ``state_dict()`` / ``load_state_dict()`` save and restore the stream
+    position (the number of batches handed out), so a resumed run sees the same batches.
+    """
+
+    def __init__(
+        self,
+        dataset: TrainCropDataset,
+        plan: CropPlan,
+        num_classes: int,
+        no_instance: bool = False,
+        num_workers: int = 0,
+        start_step: int = 0,
+        class_table: Optional[ClassTable] = None,
+    ):
+        self.dataset = dataset
+        self.plan = plan
+        self.num_classes = num_classes
+        self.no_instance = no_instance
+        self.num_workers = int(num_workers)
+        self.class_table = class_table
+        self.state = DataState(seed=plan.seed, step=int(start_step))
+        self._loader_iter = None
+
+    def __iter__(self) -> "CropBatches":
+        return self
+
+    def __next__(self):
+        if self.num_workers > 0:
+            if self._loader_iter is None:
+                loader = torch.utils.data.DataLoader(
+                    self.dataset,
+                    batch_sampler=_PlanBatchSampler(self.plan, self.state.step),
+                    num_workers=self.num_workers,
+                    collate_fn=functools.partial(
+                        collate_batch, num_classes=self.num_classes, no_instance=self.no_instance
+                    ),
+                    persistent_workers=False,
+                )
+                self._loader_iter = iter(loader)
+            batch = next(self._loader_iter)
+        else:
+            items = [self.dataset[k] for k in self.plan.batch_keys(self.state.step)]
+            batch = collate_batch(items, self.num_classes, self.no_instance)
+        self.state.step += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return self.state.to_dict()
+
+    def load_state_dict(self, d: dict) -> None:
+        state = DataState.from_dict(d)
+        if state.seed != self.plan.seed:
+            raise DiffMixError(f"data state was saved with seed {state.seed}, but this run uses seed {self.plan.seed}")
+        self.state = state
+        self._loader_iter = None  # restart workers at the restored step
+
+
+def shard_indices(n: int, rank: int, world: int) -> List[int]:
+    """Rank ``rank`` takes files ``rank::world``; with fewer files than ranks every rank takes all
+    files (the item seeds include the rank, so ranks still draw different crops)."""
+    if world <= 1 or n < world:
+        return list(range(n))
+    return list(range(rank, n, world))
+
+
+def load_data(
+    *,
+    data_dir: str,
+    batch_size: int,
+    image_size: int,
+    dataset_mode: str,
+    class_table=None,
+    num_classes: Optional[int] = None,
+    no_instance: bool = False,
+    deterministic: bool = False,
+    random_flip: bool = True,
+    random_rotate: bool = True,
+    seed: int = 0,
+    split: str = "Train",
+    num_workers: int = 0,
+    image_folder: str = "Images",
+    label_folder: str = "Labels",
+    start_step: int = 0,
+    progress: bool = True,
+) -> CropBatches:
+    """Training batches for the SDM U-Net (the official name ``load_data`` is kept).
+
+    Reads the split once into memory (validated; every problem reported together), shards it across
+    ranks when torch.distributed is initialised, and returns an infinite :class:`CropBatches`
+    iterator yielding ``(x, cond)`` -- see its docstring for shapes. Resume with ``start_step`` or
+    ``CropBatches.load_state_dict``.
+
+    Args:
+        dataset_mode: "consep", "glysac" or "custom" (custom takes ``class_table`` or ``num_classes``).
+        image_folder, label_folder: folder names inside the split (defaults: Images, Labels).
+    """
+    if batch_size < 1 or image_size < 1:
+        raise DiffMixError(f"batch_size ({batch_size}) and image_size ({image_size}) must be positive")
+    table = resolve_class_table(dataset_mode, class_table, num_classes)
+    samples = read_dataset(
+        data_dir, table, split, image_folder, label_folder, min_size=image_size, progress=progress
+    )
+    rank, world = dist_rank_world()
+    dataset = TrainCropDataset(samples, image_size, random_flip=random_flip, random_rotate=random_rotate)
+    plan = CropPlan(shard_indices(len(samples), rank, world), batch_size, seed, rank, deterministic)
+    return CropBatches(dataset, plan, table.num_classes, no_instance, num_workers, start_step, table)
+
+
+def iterate_forever(batches: CropBatches) -> Iterator:
+    """A plain generator over ``batches`` (for code that wants a generator object)."""
+    while True:
+        yield next(batches)
