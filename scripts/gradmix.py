@@ -1,0 +1,125 @@
+"""Make GradMix label maps (balancing and enlarging) for a dataset split, as DiffMix uses them.
+
+Examples:
+    python scripts/gradmix.py --data_dir datasets/consep --dataset_mode consep --out_dir runs/gradmix
+    python scripts/gradmix.py --data_dir datasets/glysac --dataset_mode glysac --out_dir runs/gradmix \\
+        --num_maps 2 --kinds balance,enlarge --write_images true
+    python scripts/gradmix.py --data_dir my_data --dataset_mode custom --num_classes 4 \\
+        --minor 1,2 --major 3 --out_dir runs/gradmix
+
+Outputs: <out_dir>/Labels/<stem>__balance000.mat (and __enlarge000.mat), one JSON record per map in
+<out_dir>/Records/, optional GradMix images in <out_dir>/Images/, and class counts before/after
+(class_counts.csv, class_counts.png). Rerunning skips maps that are complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from guided_diffusion.errors import DiffMixError, run_cli
+from guided_diffusion.gradmix import KINDS, run_gradmix
+
+
+def _bool(value: str) -> bool:
+    v = str(value).lower()
+    if v in ("1", "true", "yes", "y", "t"):
+        return True
+    if v in ("0", "false", "no", "n", "f"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
+
+
+def _radii(value: str) -> tuple:
+    try:
+        radii = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three integers like 1,1,5, got {value!r}") from None
+    if len(radii) != 3:
+        raise argparse.ArgumentTypeError(f"expected three integers like 1,1,5, got {value!r}")
+    return radii
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    io_ = p.add_argument_group("data")
+    io_.add_argument("--data_dir", required=True, help="dataset root (holding --split) or the split folder")
+    io_.add_argument("--dataset_mode", default="consep", choices=["consep", "glysac", "custom"])
+    io_.add_argument("--class_table", default=None, help="custom mode: class table JSON (raw id -> class)")
+    io_.add_argument("--num_classes", type=int, default=None, help="custom mode: classes incl. background")
+    io_.add_argument("--split", default="Train")
+    io_.add_argument("--image_folder", default="Images")
+    io_.add_argument("--label_folder", default="Labels")
+    io_.add_argument("--stems", default=None, help="comma-separated source stems (default: all)")
+    io_.add_argument("--out_dir", required=True)
+
+    what = p.add_argument_group("maps")
+    what.add_argument("--num_maps", type=int, default=1, help="maps per source image for each kind in --kinds")
+    what.add_argument("--kinds", default="balance", help=f"comma-separated subset of {','.join(KINDS)}")
+    what.add_argument("--num_balance", type=int, default=None, help="overrides --num_maps for balancing maps")
+    what.add_argument("--num_enlarge", type=int, default=None, help="overrides --num_maps for enlarging maps")
+    what.add_argument("--seed", type=int, default=0)
+    what.add_argument("--write_images", type=_bool, default=False, help="also write GradMix images (balance maps)")
+
+    bal = p.add_argument_group("balancing (GradMix)")
+    bal.add_argument("--minor", default=None, help="minor classes, e.g. 1 or 1,2 (default 1)")
+    bal.add_argument("--major", default=None, help="major classes (default: every class not in --minor)")
+    bal.add_argument("--margin", type=float, default=30, help="border exclusion (px) for targets and donors")
+    bal.add_argument("--fraction", type=float, default=0.8, help="share of eligible major nuclei replaced")
+    bal.add_argument("--size_ratio", type=float, default=2.3, help="donor fits if ratio * area <= dilated target area")
+    bal.add_argument("--dilate", type=int, default=2, help="target dilation (px) for the fit rule and blend region")
+    bal.add_argument("--max_tries", type=int, default=64, help="fitting donors tried per target")
+    bal.add_argument("--median_radii", type=_radii, default=(1, 1, 5), help="R,G,B median radii for images")
+
+    enl = p.add_argument_group("enlarging")
+    enl.add_argument("--enlarge_fraction", type=float, default=0.5, help="share of movable nuclei shifted")
+    enl.add_argument("--max_shift", type=int, default=3, help="shifts drawn from [-max_shift, max_shift] px")
+
+    p.add_argument("--stats", type=_bool, default=True, help="print and save class counts before/after")
+    p.add_argument("--progress", type=_bool, default=True)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    kinds = [k for k in args.kinds.replace(" ", "").split(",") if k]
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise DiffMixError(f"--kinds {args.kinds!r}: expected a comma-separated subset of {', '.join(KINDS)}")
+    counts = {k: (args.num_maps if k in kinds else 0) for k in KINDS}
+    if args.num_balance is not None:
+        counts["balance"] = args.num_balance
+    if args.num_enlarge is not None:
+        counts["enlarge"] = args.num_enlarge
+    summary = run_gradmix(
+        args.data_dir,
+        args.dataset_mode,
+        args.out_dir,
+        split=args.split,
+        class_table=args.class_table,
+        num_classes=args.num_classes,
+        image_folder=args.image_folder,
+        label_folder=args.label_folder,
+        stems=[s for s in args.stems.split(",") if s] if args.stems else None,
+        num_balance=counts["balance"],
+        num_enlarge=counts["enlarge"],
+        minor=args.minor,
+        major=args.major,
+        margin=args.margin,
+        fraction=args.fraction,
+        size_ratio=args.size_ratio,
+        dilate=args.dilate,
+        max_tries=args.max_tries,
+        enlarge_fraction=args.enlarge_fraction,
+        max_shift=args.max_shift,
+        seed=args.seed,
+        write_images=args.write_images,
+        median_radii=args.median_radii,
+        stats=args.stats,
+        progress=args.progress,
+    )
+    print(f"{len(summary['written'])} maps written, {len(summary['skipped'])} already complete, in {args.out_dir}")
+    return summary
+
+
+if __name__ == "__main__":
+    run_cli(main)
