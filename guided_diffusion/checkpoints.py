@@ -1,0 +1,285 @@
+"""Safe checkpoint loading and saving, and strict weight loading with clear mismatch messages.
+
+* ``.pt`` / ``.pth`` files are read with ``torch.load(..., weights_only=True)``: only tensors and
+  plain containers are unpickled, never arbitrary code. ``.safetensors`` files go through
+  safetensors. Paths may be local or remote (``gs://``, ``az://``).
+* Official SDM/DiffMix files (``model*.pt``, ``ema_0.9999_*.pt``) are plain state dicts of fp16
+  or fp32 tensors; wrapped dicts (``{"state_dict": ...}``, ``{"model": ...}``) and DDP
+  ``module.`` prefixes are accepted too.
+* :func:`load_model_weights` explains a mismatch in terms of the settings that cause it
+  (condition width -> ``num_classes``/``no_instance``, 3 vs 6 outputs -> ``learn_sigma``, ...).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import re
+import zipfile
+from typing import Any, Mapping, Union
+
+import torch
+
+from . import fileio
+from .errors import DiffMixError
+
+StateDict = dict[str, torch.Tensor]
+
+_WRAPPER_KEYS = ("state_dict", "model")
+
+
+def _is_safetensors(path: str) -> bool:
+    return str(path).lower().endswith(".safetensors")
+
+
+def load_state_dict(path: Union[str, os.PathLike], map_location: Any = "cpu") -> StateDict:
+    """Read a checkpoint file into a flat ``{name: tensor}`` dict.
+
+    Args:
+        path: ``.pt``/``.pth`` (torch, weights only) or ``.safetensors``; local or remote.
+        map_location: device for the tensors (as in ``torch.load``).
+
+    Raises:
+        DiffMixError: the file is missing, unreadable, or not a plain tensor state dict.
+    """
+    path = str(path)
+    # Local files are read in place (no extra in-memory copy of a multi-GB file); remote ones
+    # are fetched whole first.
+    local = not fileio.is_remote(path)
+    if local and not os.path.isfile(path):
+        raise DiffMixError(f"{path}: file not found")
+    source = path if local else io.BytesIO(fileio.read_bytes(path))
+    if _is_safetensors(path):
+        import safetensors.torch
+
+        try:
+            if local:
+                sd = safetensors.torch.load_file(path)
+            else:
+                sd = safetensors.torch.load(source.getvalue())
+        except Exception as err:  # safetensors raises its own SafetensorError type
+            raise DiffMixError(f"{path}: not a readable .safetensors file ({err})") from None
+        if map_location is not None:
+            sd = {k: v.to(map_location) for k, v in sd.items()}
+    else:
+        try:
+            obj = torch.load(source, map_location=map_location, weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, ValueError,
+                AttributeError, TypeError) as err:
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise DiffMixError(
+                f"{path}: not a plain tensor state dict that can be loaded safely with weights_only=True "
+                f"({first_line})"
+            ) from None
+        except OSError as err:
+            raise DiffMixError(f"{path}: cannot read ({err})") from None
+        sd = _unwrap(obj, path)
+    return _strip_prefix(sd)
+
+
+def _unwrap(obj: Any, path: str) -> StateDict:
+    if isinstance(obj, Mapping):
+        for key in _WRAPPER_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and inner and all(torch.is_tensor(v) for v in inner.values()):
+                obj = inner
+                break
+    if not isinstance(obj, Mapping) or not obj:
+        raise DiffMixError(f"{path}: expected a state dict (name -> tensor), found {type(obj).__name__}")
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not torch.is_tensor(v)]
+    if bad:
+        raise DiffMixError(
+            f"{path}: expected a state dict of tensors; {len(bad)} entries are not tensors "
+            f"(e.g. {', '.join(map(repr, bad[:3]))})"
+        )
+    return dict(obj)
+
+
+def _strip_prefix(sd: StateDict) -> StateDict:
+    # DistributedDataParallel saves parameters as "module.<name>".
+    if sd and all(k.startswith("module.") for k in sd):
+        return {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def save_state_dict(path: Union[str, os.PathLike], state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Atomically write a state dict: safetensors for ``.safetensors``, else ``torch.save``.
+
+    Tensors are detached and moved to the CPU first (safetensors also needs them contiguous).
+    """
+    path = str(path)
+    bad = [k for k, v in state_dict.items() if not torch.is_tensor(v)]
+    if bad:
+        raise ValueError(f"state dict entries are not tensors: {bad[:3]}")
+    cpu = {k: v.detach().cpu() for k, v in state_dict.items()}
+    if _is_safetensors(path):
+        import safetensors.torch
+
+        # clone() also breaks storage sharing, which safetensors refuses to write.
+        fileio.write_bytes(path, safetensors.torch.save({k: v.contiguous().clone() for k, v in cpu.items()}))
+    else:
+        with fileio.atomic_open(path, "wb") as f:
+            torch.save(cpu, f)
+
+
+# --------------------------------------------------------------------------------------------
+# Inferring settings from shapes
+# --------------------------------------------------------------------------------------------
+
+
+def infer_config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Model settings implied by an SDM state dict's shapes (best effort; absent keys are skipped).
+
+    Returns a dict with some of: ``num_channels``, ``cond_channels``,
+    ``num_classes_with_instance`` (cond_channels - 1, for ``no_instance`` False),
+    ``num_classes_no_instance`` (= cond_channels), ``learn_sigma``, ``num_res_blocks``,
+    ``channel_mult`` (tuple), ``resblock_updown``, ``attention_ds`` (down-sampling factors with
+    attention; ``attention_resolutions`` = image_size // factor).
+    """
+    info: dict[str, Any] = {}
+    if "time_embed.0.weight" in sd:
+        info["num_channels"] = int(sd["time_embed.0.weight"].shape[1])
+    shared = [v for k, v in sd.items() if k.endswith("mlp_shared.0.weight")]
+    if shared:
+        c = int(shared[0].shape[1])
+        info.update(cond_channels=c, num_classes_with_instance=c - 1, num_classes_no_instance=c)
+    if "out.2.weight" in sd:
+        info["learn_sigma"] = int(sd["out.2.weight"].shape[0]) == 6
+
+    out_blocks: dict[int, set[int]] = {}
+    for k in sd:
+        m = re.match(r"output_blocks\.(\d+)\.(\d+)\.", k)
+        if m:
+            out_blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    if not out_blocks:
+        return info
+    n_out = max(out_blocks) + 1
+    # The first decoder block holding a resampler (a second SPADE block, or an Upsample conv) ends
+    # the deepest level; its index equals num_res_blocks.
+    up_index = None
+    for i in range(n_out):
+        if f"output_blocks.{i}.1.in_norm.mlp_shared.0.weight" in sd or f"output_blocks.{i}.2.in_norm.mlp_shared.0.weight" in sd:
+            up_index, info["resblock_updown"] = i, True
+            break
+        if f"output_blocks.{i}.1.conv.weight" in sd or f"output_blocks.{i}.2.conv.weight" in sd:
+            up_index, info["resblock_updown"] = i, False
+            break
+    if up_index is None:  # a single-level U-Net has no resampler
+        up_index = n_out - 1
+    nrb = up_index
+    info["num_res_blocks"] = nrb
+    levels = n_out // (nrb + 1)
+    if "num_channels" in info:
+        mult = []
+        for level in range(levels):
+            key = f"output_blocks.{(levels - 1 - level) * (nrb + 1)}.0.out_layers.2.weight"
+            if key not in sd:
+                break
+            w = int(sd[key].shape[0]) / info["num_channels"]
+            mult.append(int(w) if w.is_integer() else w)
+        if len(mult) == levels:
+            info["channel_mult"] = tuple(mult)
+    info["attention_ds"] = tuple(
+        2**level
+        for level in range(levels)
+        if any(f"input_blocks.{1 + level * (nrb + 1) + b}.1.qkv.weight" in sd for b in range(nrb))
+        or f"output_blocks.{(levels - 1 - level) * (nrb + 1)}.1.qkv.weight" in sd
+    )
+    return info
+
+
+# --------------------------------------------------------------------------------------------
+# Loading into a model
+# --------------------------------------------------------------------------------------------
+
+
+def _examples(keys: list[str], n: int = 3) -> str:
+    shown = ", ".join(keys[:n])
+    return f"{shown}, ... ({len(keys)} in all)" if len(keys) > n else shown
+
+
+def _mismatch_hints(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], mismatched: list[str]) -> list[str]:
+    msd = model.state_dict()
+    hints = []
+    spade = [k for k in mismatched if k.endswith("mlp_shared.0.weight") and sd[k].shape[1] != msd[k].shape[1]]
+    if spade:
+        c_ckpt, c_model = int(sd[spade[0]].shape[1]), int(msd[spade[0]].shape[1])
+        hints.append(
+            f"the condition width differs: the checkpoint takes {c_ckpt} condition channels, this model "
+            f"{c_model}. The checkpoint implies num_classes {c_ckpt - 1} with no_instance False "
+            f"(classes + instance-edge channel) or num_classes {c_ckpt} with no_instance True"
+        )
+    head = [k for k in mismatched if k in ("out.2.weight", "out.2.bias")]
+    if head:
+        n_ckpt = int(sd["out.2.weight"].shape[0])
+        hints.append(
+            f"the checkpoint predicts {n_ckpt} output channels, this model {int(msd['out.2.weight'].shape[0])}: "
+            f"use learn_sigma {'True' if n_ckpt == 6 else 'False'}"
+        )
+    other = [k for k in mismatched if k not in spade and k not in head]
+    if other:
+        info = infer_config_from_state_dict(sd)
+        implied = {k: info[k] for k in ("num_channels", "channel_mult") if k in info}
+        hints.append(
+            "layer widths differ: check num_channels / channel_mult"
+            + (f" (the checkpoint implies {implied})" if implied else "")
+        )
+    return hints
+
+
+def load_model_weights(
+    model: torch.nn.Module,
+    path_or_state_dict: Union[str, os.PathLike, Mapping[str, torch.Tensor]],
+    strict: bool = True,
+) -> tuple[list[str], list[str]]:
+    """Load weights into ``model``, casting floating tensors (e.g. fp16 EMA files) to the model's dtypes.
+
+    Args:
+        model: the target module.
+        path_or_state_dict: a checkpoint path (see :func:`load_state_dict`) or a state dict.
+        strict: if True, missing or unexpected keys are errors; mis-shaped keys always are.
+
+    Returns:
+        (missing_keys, unexpected_keys) -- both empty when ``strict``.
+
+    Raises:
+        DiffMixError: naming the file, the missing / unexpected / mis-shaped keys and the settings
+            that most likely differ.
+    """
+    if isinstance(path_or_state_dict, Mapping):
+        source, sd = "state dict", _strip_prefix(dict(path_or_state_dict))
+    else:
+        source = str(path_or_state_dict)
+        sd = load_state_dict(source)
+    msd = model.state_dict()
+    missing = [k for k in msd if k not in sd]
+    unexpected = [k for k in sd if k not in msd]
+    mismatched = [k for k in msd if k in sd and tuple(sd[k].shape) != tuple(msd[k].shape)]
+    if mismatched or (strict and (missing or unexpected)):
+        lines = [f"{source}: the checkpoint does not fit the model"]
+        if missing:
+            lines.append(f"  missing keys: {_examples(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected keys: {_examples(unexpected)}")
+        if mismatched:
+            lines.append(
+                "  mis-shaped keys: "
+                + _examples([f"{k} (checkpoint {tuple(sd[k].shape)}, model {tuple(msd[k].shape)})" for k in mismatched])
+            )
+        hints = _mismatch_hints(model, sd, mismatched)
+        if (missing or unexpected) and not hints:
+            info = infer_config_from_state_dict(sd)
+            hints.append(
+                "the block layout differs: check num_res_blocks / channel_mult / attention_resolutions / "
+                f"resblock_updown (the checkpoint implies {info})"
+            )
+        lines += [f"  hint: {h}" for h in hints]
+        raise DiffMixError("\n".join(lines))
+    cast = {
+        k: (v.to(msd[k].dtype) if k in msd and v.is_floating_point() and msd[k].is_floating_point() else v)
+        for k, v in sd.items()
+        if k in msd
+    }
+    model.load_state_dict(cast, strict=strict)
+    return missing, unexpected
