@@ -1,0 +1,280 @@
+"""The synthesis pipeline: patches -> batches -> guided sampler -> PNG / HoVer-Net .npy / JSON record."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .. import __version__, fileio
+from ..errors import DiffMixError
+from .outputs import Job, OutputLayout, hovernet_patch, image_to_tensor, plan_jobs, shard, to_uint8, write_run_figure
+from .sampling import (
+    FastGuidedDenoiser,
+    PerSampleNoise,
+    PlainGuidedDenoiser,
+    autocast_context,
+    maybe_compiled,
+    sample_batch,
+    with_autocast,
+)
+from .settings import (
+    SampleConfig,
+    default_device,
+    default_run_name,
+    launch_rank,
+    load_model_and_diffusion,
+    resolve_precision,
+    start_steps,
+)
+
+
+@dataclass
+class SynthesisSummary:
+    """What a run did: its folder, how many outputs this rank wrote / found complete, the figure."""
+
+    out_dir: str
+    total_jobs: int
+    rank_jobs: int
+    written: List[str]
+    skipped: List[str]
+    figure: Optional[str]
+    seconds: float
+
+
+def _selection(cfg: SampleConfig):
+    """``--idx_img`` -> ``(stems for sampling_patches or None, patch filter or None)``.
+
+    Entries may be indices into the sorted image stems (the official meaning), image stems, or
+    label-map names (``<stem>__balance000``) to synthesise for single GradMix maps.
+    """
+    items = [p.strip() for p in cfg.idx_img.split(",") if p.strip()]
+    if not items:
+        return None, None
+    if any(p.isdigit() for p in items):
+        from ..data.readers import list_images
+
+        folder, images = list_images(cfg.data_dir, cfg.split, "Images")
+        ordered = sorted(images)
+        bad = [p for p in items if p.isdigit() and int(p) >= len(ordered)]
+        if bad:
+            raise DiffMixError(f"--idx_img {','.join(bad)}: {folder} holds only {len(ordered)} images "
+                               f"(indices 0..{len(ordered) - 1})")
+        items = [ordered[int(p)] if p.isdigit() else p for p in items]
+    maps = {p for p in items if "__" in p}
+    stems = {p for p in items if "__" not in p}
+    wanted_stems = sorted(stems | {m.split("__", 1)[0] for m in maps})
+    if not maps:
+        return wanted_stems, None
+    return wanted_stems, lambda patch: patch.map_name in maps or patch.map_name.split("__", 1)[0] in stems
+
+
+def _record(job: Job, cfg: SampleConfig, layout: OutputLayout, settings: Dict[str, Any], inst: np.ndarray, types: np.ndarray) -> dict:
+    p = job.patch
+    counts = {str(int(c)): int(n) for c, n in zip(*np.unique(types[inst > 0], return_counts=True))}
+    return {
+        "name": job.name,
+        "image": layout.png(job.name),
+        "hovernet_patch": layout.npy(job.name),
+        "source_image": p.source_image,
+        "label_source": p.label_source,
+        "map_name": p.map_name,
+        "patch_index": job.patch_index,
+        "sample_index": job.sample_index,
+        "crop": {"x0": int(p.x0), "y0": int(p.y0), "width": int(inst.shape[1]), "height": int(inst.shape[0])},
+        "num_instances": int(inst.max()) if inst.size else 0,
+        "type_pixel_counts": counts,
+        "seed": int(cfg.seed),
+        "noise_seed": int(job.noise_seed),
+        **settings,
+    }
+
+
+# Settings that change what a finished output contains: resuming into a folder made with other
+# values would mix two runs, so it is refused. (batch_size, num_samples, fast, devices do not.)
+_IDENTITY_KEYS = ("seed", "sampler", "eta", "guidance_scale", "timestep_respacing", "ddim_percent",
+                  "clip_denoised", "checkpoint", "precision", "data_dir", "label_dir", "stride", "model_config")
+
+
+def _check_resume(layout: OutputLayout, identity: Dict[str, Any]) -> None:
+    """Refuse to add to a run folder whose ``run.json`` was written with other output-changing settings."""
+    path = layout.run_record()
+    if not fileio.exists(path):
+        return
+    previous = fileio.read_json(path)
+    changed = [k for k in _IDENTITY_KEYS if k in previous and json_equal(previous[k], identity[k]) is False]
+    if changed:
+        detail = ", ".join(f"{k}: {previous[k]!r} -> {identity[k]!r}" for k in changed if k != "model_config")
+        if "model_config" in changed:
+            detail += (", " if detail else "") + "model_config differs"
+        raise DiffMixError(
+            f"{path}: this run folder was made with other settings ({detail}); resuming would mix two runs. "
+            "Use another --results_path or --run_name, or the original settings."
+        )
+
+
+def json_equal(a: Any, b: Any) -> bool:
+    """Equality after a JSON round trip (tuples vs lists, ints vs floats as JSON stores them)."""
+    import json
+
+    return json.loads(json.dumps(a, default=str)) == json.loads(json.dumps(b, default=str))
+
+
+def _check_patches(patches: Sequence[Any], image_size: int, num_classes: int) -> None:
+    for p in patches:
+        if p.image.shape[:2] != (image_size, image_size):
+            raise DiffMixError(f"{p.label_source}: patch {p.image.shape[:2]} does not match the model's image_size {image_size}")
+        if p.type_map.size and int(p.type_map.max()) >= num_classes:
+            raise DiffMixError(
+                f"{p.label_source}: type values up to {int(p.type_map.max())} do not fit the model's "
+                f"num_classes {num_classes} (check --dataset_mode / --num_classes against the checkpoint)"
+            )
+
+
+def _write_outputs(layout: OutputLayout, job: Job, image: np.ndarray, cfg: SampleConfig, settings: Dict[str, Any]) -> None:
+    """PNG, then the HoVer-Net .npy, then the record (last: it marks the output complete)."""
+    p = job.patch
+    fileio.write_png(layout.png(job.name), image)
+    npy = hovernet_patch(image, p.inst_map, p.type_map)
+    fileio.write_npy(layout.npy(job.name), npy)
+    fileio.write_json(layout.record(job.name), _record(job, cfg, layout, settings, npy[..., 3], npy[..., 4]))
+
+
+def run_synthesis(
+    cfg: SampleConfig,
+    model_cfg: Dict[str, Any],
+    *,
+    model: Optional[torch.nn.Module] = None,
+    diffusion: Any = None,
+    patches: Optional[Sequence[Any]] = None,
+    rank: Optional[int] = None,
+    world_size: Optional[int] = None,
+    device: Optional[torch.device] = None,
+    model_config_source: str = "flags",
+) -> SynthesisSummary:
+    """Run DiffMix synthesis (see the package docstring) and return a :class:`SynthesisSummary`.
+
+    Args:
+        cfg: the sampling settings (validated here).
+        model_cfg: resolved model + diffusion settings (``ModelConfig`` keys; see
+            :func:`resolve_model_config`); ``timestep_respacing`` selects the sampling steps.
+        model, diffusion: already-built objects (tests); built from ``model_cfg`` and
+            ``cfg.model_path`` when None.
+        patches: precomputed ``Patch`` records (tests); read with ``sampling_patches`` when None.
+        rank, world_size: this process's shard (default: :func:`launch_rank`).
+        device: default device when ``cfg.device`` is empty (else this rank's CUDA device or the CPU).
+    """
+    from .. import samplers as smp
+    from ..data.condition import build_condition
+    from ..data.sampling import sampling_patches
+    from tqdm.auto import tqdm
+
+    t_start = time.time()
+    cfg.validate()
+    env_rank, env_world, local_rank = launch_rank()
+    if rank is None or world_size is None:
+        rank, world_size = env_rank, env_world
+    device = torch.device(cfg.device) if cfg.device else (device or default_device(local_rank))
+    precision = resolve_precision(cfg, model_cfg, device)
+
+    if model is None or diffusion is None:
+        model, diffusion = load_model_and_diffusion(cfg.model_path, model_cfg, device)
+    model = model.to(device).eval()
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    num_classes, no_instance = int(model_cfg["num_classes"]), bool(model_cfg["no_instance"])
+    image_size = int(model_cfg["image_size"])
+
+    if patches is None:
+        stems, keep = _selection(cfg)
+        patches = sampling_patches(
+            data_dir=cfg.data_dir, dataset_mode=cfg.dataset_mode, image_size=image_size,
+            label_dir=cfg.label_dir or None, stride=cfg.stride or None, split=cfg.split,
+            class_table=cfg.class_table or None, num_classes=num_classes, stems=stems,
+            progress=cfg.progress and rank == 0,
+        )
+        if keep is not None:
+            patches = [p for p in patches if keep(p)]
+            if not patches:
+                raise DiffMixError(f"--idx_img {cfg.idx_img}: no label map of that name in {cfg.label_dir or cfg.data_dir}")
+    _check_patches(patches, image_size, num_classes)
+
+    sched = smp.as_schedule(diffusion)
+    respacing = model_cfg.get("timestep_respacing") or ""
+    steps = start_steps(sched.num_timesteps, cfg.ddim_percent)
+    pure_noise = float(cfg.ddim_percent) >= 100
+    settings = {
+        "sampler": cfg.sampler,
+        "eta": float(cfg.eta),
+        "guidance_scale": float(cfg.s),
+        "timestep_respacing": respacing,
+        "respaced_steps": sched.num_timesteps,
+        "ddim_percent": float(cfg.ddim_percent),
+        "steps": steps,
+        "start": "pure noise" if pure_noise else "noised real patch (SDEdit)",
+        "start_timestep": int(sched.timestep_map[steps - 1]),
+        "clip_denoised": bool(cfg.clip_denoised),
+        "checkpoint": cfg.model_path,
+        "model_config_source": model_config_source,
+        "precision": precision,
+        "fast": bool(cfg.fast),
+        "version": __version__,
+    }
+    layout = OutputLayout(fileio.join(cfg.results_path, cfg.run_name or default_run_name(cfg, respacing)))
+    identity = {**settings, "seed": int(cfg.seed), "data_dir": cfg.data_dir, "label_dir": cfg.label_dir,
+                "stride": int(cfg.stride), "model_config": model_cfg}
+    _check_resume(layout, identity)
+    jobs = plan_jobs(patches, cfg.samples_per_map, cfg.num_samples, cfg.seed)
+    mine = shard(jobs, rank, world_size)
+    if rank == 0:
+        fileio.write_json(layout.run_record(), {
+            **identity, "settings": dataclasses.asdict(cfg), "total_outputs": len(jobs), "world_size": world_size,
+            "started": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+        })
+
+    pending = [j for j in mine if not layout.is_complete(j.name)]
+    pending_ids = {id(j) for j in pending}
+    skipped = [j.name for j in mine if id(j) not in pending_ids]
+    written: List[str] = []
+    forward = maybe_compiled(model, cfg.compile) if cfg.fast else None
+    bar = tqdm(total=len(mine), initial=len(skipped), unit="patch", desc=f"synthesis [rank {rank}/{world_size}]",
+               disable=not cfg.progress, dynamic_ncols=True)
+    try:
+        for b in range(0, len(pending), cfg.batch_size):
+            batch = pending[b : b + cfg.batch_size]
+            ps = [j.patch for j in batch]
+            y = build_condition(np.stack([p.type_map for p in ps]), np.stack([p.inst_map for p in ps]),
+                                num_classes, no_instance).to(device)
+            reference = None if pure_noise else image_to_tensor([p.image for p in ps]).to(device)
+            if cfg.channels_last:
+                y = y.contiguous(memory_format=torch.channels_last)
+                if reference is not None:
+                    reference = reference.contiguous(memory_format=torch.channels_last)
+            with autocast_context(precision, device):  # the SPADE caches are built here, once per batch
+                if cfg.fast:
+                    denoiser = FastGuidedDenoiser(model, y, cfg.s, batched=cfg.batched_guidance, forward=forward)
+                else:
+                    denoiser = PlainGuidedDenoiser(model, y, cfg.s)
+            sample = sample_batch(
+                with_autocast(denoiser, precision, device), sched, reference, steps,
+                PerSampleNoise([j.noise_seed for j in batch]), sampler=cfg.sampler, eta=cfg.eta,
+                clip=cfg.clip_denoised, shape=(len(batch), 3, image_size, image_size), device=device,
+            )
+            for job, image in zip(batch, to_uint8(sample)):
+                _write_outputs(layout, job, image, cfg, settings)
+                written.append(job.name)
+            bar.update(len(batch))
+    finally:
+        bar.close()
+
+    figure = None
+    if cfg.figure_rows:
+        figure = write_run_figure(layout, mine, cfg.figure_rows, rank, world_size,
+                                  title=f"s={cfg.s} {cfg.sampler} {steps} steps")
+    return SynthesisSummary(layout.root, len(jobs), len(mine), written, skipped, figure, time.time() - t_start)

@@ -1,0 +1,208 @@
+"""Sampling one batch: per-sample noise, the guided denoisers (official and fast) and the loop.
+
+The per-step formulas are those of :mod:`guided_diffusion.samplers`; the loop here adds only what
+the pipeline needs on top: every sample's noise comes from its own generator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from ..errors import DiffMixError
+from .settings import SAMPLERS
+
+
+class PerSampleNoise:
+    """Standard normal noise drawn per sample from its own CPU generator.
+
+    ``randn(shape)`` returns float32 ``[N, *shape]`` whose row ``j`` depends only on seed ``j`` and
+    how many draws were made before: batching and devices do not change the values.
+    """
+
+    def __init__(self, seeds: Sequence[int]):
+        self.generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+
+    def randn(self, shape: Sequence[int], device: Any = "cpu") -> torch.Tensor:
+        draws = [torch.randn(tuple(shape), generator=g, dtype=torch.float32) for g in self.generators]
+        return torch.stack(draws).to(device)
+
+
+def _null_condition(y: torch.Tensor) -> torch.Tensor:
+    return torch.zeros((1, *y.shape[1:]), dtype=y.dtype, device=y.device)
+
+
+class PlainGuidedDenoiser:
+    """The official guided model call: ``model(x, t, y)`` and, when ``s > 1``, ``model(x, t, 0)``;
+    eps channels ``uncond + s * (cond - uncond)``, variance channels from the conditional output.
+
+    ``y``: float ``[N, cond_ch, H, W]``. Returns float32 ``[N, out_ch, H, W]``.
+    """
+
+    def __init__(self, model: torch.nn.Module, y: torch.Tensor, s: float):
+        self.model, self.y, self.s = model, y, float(s)
+        self.y_null = torch.zeros_like(y)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        from ..samplers import cfg_combine
+
+        out = self.model(x, t, y=self.y).float()
+        if self.s > 1:
+            uncond = self.model(x, t, y=self.y_null).float()
+            out = cfg_combine(out, uncond, self.s, eps_channels=x.shape[1])
+        return out
+
+
+class FastGuidedDenoiser:
+    """Same output as :class:`PlainGuidedDenoiser`, computed with the model's fast path.
+
+    Every SPADE gamma/beta is computed once here (for ``y`` and, with ``s > 1``, for the all-zero
+    null map at batch 1) and reused at every step; each step runs the encoder once and the middle
+    block + decoder once per branch (``batched``: both branches in one doubled batch).
+    """
+
+    def __init__(self, model: torch.nn.Module, y: torch.Tensor, s: float, batched: bool = False, forward: Optional[Callable] = None):
+        self.model, self.s, self.batched = model, float(s), batched
+        self.forward = forward or model.guided_forward
+        with torch.no_grad():
+            self.cache_cond = model.spade_cache(y)
+            self.cache_uncond = model.spade_cache(_null_condition(y)) if self.s > 1 else None
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.forward(x, t, self.s, self.cache_cond, self.cache_uncond, batched=self.batched).float()
+
+
+def _split(out: torch.Tensor, channels: int):
+    return out[:, :channels], (out[:, channels:] if out.shape[1] == 2 * channels else None)
+
+
+def _x0_from_output(schedule, x: torch.Tensor, pred: torch.Tensor, i: int, clip: bool) -> torch.Tensor:
+    from ..samplers import predict_xstart_from_eps
+
+    if schedule.model_mean_type == "epsilon":
+        x0 = predict_xstart_from_eps(x, pred, schedule.alphas_cumprod[i])
+    elif schedule.model_mean_type == "start_x":
+        x0 = pred
+    else:
+        raise DiffMixError("synthesis supports epsilon or x0-predicting models, not previous_x")
+    return x0.clamp(-1, 1) if clip else x0
+
+
+@torch.no_grad()
+def sample_batch(
+    denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    schedule: Any,
+    reference: Optional[torch.Tensor],
+    steps: int,
+    noise: PerSampleNoise,
+    sampler: str = "ddim",
+    eta: float = 0.0,
+    clip: bool = True,
+    shape: Optional[Sequence[int]] = None,
+    device: Any = None,
+) -> torch.Tensor:
+    """Synthesise one batch.
+
+    Args:
+        denoiser: ``(x, t_model) -> output`` (already guided), e.g. :class:`FastGuidedDenoiser`.
+        schedule: the respaced diffusion (or a ``samplers.Schedule``) with S steps.
+        reference: float32 ``[N, 3, H, W]`` real patches in [-1, 1] noised to the start step
+            (DiffMix's partial start), or None to start from pure noise (then ``shape`` = [N, 3, H, W]).
+        steps: respaced steps to run (``start_steps``); the start state sits at index ``steps - 1``.
+        noise: per-sample noise; draws: the start noise, then one per step for DDPM and DDIM with
+            eta > 0 (DPM-Solver++ and deterministic DDIM draw nothing after the start).
+        sampler: "ddim", "ddpm" or "dpmpp2m".
+        device: where a pure-noise start lives (default: the reference's device, else the CPU).
+
+    Returns:
+        float32 ``[N, 3, H, W]`` sample in [-1, 1] (up to the last step's rounding).
+
+    The per-step formulas are those of :mod:`guided_diffusion.samplers`; this loop only adds the
+    per-sample noise. For DDIM with eta = 0 it equals ``diffusion.ddim_sample_loop`` given the same
+    start state.
+    """
+    from .. import samplers as smp
+
+    sched = smp.as_schedule(schedule)
+    if not (1 <= steps <= sched.num_timesteps):
+        raise ValueError(f"steps {steps} outside 1..{sched.num_timesteps}")
+    if reference is not None:
+        device = reference.device
+    elif device is None:
+        device = torch.device("cpu")
+    n, c = (reference.shape[0], reference.shape[1]) if reference is not None else (shape[0], shape[1])
+    per_sample = tuple(reference.shape[1:]) if reference is not None else tuple(shape[1:])
+    start = steps - 1
+    if reference is None:
+        x = noise.randn(per_sample, device)
+    else:
+        t = torch.full((n,), start, dtype=torch.long, device=device)
+        x = smp.q_sample(sched, reference, t, noise.randn(per_sample, device))
+    prev_x0, h_prev = None, None
+    for i in range(start, -1, -1):
+        t = torch.full((n,), i, dtype=torch.long, device=x.device)
+        pred, var_values = _split(denoiser(x, sched.model_timesteps(t)), c)
+        x0 = _x0_from_output(sched, x, pred, i, clip)
+        if sampler == "ddim":
+            step_noise = noise.randn(per_sample, x.device) if eta else None
+            x = smp.ddim_update(x, x0, sched.alphas_cumprod[i], sched.alphas_cumprod_prev[i], eta, step_noise, nonzero=i != 0)
+        elif sampler == "ddpm":
+            mean = smp.posterior_mean(sched, x0, x, t)
+            _, log_var = smp.output_variance(sched.model_var_type, sched, t, x.shape, var_values)
+            x = smp.ancestral_update(mean, log_var, noise.randn(per_sample, x.device), nonzero=i != 0)
+        elif sampler == "dpmpp2m":
+            x, h = smp.dpmpp_2m_update(x, x0, sched.alphas_cumprod[i], sched.alphas_cumprod_prev[i], prev_x0, h_prev)
+            prev_x0, h_prev = x0, h
+        else:
+            raise DiffMixError(f"unknown sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
+    return x
+
+
+def autocast_context(precision: str, device: torch.device):
+    """``torch.autocast`` for "bf16" / "fp16" on ``device``; a no-op context for "fp32"."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def with_autocast(denoiser: Callable, precision: str, device: torch.device) -> Callable:
+    """Run only the network under autocast; the sampler arithmetic stays float32."""
+    if precision == "fp32":
+        return denoiser
+
+    def call(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with autocast_context(precision, device):
+            out = denoiser(x, t)
+        return out.float()
+
+    return call
+
+
+def maybe_compiled(model: torch.nn.Module, compile_model: bool) -> Optional[Callable]:
+    """``torch.compile(model.guided_forward)`` when asked (None otherwise).
+
+    If compilation fails at the first call (no C++ compiler, an unsupported op), a warning is
+    printed and the eager method is used from then on; it computes the same numbers.
+    """
+    if not compile_model:
+        return None
+    eager = model.guided_forward
+    state = {"fn": torch.compile(eager), "compiled": True}
+
+    def forward(*args, **kwargs):
+        if not state["compiled"]:
+            return eager(*args, **kwargs)
+        try:
+            return state["fn"](*args, **kwargs)
+        except DiffMixError:
+            raise
+        except Exception as err:
+            print(f"warning: torch.compile failed ({type(err).__name__}: {err}); running eagerly", file=sys.stderr)
+            state["compiled"] = False
+            return eager(*args, **kwargs)
+
+    return forward
