@@ -510,6 +510,7 @@ def sample_ddim(
     indices: Indices,
     eta: float = 0.0,
     generator: Optional[torch.Generator] = None,
+    noise_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     clip: bool = True,
     progress: bool = False,
     callback: Optional[Callable[[Dict[str, Any]], None]] = None,
@@ -522,6 +523,8 @@ def sample_ddim(
     :param schedule: respaced diffusion or :class:`Schedule`.
     :param eta: 0 for deterministic DDIM; 1 for DDPM-like noise. Noise is drawn every step even
         when eta = 0, reproducing the official RNG consumption.
+    :param noise_fn: ``x -> noise shaped like x``, replacing ``generator`` (e.g. per-sample
+        generators, so a sample's noise does not depend on its batch).
     :param callback: called after each step with ``{"i", "x", "pred_xstart"}``.
     :return: float32 ``[N, C, H, W]`` sample (in [-1, 1] up to the last step's rounding when clip).
 
@@ -536,7 +539,7 @@ def sample_ddim(
         abar_prev = sched.alphas_cumprod[idx[k + 1]] if k + 1 < len(idx) else sched.alphas_cumprod_prev[i]
         pred, _ = _split_output(denoiser(x, sched.model_timesteps(_timesteps(i, x))), x)
         pred_xstart = _pred_xstart(sched, x, pred, abar, clip)
-        noise = randn_like(x, generator)
+        noise = noise_fn(x) if noise_fn is not None else randn_like(x, generator)
         x = ddim_update(x, pred_xstart, abar, abar_prev, eta, noise, nonzero=i != 0)
         if callback is not None:
             callback({"i": i, "x": x, "pred_xstart": pred_xstart})
@@ -550,6 +553,7 @@ def sample_ddpm(
     schedule: Any,
     indices: Indices,
     generator: Optional[torch.Generator] = None,
+    noise_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     clip: bool = True,
     progress: bool = False,
     callback: Optional[Callable[[Dict[str, Any]], None]] = None,
@@ -569,7 +573,7 @@ def sample_ddpm(
         pred_xstart = _pred_xstart(sched, x, pred, sched.alphas_cumprod[i], clip)
         mean = posterior_mean(sched, pred_xstart, x, t)
         _, log_variance = output_variance(sched.model_var_type, sched, t, x.shape, var_values)
-        noise = randn_like(x, generator)
+        noise = noise_fn(x) if noise_fn is not None else randn_like(x, generator)
         x = ancestral_update(mean, log_variance, noise, nonzero=i != 0)
         if callback is not None:
             callback({"i": i, "x": x, "pred_xstart": pred_xstart})

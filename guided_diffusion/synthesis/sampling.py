@@ -75,22 +75,6 @@ class FastGuidedDenoiser:
         return self.forward(x, t, self.s, self.cache_cond, self.cache_uncond, batched=self.batched).float()
 
 
-def _split(out: torch.Tensor, channels: int):
-    return out[:, :channels], (out[:, channels:] if out.shape[1] == 2 * channels else None)
-
-
-def _x0_from_output(schedule, x: torch.Tensor, pred: torch.Tensor, i: int, clip: bool) -> torch.Tensor:
-    from ..samplers import predict_xstart_from_eps
-
-    if schedule.model_mean_type == "epsilon":
-        x0 = predict_xstart_from_eps(x, pred, schedule.alphas_cumprod[i])
-    elif schedule.model_mean_type == "start_x":
-        x0 = pred
-    else:
-        raise DiffMixError("synthesis supports epsilon or x0-predicting models, not previous_x")
-    return x0.clamp(-1, 1) if clip else x0
-
-
 @torch.no_grad()
 def sample_batch(
     denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -112,17 +96,16 @@ def sample_batch(
         reference: float32 ``[N, 3, H, W]`` real patches in [-1, 1] noised to the start step
             (DiffMix's partial start), or None to start from pure noise (then ``shape`` = [N, 3, H, W]).
         steps: respaced steps to run (``start_steps``); the start state sits at index ``steps - 1``.
-        noise: per-sample noise; draws: the start noise, then one per step for DDPM and DDIM with
-            eta > 0 (DPM-Solver++ and deterministic DDIM draw nothing after the start).
+        noise: per-sample noise; draws: the start noise, then one per step for DDPM and DDIM
+            (DDIM draws even at eta = 0, as the official loop does; DPM-Solver++ draws nothing).
         sampler: "ddim", "ddpm" or "dpmpp2m".
         device: where a pure-noise start lives (default: the reference's device, else the CPU).
 
     Returns:
         float32 ``[N, 3, H, W]`` sample in [-1, 1] (up to the last step's rounding).
 
-    The per-step formulas are those of :mod:`guided_diffusion.samplers`; this loop only adds the
-    per-sample noise. For DDIM with eta = 0 it equals ``diffusion.ddim_sample_loop`` given the same
-    start state.
+    The loops are those of :mod:`guided_diffusion.samplers`, fed with per-sample noise. For DDIM with
+    eta = 0 it equals ``diffusion.ddim_sample_loop`` given the same start state.
     """
     from .. import samplers as smp
 
@@ -133,7 +116,7 @@ def sample_batch(
         device = reference.device
     elif device is None:
         device = torch.device("cpu")
-    n, c = (reference.shape[0], reference.shape[1]) if reference is not None else (shape[0], shape[1])
+    n = reference.shape[0] if reference is not None else shape[0]
     per_sample = tuple(reference.shape[1:]) if reference is not None else tuple(shape[1:])
     start = steps - 1
     if reference is None:
@@ -141,24 +124,14 @@ def sample_batch(
     else:
         t = torch.full((n,), start, dtype=torch.long, device=device)
         x = smp.q_sample(sched, reference, t, noise.randn(per_sample, device))
-    prev_x0, h_prev = None, None
-    for i in range(start, -1, -1):
-        t = torch.full((n,), i, dtype=torch.long, device=x.device)
-        pred, var_values = _split(denoiser(x, sched.model_timesteps(t)), c)
-        x0 = _x0_from_output(sched, x, pred, i, clip)
-        if sampler == "ddim":
-            step_noise = noise.randn(per_sample, x.device) if eta else None
-            x = smp.ddim_update(x, x0, sched.alphas_cumprod[i], sched.alphas_cumprod_prev[i], eta, step_noise, nonzero=i != 0)
-        elif sampler == "ddpm":
-            mean = smp.posterior_mean(sched, x0, x, t)
-            _, log_var = smp.output_variance(sched.model_var_type, sched, t, x.shape, var_values)
-            x = smp.ancestral_update(mean, log_var, noise.randn(per_sample, x.device), nonzero=i != 0)
-        elif sampler == "dpmpp2m":
-            x, h = smp.dpmpp_2m_update(x, x0, sched.alphas_cumprod[i], sched.alphas_cumprod_prev[i], prev_x0, h_prev)
-            prev_x0, h_prev = x0, h
-        else:
-            raise DiffMixError(f"unknown sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
-    return x
+    draw = lambda like: noise.randn(per_sample, like.device)  # noqa: E731
+    if sampler == "ddim":
+        return smp.sample_ddim(denoiser, x, sched, start, eta=eta, noise_fn=draw, clip=clip)
+    if sampler == "ddpm":
+        return smp.sample_ddpm(denoiser, x, sched, start, noise_fn=draw, clip=clip)
+    if sampler == "dpmpp2m":
+        return smp.sample_dpmpp_2m(denoiser, x, sched, start, clip=clip)
+    raise DiffMixError(f"unknown sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
 
 
 def autocast_context(precision: str, device: torch.device):

@@ -18,32 +18,7 @@
 # checkpoint without config.json works too; with our checkpoints they match config.json.
 set -euo pipefail
 
-DATA_DIR=${DATA_DIR:-datasets/glysac}
-LABEL_DIR=${LABEL_DIR-RESULTS/glysac-gradmix}
-MODEL=${MODEL:-OUTPUT/glysac-SDM-256CH-FINETUNE/ema_0.9999_010200.pt}
-OUT=${OUT:-RESULTS/glysac-grad_sdm}
-NPROC=${NPROC:-1}
-BATCH=${BATCH:-8}
-PRECISION=${PRECISION:-auto}
-EXTRA=${EXTRA:-}
-
-if (( NPROC > 1 )); then
-  LAUNCH=(torchrun --standalone --nproc_per_node "$NPROC")
-else
-  LAUNCH=(python)
-fi
-
-MODEL_FLAGS=(
-  --attention_resolutions 32,16,8 --diffusion_steps 1000 --image_size 256 --learn_sigma True
-  --noise_schedule linear --num_channels 256 --num_head_channels 64 --num_res_blocks 2
-  --resblock_updown True --use_fp16 True --use_scale_shift_norm True
-  --num_classes 4 --class_cond True --no_instance False
-)
-SAMPLE_FLAGS=(
-  --data_dir "$DATA_DIR" --dataset_mode glysac --split Train --label_dir "$LABEL_DIR"
-  --model_path "$MODEL" --results_path "$OUT"
-  --timestep_respacing ddim100 --ddim_percent 55 --s 1.5 --sampler ddim --eta 0
-  --batch_size "$BATCH" --precision "$PRECISION" --seed 0
-)
-
-"${LAUNCH[@]}" scripts/image_sample.py "${MODEL_FLAGS[@]}" "${SAMPLE_FLAGS[@]}" $EXTRA
+DATASET=glysac
+NUM_CLASSES=4
+CHECKPOINT=ema_0.9999_010200.pt
+source "$(dirname "${BASH_SOURCE[0]}")/synthesize.sh"
