@@ -189,7 +189,9 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
 
 
 def test_full_disk_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
-    real_save_pt = tu._save_pt
+    from guided_diffusion import checkpoint_folder
+
+    real_save_pt = checkpoint_folder._save_pt
 
     def save_pt_disk_full(path, obj):
         if path.endswith("ema_0.5_000004.pt"):
@@ -198,7 +200,7 @@ def test_full_disk_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
                 raise OSError(errno.ENOSPC, "No space left on device")
         return real_save_pt(path, obj)
 
-    monkeypatch.setattr(tu, "_save_pt", save_pt_disk_full)
+    monkeypatch.setattr(checkpoint_folder, "_save_pt", save_pt_disk_full)
     with quiet_logger(tmp_path):
         loop = make_loop(tmp_path, max_steps=6)
         with pytest.raises(DiffMixError, match=r"ema_0.5_000004.pt: cannot write .*No space left.*step 2"):
