@@ -22,14 +22,16 @@ and the SPADE GroupNorms in the input dtype, as officially.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .errors import DiffMixError
-from .nn import autocast_disabled, checkpoint, normalization, timestep_embedding, zero_module
+from .nn import SiLU, autocast_disabled, checkpoint, normalization, timestep_embedding, zero_module
 
 SPADE_HIDDEN = 128  # fixed hidden width of the SPADE label branch in the official code
 
@@ -42,8 +44,8 @@ SPADE_HIDDEN = 128  # fixed hidden width of the SPADE label branch in the offici
 class SpadeParams(NamedTuple):
     """Precomputed SPADE modulation of one SPADE residual block.
 
-    ``scale`` is ``1 + gamma`` (stored that way so applying it is one fused multiply-add per
-    step); ``shift`` is beta. Each tensor is float [B, C, h, w] at that norm's feature size; B is
+    ``scale`` is ``1 + gamma`` (stored that way so it is added once per patch, not per step);
+    ``shift`` is beta. Each tensor is float [B, C, h, w] at that norm's feature size; B is
     the condition batch (1 broadcasts over any batch).
     """
 
@@ -134,9 +136,8 @@ class SPADEGroupNorm(nn.Module):
         """``GroupNorm(x) * scale + shift`` for features x (float [N, C, h, w]); scale/shift batch N or 1."""
         with autocast_disabled(x.device.type):
             xn = self.norm(x)
-        # One fused multiply-add instead of a multiply and an add (memory-bound on large maps);
-        # equals xn * (1 + gamma) + beta up to last-bit rounding.
-        return torch.addcmul(shift, xn, scale)
+        # Multiply then add, as officially: a fused addcmul rounds differently in the last bit.
+        return xn * scale + shift
 
     def forward(self, x: torch.Tensor, segmap: torch.Tensor) -> torch.Tensor:
         return self.normalize(x, *self.modulation(segmap, x.shape[-2:]))
@@ -247,17 +248,17 @@ class ResBlock(TimestepBlock):
         self.use_checkpoint = use_checkpoint
         self.use_scale_shift_norm = use_scale_shift_norm
         self.in_layers = nn.Sequential(
-            normalization(channels), nn.SiLU(), nn.Conv2d(channels, self.out_channels, 3, padding=1)
+            normalization(channels), SiLU(), nn.Conv2d(channels, self.out_channels, 3, padding=1)
         )
         self.updown = up or down
         self.h_upd, self.x_upd = _resamplers(channels, up, down)
         self.emb_layers = nn.Sequential(
-            nn.SiLU(),
+            SiLU(),
             nn.Linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels),
         )
         self.out_layers = nn.Sequential(
             normalization(self.out_channels),
-            nn.SiLU(),
+            SiLU(),
             nn.Dropout(p=dropout),
             zero_module(nn.Conv2d(self.out_channels, self.out_channels, 3, padding=1)),
         )
@@ -317,16 +318,16 @@ class SDMResBlock(CondTimestepBlock):
         self.cache_index = -1
         self.in_ds = 1
         self.in_norm = SPADEGroupNorm(channels, c_channels)
-        self.in_layers = nn.Sequential(nn.SiLU(), nn.Conv2d(channels, self.out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(SiLU(), nn.Conv2d(channels, self.out_channels, 3, padding=1))
         self.updown = up or down
         self.h_upd, self.x_upd = _resamplers(channels, up, down)
         self.emb_layers = nn.Sequential(
-            nn.SiLU(),
+            SiLU(),
             nn.Linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels),
         )
         self.out_norm = SPADEGroupNorm(self.out_channels, c_channels)
         self.out_layers = nn.Sequential(
-            nn.SiLU(),
+            SiLU(),
             nn.Dropout(p=dropout),
             zero_module(nn.Conv2d(self.out_channels, self.out_channels, 3, padding=1)),
         )
@@ -397,7 +398,14 @@ def qkv_attention(qkv: torch.Tensor, n_heads: int, legacy_order: bool = True) ->
         q, k, v = (t.reshape(bs, n_heads, ch, length) for t in qkv.chunk(3, dim=1))
     # SDPA wants [..., T, ch] with a contiguous last dim for its fused kernels.
     q, k, v = (t.transpose(-1, -2).contiguous() for t in (q, k, v))
-    a = F.scaled_dot_product_attention(q, k, v)
+    if q.device.type == "cpu":
+        # The math backend scales q and k by ch^-1/4 each and takes a float32 softmax: exactly the
+        # official legacy computation, bit for bit. Accelerators use the fused kernels.
+        # Passing the square of the official ch^-1/4 makes the backend's sqrt(scale) that exact double.
+        with sdpa_kernel(SDPBackend.MATH):
+            a = F.scaled_dot_product_attention(q, k, v, scale=(1 / math.sqrt(math.sqrt(ch))) ** 2)
+    else:
+        a = F.scaled_dot_product_attention(q, k, v)
     return a.transpose(-1, -2).reshape(bs, n_heads * ch, length)
 
 
@@ -516,7 +524,7 @@ class UNetModel(nn.Module):
 
         time_embed_dim = model_channels * 4
         self.time_embed = nn.Sequential(
-            nn.Linear(model_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
+            nn.Linear(model_channels, time_embed_dim), SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
         )
 
         def res_block(ch_in: int, ch_out: int, **kw) -> ResBlock:
@@ -570,7 +578,7 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(
-            normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(input_ch, out_channels, 3, padding=1))
+            normalization(ch), SiLU(), zero_module(nn.Conv2d(input_ch, out_channels, 3, padding=1))
         )
         for index, block in enumerate(self.spade_blocks()):
             block.cache_index = index

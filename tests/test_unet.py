@@ -109,14 +109,20 @@ def legacy_attention(qkv: torch.Tensor, n_heads: int, legacy_order: bool) -> tor
 
 
 @pytest.mark.parametrize("legacy_order", [True, False])
-@pytest.mark.parametrize("heads,ch", [(1, 32), (4, 16), (3, 8)])
+@pytest.mark.parametrize("heads,ch", [(1, 32), (4, 16), (3, 8), (2, 64)])
 def test_sdpa_attention_equals_legacy_einsum(legacy_order, heads, ch):
     torch.manual_seed(heads * 100 + ch)
     qkv = torch.randn(2, 3 * heads * ch, 50) * 2
     ref = legacy_attention(qkv, heads, legacy_order)
     got = qkv_attention(qkv, heads, legacy_order)
     assert got.shape == (2, heads * ch, 50)
-    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    if ch >= 16:
+        # On the CPU the math SDPA backend reproduces the official computation bit for bit (the
+        # head widths of real configs are 16-128).
+        assert torch.equal(got, ref)
+    else:
+        # With 8 channels per head BLAS sums the two memory layouts in different orders.
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
 
 
 def test_attention_orders_differ():
@@ -177,8 +183,7 @@ def test_norm_precision():
         scale, shift = spade.modulation(torch.rand(2, 3, 8, 8), (4, 4))
         y = spade.normalize(x, scale, shift)
     ref = torch.nn.functional.group_norm(x, 32) * scale + shift
-    assert y.dtype == torch.bfloat16
-    torch.testing.assert_close(y, ref, atol=2e-3, rtol=2e-2)  # one bf16 rounding apart (fused vs mul+add)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, ref)
 
 
 # ---- whole model --------------------------------------------------------------------------
