@@ -156,7 +156,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls_or_instance: Any) ->
             f"--{f.name}",
             type=_parser_for(hints[f.name]),
             default=default,
-            help=f"{help_text} (default: {default!r})" if help_text else f"(default: {default!r})",
+            # A None default means "decided elsewhere" (e.g. a preset); the field's help says by what.
+            help=help_text if default is None else (f"{help_text} (default: {default!r})" if help_text else f"(default: {default!r})"),
         )
     return parser
 

@@ -31,19 +31,19 @@ from .errors import DiffMixError
 
 PRESETS: Dict[str, Dict[str, Any]] = {
     "quick": dict(
-        toy_train=2, toy_test=1, toy_size=64, image_size=32, channel_mult="1,2,2", num_channels=32, num_res_blocks=1,
+        toy_train=2, toy_test=1, toy_size=96, toy_rare_share=0.25, image_size=32, channel_mult="1,2,2", num_channels=32, num_res_blocks=1,
         attention_resolutions="8", num_head_channels=16, train_steps=3, finetune_steps=2, batch_size=2,
         lr=2e-4, finetune_lr=2e-5, margin=8, timestep_respacing="ddim10", ddim_percent=55.0,
         max_synthesis_maps=2, sample_batch_size=4, log_interval=1,
     ),
     "demo": dict(
-        toy_train=6, toy_test=2, toy_size=256, image_size=64, channel_mult="", num_channels=32, num_res_blocks=1,
-        attention_resolutions="16,8", num_head_channels=16, train_steps=200, finetune_steps=50, batch_size=6,
+        toy_train=6, toy_test=2, toy_size=256, toy_rare_share=0.0, image_size=64, channel_mult="", num_channels=32, num_res_blocks=1,
+        attention_resolutions="16,8", num_head_channels=16, train_steps=300, finetune_steps=50, batch_size=6,
         lr=3e-4, finetune_lr=5e-5, margin=16, timestep_respacing="ddim50", ddim_percent=55.0,
         max_synthesis_maps=4, sample_batch_size=8, log_interval=10,
     ),
     "paper": dict(
-        toy_train=16, toy_test=4, toy_size=1000, image_size=256, channel_mult="", num_channels=256, num_res_blocks=2,
+        toy_train=16, toy_test=4, toy_size=1000, toy_rare_share=0.0, image_size=256, channel_mult="", num_channels=256, num_res_blocks=2,
         attention_resolutions="32,16,8", num_head_channels=64, train_steps=100000, finetune_steps=10000,
         batch_size=16, lr=1e-4, finetune_lr=2e-5, margin=30, timestep_respacing="ddim100", ddim_percent=55.0,
         max_synthesis_maps=0, sample_batch_size=4, log_interval=100,
@@ -64,6 +64,7 @@ class DemoConfig:
     toy_train: Optional[int] = field(default=None, metadata={"help": "toy training tiles"})
     toy_test: Optional[int] = field(default=None, metadata={"help": "toy test tiles"})
     toy_size: Optional[int] = field(default=None, metadata={"help": "toy tile side (px)"})
+    toy_rare_share: Optional[float] = field(default=None, metadata={"help": "share of the rare 'other' class in the toy data (0 = the generator's CoNSeP-like default)"})
     image_size: Optional[int] = field(default=None, metadata={"help": "SDM image size (px)"})
     channel_mult: Optional[str] = field(default=None, metadata={"help": "SDM width multipliers ('' = by image size)"})
     num_channels: Optional[int] = field(default=None, metadata={"help": "SDM base width"})
@@ -130,7 +131,8 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
     """Run the whole pipeline; returns the run record (also saved as ``<out_dir>/demo.json``)."""
     from .data.classes import resolve_class_table
     from .data.stats import dataset_statistics, write_statistics
-    from .data.toy import make_toy_dataset
+    from .data.readers import list_samples, read_samples
+    from .data.toy import ToyConfig, make_toy_dataset
     from .gradmix.pipeline import run_gradmix
     from .synthesis import SampleConfig, run_synthesis
     from .train_util import TrainConfig, find_latest_checkpoint, train
@@ -147,14 +149,25 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
     else:
         data_dir = fileio.join(out, "toy_data")
         if not fileio.exists(fileio.join(data_dir, "toy_dataset.json")):
+            toy_cfg = ToyConfig()
+            if cfg.toy_rare_share:
+                rest = np.asarray(toy_cfg.class_probs[1:], np.float64)
+                rest = rest / rest.sum() * (1 - cfg.toy_rare_share)
+                toy_cfg = dataclasses.replace(toy_cfg, class_probs=(cfg.toy_rare_share, *rest.tolist()))
             stages.run(
                 "toy dataset", make_toy_dataset, data_dir, num_train=cfg.toy_train, num_test=cfg.toy_test,
-                size=cfg.toy_size, seed=cfg.seed, progress=cfg.progress,
+                size=cfg.toy_size, seed=cfg.seed, config=toy_cfg, progress=cfg.progress,
             )
     stages.outputs["dataset"] = data_dir
     table = resolve_class_table(cfg.dataset_mode, None, cfg.num_classes or None)
     # The fixed CoNSeP/GLySAC tables are looked up by mode; only custom data passes its table on.
     table_arg = table if cfg.dataset_mode == "custom" else None
+
+    # Every file is checked (pairing, keys, sizes >= the crop, class table) before any stage writes.
+    stages.run(
+        "data check", read_samples, list_samples(data_dir, "Train"), table, min_size=cfg.image_size,
+        what=f"dataset {data_dir}", progress=False,
+    )
 
     # 2. Class statistics of the real labels.
     stats_dir = fileio.join(out, "stats")

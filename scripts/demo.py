@@ -3,6 +3,8 @@
     python scripts/demo.py                      # toy data, CPU, a few minutes -> runs/demo/report.md
     python scripts/demo.py --preset quick       # tiny sizes (seconds)
     python scripts/demo.py --preset paper --data_dir /data/consep --dataset_mode consep   # GPU, paper settings
+
+Flags shown without a default take the value of the chosen --preset.
 """
 
 from __future__ import annotations

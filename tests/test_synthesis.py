@@ -411,8 +411,8 @@ def test_official_checkpoint_without_config_works_from_flags(setup, tmp_path, ca
     bare.parent.mkdir()
     shutil.copy(setup["ckpt"], bare)
     argv = [a if a != setup["ckpt"] else str(bare) for a in base_argv(setup, tmp_path / "out", "--num_samples", "1", "--figure_rows", "0")]
-    # Without config.json the official defaults apply (class_cond False, 151 classes): a clear error.
-    _expect_error(argv, capsys, str(bare), "class_cond")
+    # Without config.json and without model flags: a clear error pointing at the missing config.
+    _expect_error(argv, capsys, str(bare), "no config.json beside the checkpoint")
     flags = []
     for key in ("image_size", "num_classes", "num_channels", "num_res_blocks", "num_head_channels", "attention_resolutions",
                 "channel_mult", "class_cond", "learn_sigma", "resblock_updown", "use_scale_shift_norm", "diffusion_steps"):

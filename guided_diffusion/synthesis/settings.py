@@ -126,7 +126,7 @@ def resolve_model_config(model_path: str, explicit: Dict[str, Any], defaults: Di
     Returns:
         ``(settings dict, source)`` where source names the config file or ``"flags"``.
     """
-    from ..config import ModelConfig, load_config_for_checkpoint
+    from ..config import CONFIG_NAME, ModelConfig, load_config_for_checkpoint
 
     if model_path and not fileio.exists(model_path):
         raise DiffMixError(f"{model_path}: checkpoint not found")
@@ -142,6 +142,14 @@ def resolve_model_config(model_path: str, explicit: Dict[str, Any], defaults: Di
 
         source = config_path_for_checkpoint(model_path)
     values.update(explicit)
+    if saved is None and not values.get("class_cond"):
+        # The official defaults (class_cond False, 151 ADE20K classes) never describe a DiffMix model:
+        # the likely mistake is a checkpoint copied without its config.json.
+        raise DiffMixError(
+            f"{model_path}: no {CONFIG_NAME} beside the checkpoint and no model flags given (--class_cond is "
+            "still the official default False); pass the flags the model was trained with, as "
+            "scripts/scripts_ddim_sample/consep.sh does (--image_size, --num_channels, --num_classes, --class_cond True, ...)"
+        )
     return ModelConfig.from_dict(values, source=source).to_dict(), source
 
 
