@@ -25,6 +25,17 @@ Classification, over the whole set of images
       FN_d,c count the unpaired predicted / true nuclei of type c (``run_nuclei_type_stat`` with
       weights [2, 2, 1, 1]; its TN term is always 0 there).
 
+Class merging (``class_table``, CLI ``--dataset_mode``)
+    Raw CoNSeP (types 1..7) and GLySAC (1..10) ground truth must be merged into the classes the
+    models predict (CoNSeP 4 + background, GLySAC 3 + background) before types are compared,
+    as HoVer-Net's ``compute_stats`` does. With a :class:`~guided_diffusion.data.classes.ClassTable`
+    the *true* labels are merged (per-pixel ``type_map`` before the per-instance majority vote,
+    and a stored ``inst_type``), except ``.mat`` files marked ``classes_merged`` = 1 (written
+    by this project after merging), which are only checked, following the data layer's rule.
+    Predictions are taken as already merged; a predicted type >= ``num_classes`` is an error.
+    Without a table types are compared as stored, and a ground truth with types above every
+    predicted type triggers a warning (it usually means raw vs merged ids).
+
 Conventions where HoVer-Net is undefined or crashes (documented choices, never NaN):
     * an image with neither true nor predicted nuclei scores 1 on all six instance metrics
       (perfect agreement); an image where only one side has nuclei scores 0 on all six, which is
@@ -421,12 +432,16 @@ class LabelFile:
         inst_map: int64 [H, W] instance ids, 0 = background.
         centroids: float64 [N, 2] (x, y) per instance, ascending-id order (or as stored).
         types: int64 [N] class per instance, or None when the file holds no type information.
+            With a class table these are merged classes, otherwise the values as stored.
+        marked_merged: the ``num_classes`` of a ``.mat`` marked ``classes_merged`` = 1 (written
+            by this project after merging, e.g. GradMix outputs), else None.
     """
 
     path: str
     inst_map: np.ndarray
     centroids: np.ndarray
     types: Optional[np.ndarray]
+    marked_merged: Optional[int] = None
 
 
 def _integral(arr: np.ndarray, what: str, path: str) -> np.ndarray:
@@ -454,7 +469,42 @@ def _maps_from_npy(arr: np.ndarray, path: str):
     )
 
 
-def read_label_file(path: str) -> LabelFile:
+def _marked_merged(mat: dict, path: str) -> Optional[int]:
+    """``num_classes`` of a ``.mat`` marked ``classes_merged`` = 1, else None (the data layer's rule)."""
+    from .data.readers import MERGED_KEY, NUM_CLASSES_KEY, _scalar
+
+    if MERGED_KEY not in mat or _scalar(mat[MERGED_KEY]) != 1:
+        return None
+    n = _scalar(mat.get(NUM_CLASSES_KEY))
+    if n is None:
+        raise DiffMixError(f"{path}: {MERGED_KEY}=1 but no readable {NUM_CLASSES_KEY}")
+    return n
+
+
+def _merge_types(values: np.ndarray, table, marked: Optional[int], what: str, path: str):
+    """Raw type ids (int array, any shape) -> merged classes with ``table``.
+
+    A file marked as already merged is only checked against ``0..num_classes-1``: merging it
+    again would relabel its classes (with CoNSeP, merged 4 = spindle read as raw 4 would become
+    3 = epithelial).
+    """
+    if marked is not None:
+        if marked != table.num_classes:
+            raise DiffMixError(
+                f"{path}: written with num_classes={marked} (classes_merged=1), but the class "
+                f"table {table.name!r} has {table.num_classes}"
+            )
+        bad = np.unique(values[(values < 0) | (values >= marked)])
+        if bad.size:
+            raise DiffMixError(
+                f"{path}: {what} values {bad.tolist()} outside 0..{marked - 1} "
+                f"(classes_merged=1, num_classes={marked})"
+            )
+        return values
+    return table.merge(values, source=f"{path} ({what})").astype(np.int64)
+
+
+def read_label_file(path: str, class_table=None) -> LabelFile:
     """Read a CoNSeP-layout ``.mat`` or a HoVer-Net ``.npy`` label file.
 
     ``.mat`` files need ``inst_map``; ``inst_centroid`` ([N, 2], x then y) and ``inst_type``
@@ -462,10 +512,18 @@ def read_label_file(path: str) -> LabelFile:
     output files, which have no ``type_map``) and otherwise recomputed from ``inst_map`` and
     ``type_map`` with :func:`guided_diffusion.data.labels.instance_table`. Types are None when
     neither ``inst_type`` nor a type map is available.
+
+    Args:
+        path: the file.
+        class_table: optional :class:`guided_diffusion.data.classes.ClassTable`. When given, the
+            raw ids of ``type_map`` (per pixel, before the per-instance majority vote, as the
+            data layer does) and of a stored ``inst_type`` are merged with it; unknown raw ids
+            raise. A ``.mat`` marked ``classes_merged`` = 1 is not merged again, only checked.
     """
     from .data.labels import instance_table
 
     stored_xy = stored_types = None
+    marked = None
     if path.lower().endswith(".npy"):
         inst, type_map = _maps_from_npy(fileio.read_npy(path), path)
     else:
@@ -474,6 +532,7 @@ def read_label_file(path: str) -> LabelFile:
             keys = ", ".join(sorted(mat)) or "none"
             raise DiffMixError(f"{path}: no 'inst_map' key (keys: {keys})")
         inst, type_map = mat["inst_map"], mat.get("type_map")
+        marked = _marked_merged(mat, path)
         if mat.get("inst_centroid") is not None:
             stored_xy = np.asarray(mat["inst_centroid"], np.float64)
             if stored_xy.size and stored_xy.shape[-1] != 2:
@@ -493,6 +552,11 @@ def read_label_file(path: str) -> LabelFile:
             raise DiffMixError(
                 f"{path}: type_map shape {type_map.shape} differs from inst_map shape {inst.shape}"
             )
+    if class_table is not None:
+        if type_map is not None:
+            type_map = _merge_types(type_map, class_table, marked, "type_map", path)
+        if stored_types is not None:
+            stored_types = _merge_types(stored_types, class_table, marked, "inst_type", path)
     ids, table_types, table_xy = instance_table(inst, inst * 0 if type_map is None else type_map)
     centroids = table_xy if stored_xy is None else stored_xy
     types = stored_types
@@ -504,7 +568,9 @@ def read_label_file(path: str) -> LabelFile:
                 f"{path}: {what} has {arr.shape[0]} rows but inst_map has {ids.size} instances "
                 "(stale keys? remove them to recompute from the maps)"
             )
-    return LabelFile(path=path, inst_map=inst, centroids=centroids, types=types)
+    return LabelFile(
+        path=path, inst_map=inst, centroids=centroids, types=types, marked_merged=marked
+    )
 
 
 def _label_files(folder: str) -> dict[str, str]:
@@ -560,15 +626,54 @@ def match_label_files(true_dir: str, pred_dir: str) -> list[tuple[str, str, str]
 # Folder evaluation and reports
 
 
-def _check_types(label: LabelFile, num_classes: Optional[int]) -> None:
+def _check_types(label: LabelFile, num_classes: Optional[int], table, side: str) -> None:
+    """Reject nucleus types outside ``0..num_classes-1``, with a hint about class merging."""
     if label.types is None or num_classes is None or label.types.size == 0:
         return
     bad = label.types[(label.types < 0) | (label.types >= num_classes)]
-    if bad.size:
+    if not bad.size:
+        return
+    if table is not None:
+        # True labels were merged already (a bad value there is caught by the merge), so this
+        # is a prediction that still carries raw dataset ids.
         raise DiffMixError(
-            f"{label.path}: nucleus type {int(bad[0])} outside 0..{num_classes - 1} "
-            f"(num_classes={num_classes} includes background; merge classes first)"
+            f"{label.path}: predicted nucleus type {int(bad.max())} outside 0..{num_classes - 1} "
+            f"of the {table.name} class table; predictions must use merged classes "
+            f"({', '.join(f'{k} {n}' for k, n in enumerate(table.names))}) -- this prediction "
+            "seems to use raw dataset ids"
         )
+    hint = (
+        "if the ground truth holds raw CoNSeP/GLySAC ids, pass --dataset_mode consep or "
+        "glysac (API: class_table=resolve_class_table(...)) to merge them"
+        if side == "true"
+        else "merge classes first"
+    )
+    raise DiffMixError(
+        f"{label.path}: nucleus type {int(bad[0])} outside 0..{num_classes - 1} "
+        f"(num_classes={num_classes} includes background; {hint})"
+    )
+
+
+def _raw_id_warning(true_values: set, pred_values: set) -> Optional[str]:
+    """A hint when the ground truth seems to hold raw dataset ids and predictions merged ones.
+
+    Fires when the predictions use some non-zero type but none above ``max(pred)``, while the
+    ground truth has types above it (e.g. true 1..7, predicted 1..4).
+    """
+    true_nz = {v for v in true_values if v > 0}
+    pred_nz = {v for v in pred_values if v > 0}
+    if not true_nz or not pred_nz or max(true_nz) <= max(pred_nz):
+        return None
+    top = max(pred_nz)
+    unused = sorted(v for v in true_nz if v > top)
+    guess = "consep" if max(true_nz) <= 7 else "glysac"
+    return (
+        f"warning: the ground truth holds nucleus types {unused} that no prediction uses "
+        f"(predicted types stay within 1..{top}). If the ground truth has raw dataset ids "
+        f"(CoNSeP 1..7, GLySAC 1..10) and the predictions merged classes, per-type F1 and type "
+        f"accuracy are wrong: pass --dataset_mode {guess} (or --dataset_mode custom "
+        "--class_table FILE) to merge the ground truth."
+    )
 
 
 def evaluate_folders(
@@ -579,6 +684,7 @@ def evaluate_folders(
     out_dir: Optional[str] = None,
     match_iou: float = 0.5,
     progress: bool = True,
+    class_table=None,
 ) -> dict:
     """Evaluate predicted label files against true ones, paired by file stem.
 
@@ -587,40 +693,70 @@ def evaluate_folders(
         radius: centroid pairing radius in pixels for the classification metrics.
         num_classes: number of classes **including background** (the project's convention, as
             in ``build_condition``); per-type F1 is then reported for types 1..num_classes-1 and
-            larger types are rejected. None: the non-zero types found in the ground truth.
+            larger types are rejected. None: the table's count with ``class_table``, otherwise
+            the non-zero types found in the ground truth.
         out_dir: if given, ``metrics.json``, ``metrics_per_image.csv`` and
             ``metrics_summary.csv`` are written there (atomically).
         match_iou: PQ match threshold (IoU strictly greater).
         progress: show a progress bar.
+        class_table: optional :class:`guided_diffusion.data.classes.ClassTable` (e.g. from
+            ``resolve_class_table("consep")``). The ground truth is then read as raw dataset ids
+            and merged with it (``type_map`` and ``inst_type``; a ``.mat`` marked
+            ``classes_merged`` = 1 is only checked), predictions must already be in merged
+            classes (a type >= ``num_classes`` raises), and per-type F1 also gets class names.
+            None: types are compared as stored; if the ground truth then has types above every
+            predicted one (raw vs merged ids, likely), a warning goes to stderr and into
+            ``result["warnings"]``.
 
     Returns:
         dict with ``settings``, ``instance`` (means of the six metrics over images),
-        ``classification`` (:func:`type_metrics` result plus ``types_available``), and
-        ``per_image`` (a list of per-image dicts: name, counts, the six metrics, detection
-        counts).
+        ``classification`` (:func:`type_metrics` result plus ``types_available``; with a class
+        table also ``class_names`` {class: name} and ``f1_type_named`` {name: F1}; ``f1_type``
+        stays keyed by the numeric class), ``per_image`` (a list of per-image dicts: name,
+        counts, the six metrics, detection counts) and ``warnings`` (list of str).
     """
+    import sys
+
     from tqdm import tqdm
 
     if num_classes is not None and num_classes < 2:
         raise DiffMixError(f"num_classes must be >= 2 (background + 1 class), got {num_classes}")
+    if class_table is not None:
+        if num_classes is not None and num_classes != class_table.num_classes:
+            raise DiffMixError(
+                f"num_classes={num_classes} does not match the {class_table.name} class table "
+                f"({class_table.num_classes} classes including background)"
+            )
+        num_classes = class_table.num_classes
     triples = match_label_files(true_dir, pred_dir)
     per_image = []
     pooled = {"pt": [], "pp": [], "ut": [], "up": []}
     types_available = True
+    true_values: set = set()
+    pred_values: set = set()
     for stem, true_path, pred_path in tqdm(triples, desc="evaluate", disable=not progress):
-        true, pred = read_label_file(true_path), read_label_file(pred_path)
+        true = read_label_file(true_path, class_table)
+        pred = read_label_file(pred_path)  # predictions are expected in merged classes already
         if true.inst_map.shape != pred.inst_map.shape:
             raise DiffMixError(
                 f"{pred_path}: shape {pred.inst_map.shape} differs from {true_path} "
                 f"shape {true.inst_map.shape}"
             )
-        for label in (true, pred):
-            _check_types(label, num_classes)
+        if class_table is not None and pred.marked_merged not in (None, num_classes):
+            raise DiffMixError(
+                f"{pred_path}: written with num_classes={pred.marked_merged} (classes_merged=1), "
+                f"but the {class_table.name} class table has {num_classes}"
+            )
+        _check_types(true, num_classes, class_table, "true")
+        _check_types(pred, num_classes, class_table, "pred")
         ov = instance_overlap(true.inst_map, pred.inst_map)
         pq = pq_scores(ov, match_iou)
         paired, un_t, un_p = pair_by_centroid(true.centroids, pred.centroids, radius)
         if true.types is None or pred.types is None:
             types_available = False
+        else:
+            true_values.update(np.unique(true.types).tolist())
+            pred_values.update(np.unique(pred.types).tolist())
         t_types = true.types if true.types is not None else np.zeros(len(true.centroids), np.int64)
         p_types = pred.types if pred.types is not None else np.zeros(len(pred.centroids), np.int64)
         pooled["pt"].append(t_types[paired[:, 0]])
@@ -654,12 +790,26 @@ def evaluate_folders(
         cls["f1_type"] = {}
         cls["counts"]["per_class"] = {}
     cls["types_available"] = types_available
+    if class_table is not None:
+        names = {c: str(class_table.names[c]) for c in range(1, num_classes)}
+        cls["class_names"] = names
+        unique = len(set(names.values())) == len(names)
+        cls["f1_type_named"] = {
+            (names[c] if unique else f"{c}_{names[c]}"): v for c, v in cls["f1_type"].items()
+        }
+    warnings = []
+    if class_table is None and types_available:
+        message = _raw_id_warning(true_values, pred_values)
+        if message:
+            warnings.append(message)
+            print(message, file=sys.stderr)
     result = {
         "settings": {
             "true_dir": true_dir,
             "pred_dir": pred_dir,
             "radius": float(radius),
             "num_classes": num_classes,
+            "class_table": None if class_table is None else class_table.to_json(),
             "match_iou": float(match_iou),
             "n_images": len(per_image),
             "definitions": "HoVer-Net compute_stats (see guided_diffusion/metrics.py)",
@@ -667,6 +817,7 @@ def evaluate_folders(
         "instance": {k: float(np.mean([row[k] for row in per_image])) for k in INSTANCE_KEYS},
         "classification": cls,
         "per_image": per_image,
+        "warnings": warnings,
     }
     if out_dir is not None:
         write_reports(result, out_dir)
@@ -689,13 +840,17 @@ def format_table(result: dict) -> str:
         f"classification (centroid radius {result['settings']['radius']:g} px; "
         f"TP {cls['counts']['tp_d']}, FP {cls['counts']['fp_d']}, FN {cls['counts']['fn_d']})",
     ]
-    heads = ["F1_d", "Acc"] + [f"F1_{c}" for c in cls["f1_type"]]
+    names = cls.get("class_names") or {}
+    heads = ["F1_d", "Acc"] + [f"F1_{names.get(c, c)}" for c in cls["f1_type"]]
     values = [cls["f1_detection"], cls["type_accuracy"]] + list(cls["f1_type"].values())
-    width = max(6, *(len(h) for h in heads))
-    lines.append("  " + "  ".join(f"{h:>{width}}" for h in heads))
-    lines.append("  " + "  ".join(f"{_fmt(v):>{width}}" for v in values))
+    widths = [max(6, len(h)) for h in heads]
+    lines.append("  " + "  ".join(f"{h:>{w}}" for h, w in zip(heads, widths)))
+    lines.append("  " + "  ".join(f"{_fmt(v):>{w}}" for v, w in zip(values, widths)))
     if not cls["types_available"]:
         lines.append("  (no type information on one side: type metrics not computed)")
+    table = result["settings"].get("class_table")
+    if table:
+        lines.append(f"  (ground truth merged with the {table['name']} class table)")
     return "\n".join(lines)
 
 
@@ -728,6 +883,10 @@ def write_reports(result: dict, out_dir: str) -> dict[str, str]:
     cls = result["classification"]
     summary = [[k, result["instance"][k]] for k in INSTANCE_KEYS]
     summary += [["f1_detection", cls["f1_detection"]], ["type_accuracy", cls["type_accuracy"]]]
-    summary += [[f"f1_type_{c}", v] for c, v in cls["f1_type"].items()]
+    names = cls.get("class_names") or {}
+    summary += [
+        [f"f1_type_{c}" + (f"_{names[c]}" if c in names else ""), v]
+        for c, v in cls["f1_type"].items()
+    ]
     fileio.write_bytes(paths["summary"], _csv_bytes(["metric", "value"], summary))
     return paths

@@ -5,8 +5,14 @@ prints Dice, AJI, AJI+, DQ, SQ, PQ (mean over images) and detection F1, type acc
 per-type F1 (pooled over the set), and, with --out_dir, writes metrics.json,
 metrics_per_image.csv and metrics_summary.csv there.
 
-    python scripts/evaluate.py --true_dir data/consep/Test/Labels --pred_dir out/pred \
-        --out_dir out/eval --num_classes 5
+Raw dataset ground truth (CoNSeP ``Labels/`` types 1..7, GLySAC 1..10) must be merged into the
+classes the predictions use: pass ``--dataset_mode consep`` or ``glysac`` (or ``custom`` with
+``--class_table mapping.json`` or ``--num_classes N``). The merge is applied to the ground
+truth only (``.mat`` files marked ``classes_merged=1`` are not merged again); predictions must
+already be in merged classes. Without ``--dataset_mode`` types are compared as stored.
+
+    python scripts/evaluate.py --true_dir datasets/consep/Test/Labels --pred_dir out/pred \
+        --out_dir out/eval --dataset_mode consep
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import argparse
 
 from guided_diffusion import metrics
+from guided_diffusion.data.classes import DATASET_MODES, resolve_class_table
 from guided_diffusion.errors import DiffMixError, run_cli
 
 
@@ -26,11 +33,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--radius", type=float, default=12.0, help="centroid pairing radius in pixels (default 12)"
     )
     parser.add_argument(
+        "--dataset_mode",
+        choices=DATASET_MODES,
+        default=None,
+        help="merge raw ground-truth type ids with this dataset's class table (consep: 7 raw "
+        "-> 4 classes, glysac: 10 raw -> 3, custom: --class_table or --num_classes); "
+        "default: compare types as stored",
+    )
+    parser.add_argument(
+        "--class_table",
+        default=None,
+        help="JSON mapping file for --dataset_mode custom (implies custom when given alone)",
+    )
+    parser.add_argument(
         "--num_classes",
         type=int,
         default=None,
         help="classes including background (per-type F1 for 1..num_classes-1); "
-        "default: the types present in the ground truth",
+        "default: the class table's, or the types present in the ground truth",
     )
     parser.add_argument(
         "--match_iou", type=float, default=0.5, help="PQ match threshold, IoU > this (default 0.5)"
@@ -43,6 +63,12 @@ def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     if not 0.0 <= args.match_iou < 1.0:
         raise DiffMixError(f"--match_iou must be in [0, 1), got {args.match_iou}")
+    mode = args.dataset_mode
+    if mode is None and args.class_table:
+        mode = "custom"
+    table = None
+    if mode is not None:
+        table = resolve_class_table(mode, args.class_table, args.num_classes)
     result = metrics.evaluate_folders(
         args.true_dir,
         args.pred_dir,
@@ -51,6 +77,7 @@ def main(argv=None) -> dict:
         out_dir=args.out_dir,
         match_iou=args.match_iou,
         progress=not args.no_progress,
+        class_table=table,
     )
     print(metrics.format_table(result))
     if args.out_dir:

@@ -14,6 +14,7 @@ import pytest
 from scipy.optimize import linear_sum_assignment
 
 from guided_diffusion import fileio
+from guided_diffusion.data.classes import CONSEP, resolve_class_table
 from guided_diffusion.data.labels import write_label_mat
 from guided_diffusion.errors import DiffMixError
 from guided_diffusion.metrics import (
@@ -355,3 +356,93 @@ def test_reader_checks_and_stored_keys(tmp_path):
     write_label_mat(str(tmp_path / "p" / "x.mat"), inst, types * 3)
     with pytest.raises(DiffMixError, match="x.mat.*type 6 outside"):
         evaluate_folders(str(tmp_path / "t"), str(tmp_path / "p"), num_classes=4, progress=False)
+
+
+# ---------------------------------------------------------------- class merging (dataset_mode)
+
+RAW_CONSEP = [1, 2, 3, 4, 5, 6, 7]  # every raw CoNSeP id once
+MERGED_CONSEP = [1, 2, 3, 3, 4, 4, 4]  # HoVer-Net/DiffMix merge of the same nuclei
+SEVEN = [(5, 5), (20, 5), (35, 5), (50, 5), (5, 30), (20, 30), (35, 30)]
+
+
+def make_raw_vs_merged(tmp_path, true_types=RAW_CONSEP, pred_types=MERGED_CONSEP, **extra):
+    true_dir, pred_dir = tmp_path / "true", tmp_path / "pred"
+    write_label_mat(str(true_dir / "a.mat"), *blob_map(SEVEN, true_types), **extra)
+    write_label_mat(str(pred_dir / "a.mat"), *blob_map(SEVEN, pred_types))
+    return true_dir, pred_dir
+
+
+def test_dataset_mode_consep_merges_raw_truth(tmp_path, capsys):
+    true_dir, pred_dir = make_raw_vs_merged(tmp_path)
+    out = tmp_path / "eval"
+    res = load_cli().main(
+        ["--true_dir", str(true_dir), "--pred_dir", str(pred_dir), "--out_dir", str(out),
+         "--dataset_mode", "consep", "--no_progress"]
+    )
+    captured = capsys.readouterr()
+    cls = res["classification"]
+    assert res["instance"] == {k: 1.0 for k in INSTANCE_KEYS}
+    assert cls["f1_detection"] == 1.0 and cls["type_accuracy"] == 1.0
+    assert cls["f1_type"] == {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0}
+    assert cls["f1_type_named"] == {"other": 1.0, "inflammatory": 1.0, "epithelial": 1.0,
+                                    "spindle": 1.0}
+    assert "F1_inflammatory" in captured.out and "F1_spindle" in captured.out
+    assert captured.err == "" and res["warnings"] == []
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["settings"]["class_table"]["name"] == "consep"
+    assert report["classification"]["f1_type"]["4"] == 1.0  # numeric keys kept in JSON
+    with open(out / "metrics_summary.csv") as f:
+        summary = {r["metric"]: r["value"] for r in csv.DictReader(f)}
+    assert float(summary["f1_type_3_epithelial"]) == 1.0
+    # A HoVer-Net .npy truth (no stored inst_type): the raw type map itself is merged.
+    (true_dir / "a.mat").unlink()
+    inst, types = blob_map(SEVEN, RAW_CONSEP)
+    fileio.write_npy(str(true_dir / "a.npy"), np.dstack([inst, types]))
+    res = evaluate_folders(str(true_dir), str(pred_dir), progress=False, class_table=CONSEP)
+    assert res["classification"]["type_accuracy"] == 1.0
+
+
+def test_raw_truth_without_dataset_mode_warns(tmp_path, capsys):
+    true_dir, pred_dir = make_raw_vs_merged(tmp_path)
+    res = evaluate_folders(str(true_dir), str(pred_dir), progress=False)
+    err = capsys.readouterr().err
+    assert "--dataset_mode consep" in err and "[5, 6, 7]" in err
+    assert res["warnings"] and "--dataset_mode consep" in res["warnings"][0]
+    # The silently wrong numbers the warning is about: raw 4..7 never match merged 3/4.
+    assert res["instance"]["pq"] == 1.0
+    assert res["classification"]["type_accuracy"] == pytest.approx(3 / 7)
+    # Types in agreement (worked example: 1..3 on both sides) give no warning.
+    true_w, pred_w = make_worked_folders(tmp_path / "w")
+    assert evaluate_folders(str(true_w), str(pred_w), progress=False)["warnings"] == []
+    assert capsys.readouterr().err == ""
+
+
+def test_truth_marked_merged_is_not_merged_again(tmp_path):
+    # A GradMix output: already merged (4 = spindle), marked classes_merged=1. Merging it again
+    # would turn spindle (read as raw 4) into epithelial and score spindle F1 0.
+    true_dir, pred_dir = make_raw_vs_merged(
+        tmp_path, true_types=MERGED_CONSEP,
+        classes_merged=np.array(1), num_classes=np.array(5),
+    )
+    res = evaluate_folders(str(true_dir), str(pred_dir), progress=False, class_table=CONSEP)
+    assert res["classification"]["f1_type"] == {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0}
+    assert res["classification"]["type_accuracy"] == 1.0
+    # A marked file written for another class count is refused, naming it.
+    write_label_mat(str(true_dir / "a.mat"), *blob_map(SEVEN, MERGED_CONSEP),
+                    classes_merged=np.array(1), num_classes=np.array(4))
+    with pytest.raises(DiffMixError, match=r"a\.mat.*num_classes=4"):
+        evaluate_folders(str(true_dir), str(pred_dir), progress=False, class_table=CONSEP)
+
+
+def test_prediction_with_raw_ids_under_table_raises(tmp_path):
+    true_dir, pred_dir = make_raw_vs_merged(tmp_path, pred_types=RAW_CONSEP)
+    table = resolve_class_table("consep")
+    with pytest.raises(DiffMixError, match=r"pred[/\\]a\.mat.*type 7 outside 0\.\.4.*raw dataset ids"):
+        evaluate_folders(str(true_dir), str(pred_dir), progress=False, class_table=table)
+    # A raw id the table does not know, in the ground truth, is named with its file.
+    true_dir, pred_dir = make_raw_vs_merged(tmp_path / "u", true_types=[1, 2, 3, 4, 5, 6, 8])
+    with pytest.raises(DiffMixError, match=r"true[/\\]a\.mat.*\[8\]"):
+        evaluate_folders(str(true_dir), str(pred_dir), progress=False, class_table=table)
+    with pytest.raises(DiffMixError, match="num_classes=4 does not match"):
+        evaluate_folders(str(true_dir), str(pred_dir), num_classes=4, progress=False,
+                         class_table=table)
