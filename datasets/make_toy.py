@@ -8,18 +8,33 @@ from __future__ import annotations
 
 import argparse
 
+from guided_diffusion import fileio
 from guided_diffusion.data.toy import DEFAULT_CLASS_PROBS, ToyConfig, make_toy_dataset
 from guided_diffusion.errors import DiffMixError, run_cli
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" only where there is a default to show (not for None or required flags)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     d = ToyConfig()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--root", required=True, help="output dataset root (Train/ and Test/ are created)")
-    p.add_argument("--num_train", type=int, default=8)
-    p.add_argument("--num_test", type=int, default=2)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=_HelpFormatter)
+    p.add_argument(
+        "--root",
+        required=True,
+        help="output dataset root, new or empty (Train/ and Test/ are created); a root holding another "
+        "dataset is refused, rerunning with the same settings on a finished one does nothing",
+    )
+    p.add_argument("--num_train", type=int, default=8, help="tiles in Train/")
+    p.add_argument("--num_test", type=int, default=2, help="tiles in Test/")
     p.add_argument("--size", type=int, default=256, help="tile side in pixels")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="base seed (tile i of a split is seeded from seed, split, i)")
     p.add_argument("--density", type=float, default=d.density, help="nuclei per 10,000 pixels")
     p.add_argument(
         "--class_probs",
@@ -40,9 +55,14 @@ def main(argv=None) -> None:
     if len(probs) != 4:
         raise DiffMixError(f"--class_probs {args.class_probs!r}: expected 4 comma-separated numbers")
     config = ToyConfig(density=args.density, class_probs=probs, scale=args.scale)
+    existed = fileio.exists(fileio.join(args.root, "toy_dataset.json"))
     record = make_toy_dataset(args.root, args.num_train, args.num_test, args.size, args.seed, config)
     n = sum(len(v) for v in record["files"].values())
-    print(f"wrote {n} toy tiles to {args.root} (seed {args.seed}); use --dataset_mode consep")
+    tiles = f"{n} toy tile{'' if n == 1 else 's'}"
+    if existed:  # make_toy_dataset returned without raising: the same dataset, already complete
+        print(f"{args.root} already holds these {tiles} (seed {args.seed}); nothing written")
+    else:
+        print(f"wrote {tiles} to {args.root} (seed {args.seed}); use --dataset_mode consep")
 
 
 if __name__ == "__main__":

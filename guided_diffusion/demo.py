@@ -150,6 +150,8 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
     else:
         data_dir = fileio.join(out, "toy_data")
         if not fileio.exists(fileio.join(data_dir, "toy_dataset.json")):
+            if os.path.isdir(data_dir):
+                shutil.rmtree(data_dir)  # an interrupted toy stage of this run folder: start it again
             toy_cfg = ToyConfig()
             if cfg.toy_rare_share:
                 rest = np.asarray(toy_cfg.class_probs[1:], np.float64)

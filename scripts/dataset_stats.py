@@ -23,25 +23,51 @@ from guided_diffusion.data.stats import (
 from guided_diffusion.errors import DiffMixError, run_cli
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the examples' line breaks; shows "(default: X)" only where there is a default."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data_dir", default=None, help="dataset root or split folder")
-    p.add_argument("--label_dir", default=None, help="folder of label maps (.mat, e.g. GradMix output)")
-    p.add_argument("--before_dir", default=None, help="dataset to compare --label_dir against (before/after)")
-    p.add_argument("--dataset_mode", default="consep", choices=["consep", "glysac", "custom"])
-    p.add_argument("--class_table", default=None, help="custom mode: class table JSON")
-    p.add_argument("--num_classes", type=int, default=None, help="custom mode: identity table size")
-    p.add_argument("--split", default="Train")
-    p.add_argument("--image_folder", default="Images")
-    p.add_argument("--label_folder", default="Labels")
-    p.add_argument("--out_dir", required=True)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    what = p.add_argument_group("what to measure (give exactly one of --data_dir and --label_dir)")
+    what.add_argument("--data_dir", default=None, help="dataset root (holding --split) or a split folder")
+    what.add_argument(
+        "--label_dir",
+        default=None,
+        help="folder of label maps (.mat), or a folder with a Labels/ subfolder (e.g. GradMix --out_dir); "
+        "for GradMix output only complete maps (with a Records/<name>.json) are counted",
+    )
+    what.add_argument(
+        "--before_dir",
+        default=None,
+        help="with --label_dir: the source dataset to compare against (writes balance.csv/png, before/after)",
+    )
+    data = p.add_argument_group("dataset reading (for --data_dir and --before_dir)")
+    data.add_argument("--dataset_mode", default="consep", choices=["consep", "glysac", "custom"],
+                      help="class table that merges raw type ids (also validates --label_dir maps)")
+    data.add_argument("--class_table", default=None, help="custom mode: class table JSON (raw id -> class)")
+    data.add_argument("--num_classes", type=int, default=None, help="custom mode: identity table size incl. background")
+    data.add_argument("--split", default="Train", help="split folder under the dataset root")
+    data.add_argument("--image_folder", default="Images", help="image subfolder of the split")
+    data.add_argument("--label_folder", default="Labels", help="label subfolder of the split")
+    p.add_argument("--out_dir", required=True, help="where the CSV/PNG tables and stats_settings.json go")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if not args.data_dir and not args.label_dir:
-        raise DiffMixError("give --data_dir (a dataset) or --label_dir (a folder of label maps)")
+    if bool(args.data_dir) == bool(args.label_dir):
+        raise DiffMixError(
+            "give exactly one of --data_dir (a dataset) and --label_dir (a folder of label maps); "
+            "to compare label maps with their dataset use --label_dir with --before_dir"
+        )
+    if args.before_dir and not args.label_dir:
+        raise DiffMixError("--before_dir needs --label_dir (the label maps to compare with the dataset)")
     table = resolve_class_table(args.dataset_mode, args.class_table, args.num_classes)
     common = dict(
         dataset_mode=args.dataset_mode,
@@ -55,8 +81,12 @@ def main(argv=None) -> None:
         stats = dataset_statistics(data_dir=args.data_dir, **common)
         print(f"dataset {args.data_dir} ({args.split}, {stats.num_maps} label maps)\n{format_table(stats)}")
         outputs += write_statistics(stats, args.out_dir, "dataset_stats", f"{args.data_dir} ({args.split})")
-    if args.label_dir:
+    else:
         after = label_dir_statistics(args.label_dir, table)
+        if after.incomplete:
+            n = len(after.incomplete)
+            print(f"skipped {n} incomplete GradMix map{'' if n == 1 else 's'} (label map without a record), "
+                  f"e.g. {after.incomplete[0]}")
         print(f"label maps {args.label_dir} ({after.num_maps} maps)\n{format_table(after)}")
         outputs += write_statistics(after, args.out_dir, "label_stats", args.label_dir)
         if args.before_dir:

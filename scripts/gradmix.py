@@ -39,43 +39,56 @@ def _radii(value: str) -> tuple:
     return radii
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" only where there is a default to show (not for None or required flags)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=_HelpFormatter)
     io_ = p.add_argument_group("data")
     io_.add_argument("--data_dir", required=True, help="dataset root (holding --split) or the split folder")
-    io_.add_argument("--dataset_mode", default="consep", choices=["consep", "glysac", "custom"])
+    io_.add_argument("--dataset_mode", default="consep", choices=["consep", "glysac", "custom"],
+                     help="class table that merges the raw type ids (custom: see --class_table/--num_classes)")
     io_.add_argument("--class_table", default=None, help="custom mode: class table JSON (raw id -> class)")
     io_.add_argument("--num_classes", type=int, default=None, help="custom mode: classes incl. background")
-    io_.add_argument("--split", default="Train")
-    io_.add_argument("--image_folder", default="Images")
-    io_.add_argument("--label_folder", default="Labels")
-    io_.add_argument("--stems", default=None, help="comma-separated source stems (default: all)")
-    io_.add_argument("--out_dir", required=True)
+    io_.add_argument("--split", default="Train", help="split folder under --data_dir (ignored if it is the split)")
+    io_.add_argument("--image_folder", default="Images", help="image subfolder of the split")
+    io_.add_argument("--label_folder", default="Labels", help="label subfolder of the split")
+    io_.add_argument("--stems", default=None, help="comma-separated source stems; default: every stem of the split")
+    io_.add_argument("--out_dir", required=True,
+                     help="output folder (Labels/, Records/, Images/); rerunning skips complete maps")
 
     what = p.add_argument_group("maps")
     what.add_argument("--num_maps", type=int, default=1, help="maps per source image for each kind in --kinds")
     what.add_argument("--kinds", default="balance", help=f"comma-separated subset of {','.join(KINDS)}")
     what.add_argument("--num_balance", type=int, default=None, help="overrides --num_maps for balancing maps")
     what.add_argument("--num_enlarge", type=int, default=None, help="overrides --num_maps for enlarging maps")
-    what.add_argument("--seed", type=int, default=0)
-    what.add_argument("--write_images", type=_bool, default=False, help="also write GradMix images (balance maps)")
+    what.add_argument("--seed", type=int, default=0, help="base seed; each map's generator is (seed, stem, kind, k)")
+    what.add_argument("--write_images", type=_bool, default=False,
+                      help="also write GradMix images (balance maps); without it the dataset's images are "
+                      "never read, so a broken image file goes unnoticed")
 
     bal = p.add_argument_group("balancing (GradMix)")
-    bal.add_argument("--minor", default=None, help="minor classes, e.g. 1 or 1,2 (default 1)")
-    bal.add_argument("--major", default=None, help="major classes (default: every class not in --minor)")
+    bal.add_argument("--minor", default=None, help="minor classes, e.g. 1 or 1,2; default: 1")
+    bal.add_argument("--major", default=None, help="major classes; default: every class not in --minor")
     bal.add_argument("--margin", type=float, default=30, help="border exclusion (px) for targets and donors")
     bal.add_argument("--fraction", type=float, default=0.8, help="share of eligible major nuclei replaced")
     bal.add_argument("--size_ratio", type=float, default=2.3, help="donor fits if ratio * area <= dilated target area")
     bal.add_argument("--dilate", type=int, default=2, help="target dilation (px) for the fit rule and blend region")
     bal.add_argument("--max_tries", type=int, default=64, help="fitting donors tried per target")
-    bal.add_argument("--median_radii", type=_radii, default=(1, 1, 5), help="R,G,B median radii for images")
+    bal.add_argument("--median_radii", type=_radii, default="1,1,5", help="R,G,B median radii for images")
 
     enl = p.add_argument_group("enlarging")
     enl.add_argument("--enlarge_fraction", type=float, default=0.5, help="share of movable nuclei shifted")
     enl.add_argument("--max_shift", type=int, default=3, help="shifts drawn from [-max_shift, max_shift] px")
 
     p.add_argument("--stats", type=_bool, default=True, help="print and save class counts before/after")
-    p.add_argument("--progress", type=_bool, default=True)
+    p.add_argument("--progress", type=_bool, default=True, help="show progress bars")
     return p.parse_args(argv)
 
 
@@ -85,6 +98,10 @@ def main(argv=None) -> dict:
     unknown = [k for k in kinds if k not in KINDS]
     if unknown or not kinds:
         raise DiffMixError(f"--kinds {args.kinds!r}: expected a comma-separated subset of {', '.join(KINDS)}")
+    for flag in ("num_maps", "num_balance", "num_enlarge"):
+        value = getattr(args, flag)
+        if value is not None and value < 0:
+            raise DiffMixError(f"--{flag} must be >= 0, got {value}")
     counts = {k: (args.num_maps if k in kinds else 0) for k in KINDS}
     if args.num_balance is not None:
         counts["balance"] = args.num_balance
@@ -117,7 +134,8 @@ def main(argv=None) -> dict:
         stats=args.stats,
         progress=args.progress,
     )
-    print(f"{len(summary['written'])} maps written, {len(summary['skipped'])} already complete, in {args.out_dir}")
+    n_written, n_skipped = len(summary["written"]), len(summary["skipped"])
+    print(f"{n_written} map{'' if n_written == 1 else 's'} written, {n_skipped} already complete, in {args.out_dir}")
     return summary
 
 

@@ -17,6 +17,7 @@ from guided_diffusion.data.stats import (
     write_statistics,
 )
 from guided_diffusion.data.toy import make_toy_dataset
+from guided_diffusion.errors import DiffMixError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
@@ -79,10 +80,35 @@ def test_dataset_statistics_and_cli(tmp_path, capsys):
     stats = dataset_statistics(data_dir=str(root), dataset_mode="consep", progress=False)
     assert stats.num_maps == 2 and stats.counts[1:].sum() > 5 and len(stats.class_names) == 5
     out = tmp_path / "out"
-    dataset_stats.main(
-        ["--data_dir", str(root), "--label_dir", str(root / "Test"), "--before_dir", str(root), "--out_dir", str(out)]
-    )
+    dataset_stats.main(["--data_dir", str(root), "--out_dir", str(out)])
+    dataset_stats.main(["--label_dir", str(root / "Test"), "--before_dir", str(root), "--out_dir", str(out)])
     printed = capsys.readouterr().out
     assert "epithelial" in printed and "balance.csv" in printed
     for name in ("dataset_stats.csv", "dataset_stats.png", "label_stats.csv", "balance.csv", "balance.png", "stats_settings.json"):
         assert (out / name).exists(), name
+    # --data_dir with --label_dir used to ignore one of them silently; --before_dir needs --label_dir.
+    with pytest.raises(DiffMixError, match="exactly one of --data_dir"):
+        dataset_stats.main(["--data_dir", str(root), "--label_dir", str(root / "Test"), "--out_dir", str(out)])
+    with pytest.raises(DiffMixError, match="--before_dir needs --label_dir"):
+        dataset_stats.main(["--data_dir", str(root), "--before_dir", str(root), "--out_dir", str(out)])
+
+
+def test_gradmix_label_dir_counts_complete_maps_only(tmp_path, capsys):
+    """A GradMix map whose record is missing (a run stopped midway) is left out and reported."""
+    import dataset_stats
+
+    inst, types = _maps()
+    merged = dict(classes_merged=np.array(1), num_classes=np.array(5))
+    for name in ("a__balance000", "b__balance000"):
+        write_label_mat(str(tmp_path / "Labels" / f"{name}.mat"), inst, types, **merged)
+    (tmp_path / "Records").mkdir()
+    (tmp_path / "Records" / "a__balance000.json").write_text("{}")
+    for label_dir in (tmp_path, tmp_path / "Labels"):  # the out_dir or its Labels/ folder
+        stats = label_dir_statistics(str(label_dir), CONSEP)
+        assert stats.num_maps == 1 and stats.counts.tolist() == [0, 1, 2, 0, 0]
+        assert [Path(p).name for p in stats.incomplete] == ["b__balance000.mat"]
+    dataset_stats.main(["--label_dir", str(tmp_path), "--out_dir", str(tmp_path / "out")])
+    assert "skipped 1 incomplete GradMix map " in capsys.readouterr().out
+    (tmp_path / "Records" / "a__balance000.json").unlink()
+    with pytest.raises(DiffMixError, match="no .mat label maps \\(2 incomplete"):
+        label_dir_statistics(str(tmp_path), CONSEP)

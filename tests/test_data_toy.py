@@ -12,6 +12,7 @@ from guided_diffusion.data.condition import instance_edges
 from guided_diffusion.data.labels import instance_table
 from guided_diffusion.data.readers import read_dataset
 from guided_diffusion.data.toy import ToyConfig, class_shares, make_toy_dataset, make_toy_tile
+from guided_diffusion.errors import DiffMixError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "datasets"))
 
@@ -85,5 +86,39 @@ def test_make_toy_cli(tmp_path, capsys):
     make_toy.main(["--root", str(tmp_path), "--num_train", "1", "--num_test", "1", "--size", "48"])
     assert (tmp_path / "Train/Labels/toy_train_000.mat").exists()
     assert "wrote 2 toy tiles" in capsys.readouterr().out
+    make_toy.main(["--root", str(tmp_path), "--num_train", "1", "--num_test", "1", "--size", "48"])
+    assert "already holds these 2 toy tiles" in capsys.readouterr().out
+    with pytest.raises(DiffMixError, match="other settings"):
+        make_toy.main(["--root", str(tmp_path), "--num_train", "1", "--num_test", "1", "--size", "64"])
     with pytest.raises(Exception, match="class_probs"):
         make_toy.main(["--root", str(tmp_path), "--class_probs", "1,2"])
+
+
+def test_existing_root_refused_unless_same_complete_dataset(tmp_path):
+    root = tmp_path / "toy"
+    rec = make_toy_dataset(str(root), num_train=2, num_test=0, size=32, seed=1, progress=False)
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+    # Same settings, complete: a no-op returning the record (nothing rewritten).
+    assert make_toy_dataset(str(root), num_train=2, num_test=0, size=32, seed=1, progress=False) == rec
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == before
+    # Other settings (the old bug: 48 px tiles written over 32 px ones, stale tiles kept).
+    with pytest.raises(DiffMixError, match=r"toy: its toy_dataset.json records other settings \(num_train, size"):
+        make_toy_dataset(str(root), num_train=1, num_test=0, size=48, seed=1, progress=False)
+    with pytest.raises(DiffMixError, match="Choose a new --root or delete"):
+        make_toy_dataset(str(root), num_train=2, num_test=0, size=32, seed=2, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == before  # untouched
+    # Same settings but a file lost: refused too (it is not the recorded dataset any more).
+    (root / "Train/Labels/toy_train_001.mat").unlink()
+    with pytest.raises(DiffMixError, match="1 of its files are missing"):
+        make_toy_dataset(str(root), num_train=2, num_test=0, size=32, seed=1, progress=False)
+    # Train/ content without a record (an interrupted run or another dataset): refused.
+    other = tmp_path / "other"
+    (other / "Train" / "Images").mkdir(parents=True)
+    with pytest.raises(DiffMixError, match=r"other: it already holds Train/ content but no toy_dataset.json"):
+        make_toy_dataset(str(other), num_train=1, num_test=0, size=32, progress=False)
+    # An existing but empty root (or empty split folders) is fine.
+    empty = tmp_path / "empty"
+    (empty / "Test").mkdir(parents=True)
+    assert make_toy_dataset(str(empty), num_train=1, num_test=0, size=32, progress=False)["files"] == {
+        "Train": ["toy_train_000"]
+    }

@@ -176,3 +176,53 @@ def test_real_patches_custom_mode(fixtures_dir, tmp_path):
         np.testing.assert_array_equal(mat["inst_type"].ravel(), types)
         image = fileio.read_image(str(out / "Images" / f"{stem}__balance000.png"))
         assert image.shape == (256, 256, 3)
+
+
+def test_unreadable_image_leaves_no_half_written_map(toy, tmp_path, capsys):
+    """A truncated PNG stops the run before any file of the failing map is written, and the
+    statistics of the output count only complete maps."""
+    import shutil
+    import sys
+
+    data = tmp_path / "data"
+    shutil.copytree(toy, data)
+    png = data / "Train" / "Images" / "toy_train_002.png"
+    png.write_bytes(png.read_bytes()[: png.stat().st_size // 2])
+    out = tmp_path / "out"
+    with pytest.raises(DiffMixError, match="toy_train_002.png"):
+        run_gradmix(str(data), "consep", str(out), num_balance=1, write_images=True, **FAST)
+    labels = {p.stem for p in (out / "Labels").glob("*.mat")}
+    records = {p.stem for p in (out / "Records").glob("*.json")}
+    assert labels == records
+    assert {p.stem for p in (out / "Images").glob("*.png")} == records
+    # Without write_images the images are never read: the same data then runs through.
+    done = run_gradmix(str(data), "consep", str(out), num_balance=1, **FAST)
+    assert len(done["written"]) + len(done["skipped"]) == 3
+    # An unfinished map (e.g. a run killed between its files) is not counted by the statistics.
+    from guided_diffusion.data.labels import write_label_mat
+
+    inst = np.zeros((8, 8), np.int32)
+    inst[2:4, 2:4] = 1
+    write_label_mat(str(out / "Labels" / "toy_train_002__balance001.mat"), inst, (inst > 0).astype(np.int32) * 2,
+                    classes_merged=np.array(1), num_classes=np.array(5))
+    sys.path.insert(0, str(REPO / "scripts"))
+    import dataset_stats
+
+    capsys.readouterr()
+    dataset_stats.main(["--label_dir", str(out), "--out_dir", str(tmp_path / "stats")])
+    printed = capsys.readouterr().out
+    assert "skipped 1 incomplete GradMix map " in printed and "(3 maps)" in printed
+
+
+def test_cli_messages_name_the_flag_and_count_properly(toy, tmp_path, capsys):
+    cli = load_cli()
+    with pytest.raises(DiffMixError, match="^--num_maps must be >= 0, got -1$"):
+        cli.main(["--data_dir", toy, "--out_dir", str(tmp_path / "a"), "--num_maps", "-1"])
+    cli.main(["--data_dir", toy, "--out_dir", str(tmp_path / "a"), "--stems", "toy_train_000", "--margin", "10",
+              "--stats", "false", "--progress", "false"])
+    assert "1 map written, 0 already complete" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in shown and "default 1)" not in shown
+    assert "minor classes, e.g. 1 or 1,2; default: 1" in shown and "--split SPLIT split folder" in shown

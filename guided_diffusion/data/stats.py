@@ -33,6 +33,8 @@ class LabelStats:
         areas: per class, a list of nucleus areas in pixels.
         pixels: int64 [num_classes] pixels per class (index 0 = background).
         num_maps: number of label maps.
+        sources: the label files read (when read from files).
+        incomplete: label files left out because they are unfinished GradMix maps (no record).
     """
 
     class_names: Sequence[str]
@@ -41,6 +43,7 @@ class LabelStats:
     pixels: np.ndarray
     num_maps: int = 0
     sources: List[str] = field(default_factory=list)
+    incomplete: List[str] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -132,16 +135,33 @@ def label_statistics(
 
 
 def label_dir_statistics(label_dir: str, class_table: ClassTable) -> LabelStats:
-    """Statistics of every ``.mat`` in ``label_dir`` (or its ``Labels/`` subfolder)."""
+    """Statistics of every ``.mat`` in ``label_dir`` (or its ``Labels/`` subfolder).
+
+    A GradMix output (the label folder has a sibling ``Records/`` folder) counts only complete
+    maps: a ``.mat`` without its ``Records/<name>.json`` is an unfinished map (an interrupted or
+    failed run) and is left out; the names left out are in the result's ``incomplete``.
+    """
+    import posixpath
+
     from .readers import find_folder, is_dir
 
     if not is_dir(label_dir):
         raise DiffMixError(f"{label_dir}: label folder not found")
     folder = find_folder(label_dir, "Labels") or label_dir
-    paths = [fileio.join(folder, n) for n in fileio.listdir(folder) if n.lower().endswith(".mat")]
-    if not paths:
-        raise DiffMixError(f"{folder}: no .mat label maps")
-    return label_statistics(paths, class_table)
+    names = [n for n in fileio.listdir(folder) if n.lower().endswith(".mat")]
+    # posixpath: local paths here are POSIX and remote ones (gs://, az://) use "/" too.
+    records = fileio.join(posixpath.dirname(str(folder).rstrip("/")), "Records")
+    incomplete = []
+    if is_dir(records):
+        have = {n[: -len(".json")] for n in fileio.listdir(records) if n.endswith(".json")}
+        incomplete = [n for n in names if n[: -len(".mat")] not in have]
+        names = [n for n in names if n[: -len(".mat")] in have]
+    if not names:
+        extra = f" ({len(incomplete)} incomplete GradMix maps without a record left out)" if incomplete else ""
+        raise DiffMixError(f"{folder}: no .mat label maps{extra}")
+    stats = label_statistics([fileio.join(folder, n) for n in names], class_table)
+    stats.incomplete = [fileio.join(folder, n) for n in incomplete]
+    return stats
 
 
 def dataset_statistics(

@@ -22,7 +22,7 @@ visible pixels (placements that would hide more than ``max_overlap`` of a nucleu
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 from scipy import ndimage
@@ -211,6 +211,65 @@ def make_toy_tile(
     return image, inst, types
 
 
+def _settings_record(num_train, num_test, size, seed, config: ToyConfig) -> dict:
+    """The JSON record of a toy dataset (without writing anything), in its JSON form."""
+    import json
+
+    jobs = {"Train": num_train, "Test": num_test}
+    files = {split: [f"toy_{split.lower()}_{i:03d}" for i in range(n)] for split, n in jobs.items() if n}
+    record = {
+        "generator": "guided_diffusion.data.toy",
+        "layout": "CoNSeP (raw type ids 1..7; use dataset_mode consep)",
+        "seed": int(seed),
+        "size": list(size) if not np.isscalar(size) else int(size),
+        "num_train": int(num_train),
+        "num_test": int(num_test),
+        "config": asdict(config),
+        "files": files,
+    }
+    # JSON round trip (tuples -> lists) so it compares equal to a record read back from disk.
+    return json.loads(json.dumps(record))
+
+
+def _tile_paths(root: str, split: str, stem: str) -> Tuple[str, str]:
+    return (fileio.join(root, split, "Images", stem + ".png"), fileio.join(root, split, "Labels", stem + ".mat"))
+
+
+def _check_root(root: str, record: dict) -> Optional[dict]:
+    """Refuse to write into an existing dataset, unless it is this very dataset, complete.
+
+    Returns the existing record when ``root`` already holds exactly the dataset ``record``
+    describes (same settings, every file present), None when ``root`` holds no dataset yet.
+    Anything else raises: writing into it would silently mix tiles of two settings.
+    """
+    from .readers import is_dir
+
+    json_path = fileio.join(root, "toy_dataset.json")
+    busy = [s + "/" for s in ("Train", "Test") if is_dir(fileio.join(root, s)) and fileio.listdir(fileio.join(root, s))]
+    if not fileio.exists(json_path):
+        if not busy:
+            return None
+        problem = f"it already holds {' and '.join(busy)} content but no toy_dataset.json"
+    else:
+        old = fileio.read_json(json_path)
+        diff = sorted(k for k in record if not isinstance(old, dict) or old.get(k) != record[k])
+        if len(diff) > 1 and "files" in diff:
+            diff.remove("files")  # the file list follows from num_train/num_test: name the cause
+        stems = [(split, stem) for split, names in record["files"].items() for stem in names]
+        expected = [path for split, stem in stems for path in _tile_paths(root, split, stem)]
+        missing = [p for p in expected if not fileio.exists(p)]
+        if not diff and not missing:
+            return old
+        if diff:
+            problem = f"its toy_dataset.json records other settings ({', '.join(diff)} differ)"
+        else:
+            problem = f"{len(missing)} of its files are missing (e.g. {missing[0]})"
+    raise DiffMixError(
+        f"{root}: {problem}; refusing to write a toy dataset into it (it would mix old and new tiles). "
+        f"Choose a new --root or delete {root}"
+    )
+
+
 def make_toy_dataset(
     root: str,
     num_train: int = 4,
@@ -223,34 +282,31 @@ def make_toy_dataset(
     """Write a toy dataset in the CoNSeP layout.
 
     Writes ``<root>/{Train,Test}/Images/toy_<split>_<i:03d>.png`` and ``Labels/<same>.mat`` (raw
-    CoNSeP ids, keys inst_map/type_map/inst_type/inst_centroid) and ``<root>/toy_dataset.json`` with
-    the seed and settings. Tile ``i`` of a split is seeded from ``(seed, split, i)``, so adding
+    CoNSeP ids, keys inst_map/type_map/inst_type/inst_centroid) and, last, ``<root>/toy_dataset.json``
+    with the seed and settings. Tile ``i`` of a split is seeded from ``(seed, split, i)``, so adding
     tiles never changes the existing ones. Returns the JSON record.
+
+    ``root`` must not hold a dataset already (``Train/`` or ``Test/`` content or a
+    ``toy_dataset.json``): that raises :class:`DiffMixError`. The one exception is a complete
+    toy dataset made with exactly these settings, which is kept as it is (a no-op returning its
+    record), so a finished run can be repeated safely.
     """
     from tqdm.auto import tqdm
 
     if num_train < 0 or num_test < 0:
         raise DiffMixError(f"num_train ({num_train}) and num_test ({num_test}) must be >= 0")
-    files = {}
+    record = _settings_record(num_train, num_test, size, seed, config)
+    existing = _check_root(root, record)
+    if existing is not None:
+        return existing
     jobs = [("Train", 0, i) for i in range(num_train)] + [("Test", 1, i) for i in range(num_test)]
     for split, split_id, i in tqdm(jobs, desc="toy tiles", unit="tile", disable=not progress or len(jobs) < 4):
         tile_seed = int(np.random.SeedSequence([int(seed), split_id, i]).generate_state(1)[0])
         image, inst, types = make_toy_tile(size, tile_seed, config)
-        stem = f"toy_{split.lower()}_{i:03d}"
-        fileio.write_png(fileio.join(root, split, "Images", stem + ".png"), image)
-        write_label_mat(fileio.join(root, split, "Labels", stem + ".mat"), inst, types)
-        files.setdefault(split, []).append(stem)
-    record = {
-        "generator": "guided_diffusion.data.toy",
-        "layout": "CoNSeP (raw type ids 1..7; use dataset_mode consep)",
-        "seed": int(seed),
-        "size": list(size) if not np.isscalar(size) else int(size),
-        "num_train": int(num_train),
-        "num_test": int(num_test),
-        "config": asdict(config),
-        "files": files,
-    }
-    fileio.write_json(fileio.join(root, "toy_dataset.json"), record)
+        image_path, label_path = _tile_paths(root, split, f"toy_{split.lower()}_{i:03d}")
+        fileio.write_png(image_path, image)
+        write_label_mat(label_path, inst, types)
+    fileio.write_json(fileio.join(root, "toy_dataset.json"), record)  # last: marks the dataset complete
     return record
 
 

@@ -10,7 +10,9 @@ Output layout (the DiffMix sampler relies on the names)::
 Label maps hold ``inst_map``, ``type_map``, ``inst_type``, ``inst_centroid`` (recomputed) plus
 ``classes_merged`` = 1 and ``num_classes`` = N, so readers never merge their classes twice.
 
-Every file is written atomically and the record last, so "record exists" means "map complete";
+A map is computed in full (label maps, and with ``write_images`` the source image read and the
+GradMix image composed) before any of its files is written; then come the ``.mat``, the image and,
+last, the record. Every file is written atomically, so "record exists" means "map complete";
 a rerun skips complete maps and redoes the rest. Each map's random generator is derived from
 (seed, stem, kind, k) alone (:func:`map_rng`), so results do not depend on processing order,
 on which stems are selected, or on resuming.
@@ -138,7 +140,8 @@ def run_gradmix(
         margin, fraction, size_ratio, dilate, max_tries: see :func:`balance_map`.
         enlarge_fraction, max_shift: see :func:`enlarge_map`.
         seed: base seed; per-map generators come from :func:`map_rng`.
-        write_images: also write GradMix images for balancing maps.
+        write_images: also write GradMix images for balancing maps. Only then are the dataset's
+            images read at all (a broken image goes unnoticed without it).
         stats: save class counts before/after (CSV + PNG in ``out_dir``; printed when ``verbose``).
         progress: show progress bars.
         cache_mb: label maps read for the donor bank are kept up to this size for the edits.
@@ -254,18 +257,25 @@ def run_gradmix(
                 new_inst, new_type, edits = enlarge_map(
                     inst, types, rng, fraction=enlarge_fraction, max_shift=max_shift, where=files.label
                 )
+            # Everything that can fail on bad input (reading the source and donor images, composing)
+            # happens before the first file of this map is written, so an error leaves no half map.
+            png = None
+            if write_images and kind == "balance":
+                source_image = bank.image(files.stem)
+                if source_image.shape[:2] != inst.shape:
+                    raise DiffMixError(
+                        f"{files.image}: image size {source_image.shape[:2]} differs from its label {inst.shape}"
+                    )
+                image = compose_gradmix_image(source_image, inst, new_inst, edits, bank,
+                                              dilate=dilate, median_radii=radii)
+                png = _png_bytes(image)
+            record = _record(files, kind, k, name, seed, settings, edits, source_counts)
             write_label_mat(
                 fileio.join(dirs["Labels"], name + ".mat"), new_inst, new_type,
                 classes_merged=np.array(1), num_classes=np.array(table.num_classes),
             )
-            if write_images and kind == "balance":
-                source_image = bank.image(files.stem)
-                if source_image.shape[:2] != inst.shape:
-                    raise DiffMixError(f"{files.image}: image size {source_image.shape[:2]} differs from its label {inst.shape}")
-                image = compose_gradmix_image(source_image, inst, new_inst, edits, bank,
-                                              dilate=dilate, median_radii=radii)
-                fileio.write_bytes(fileio.join(dirs["Images"], name + ".png"), _png_bytes(image))
-            record = _record(files, kind, k, name, seed, settings, edits, source_counts)
+            if png is not None:
+                fileio.write_bytes(fileio.join(dirs["Images"], name + ".png"), png)
             fileio.write_json(fileio.join(dirs["Records"], name + ".json"), record)  # last: marks completion
             written.append(name)
 
