@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
-from . import dist_util, fileio
+from . import fileio
 from .errors import DiffMixError
 
 _MARKER_RE = re.compile(r"^checkpoint(\d{6,})\.json$")
@@ -118,8 +118,11 @@ def _save_pt(path: str, obj: Any) -> int:
 
 
 def load_pt(path: str, map_location: Any = "cpu") -> Any:
-    """``torch.load(weights_only=True)`` of a local or remote file, errors naming the file."""
-    return dist_util.load_state_dict(path, map_location=map_location)
+    """``torch.load(weights_only=True)`` of a local or remote file, errors naming the file
+    (see :func:`guided_diffusion.checkpoints.load_torch_file`)."""
+    from .checkpoints import load_torch_file
+
+    return load_torch_file(path, map_location=map_location)
 
 
 def write_checkpoint(

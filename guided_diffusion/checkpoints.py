@@ -16,6 +16,7 @@ import io
 import os
 import pickle
 import re
+import struct
 import zipfile
 from typing import Any, Mapping, Union
 
@@ -63,19 +64,91 @@ def load_state_dict(path: Union[str, os.PathLike], map_location: Any = "cpu") ->
         if map_location is not None:
             sd = {k: v.to(map_location) for k, v in sd.items()}
     else:
-        try:
-            obj = torch.load(source, map_location=map_location, weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, ValueError,
-                AttributeError, TypeError) as err:
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise DiffMixError(
-                f"{path}: not a plain tensor state dict that can be loaded safely with weights_only=True "
-                f"({first_line})"
-            ) from None
-        except OSError as err:
-            raise DiffMixError(f"{path}: cannot read ({err})") from None
+        obj = load_torch_file(path, map_location=map_location, source=source)
         sd = _unwrap(obj, path)
     return _strip_prefix(sd)
+
+
+# Reasons are cut to this length: the point is a one-line message, not torch's advice.
+_REASON_MAX = 120
+
+
+def load_torch_file(path: Union[str, os.PathLike], map_location: Any = "cpu", source: Any = None) -> Any:
+    """``torch.load(..., weights_only=True)`` with one-line :class:`DiffMixError` messages naming ``path``.
+
+    The one place where ``.pt`` files are unpickled (model weights, optimizer and training state).
+    Returns whatever the file holds (tensors, numbers, strings, lists, dicts).
+
+    Args:
+        path: local or remote file; named in errors.
+        map_location: device for the tensors (as in ``torch.load``).
+        source: an already open binary file object or buffer to read instead of ``path``.
+
+    Raises:
+        DiffMixError: ``<path>: file not found``; ``<path>: holds pickled Python objects; refusing
+            ...`` for a torch/pickle file that needs arbitrary classes; ``<path>: not a PyTorch
+            checkpoint (unreadable as a weights-only torch file: <reason>)`` for anything else
+            (text, truncated or foreign files). Never advises ``weights_only=False``.
+    """
+    path = str(path)
+    if source is None:
+        if fileio.is_remote(path):
+            source = io.BytesIO(fileio.read_bytes(path))
+        elif not os.path.isfile(path):
+            raise DiffMixError(f"{path}: file not found")
+        else:
+            source = path
+    try:
+        return torch.load(source, map_location=map_location, weights_only=True)
+    except MemoryError:
+        raise
+    except Exception as err:  # the weights-only unpickler and the zip reader raise many types
+        if isinstance(err, OSError) and not isinstance(err, zipfile.BadZipFile):
+            raise DiffMixError(f"{path}: cannot read ({err.strerror or err})") from None
+        if isinstance(err, pickle.UnpicklingError) and "Unsupported global" in str(err):
+            raise DiffMixError(
+                f"{path}: holds pickled Python objects; refusing to unpickle it "
+                "(only plain tensor checkpoints are loaded, for safety)"
+            ) from None
+        reason = _short_load_reason(err, _head(source))
+        raise DiffMixError(f"{path}: not a PyTorch checkpoint (unreadable as a weights-only torch file: {reason})") from None
+
+
+def _head(source: Any, n: int = 8) -> bytes:
+    """The first ``n`` bytes of a path or seekable file object (b"" when unreadable)."""
+    try:
+        if isinstance(source, (str, os.PathLike)):
+            with open(source, "rb") as f:
+                return f.read(n)
+        source.seek(0)
+        return source.read(n)
+    except (OSError, AttributeError, ValueError):
+        return b""
+
+
+def _short_load_reason(err: BaseException, head: bytes) -> str:
+    """A short, advice-free description of why ``torch.load`` failed."""
+    if not head:
+        return "empty file"
+    if not head.startswith((b"PK", b"\x80")):
+        # Neither torch's zip container nor a protocol-2+ pickle: torch's own error (a KeyError on
+        # the first byte for text) says nothing useful.
+        return f"neither a zip archive nor a pickle stream (starts with {head!r})"
+    if isinstance(err, (EOFError, IndexError, struct.error)):
+        # The unpickler ran off the end of its data.
+        return "truncated or corrupt pickle stream"
+    text = str(err)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text[text.index(marker) + len(marker):]
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    reason = lines[0] if lines else type(err).__name__
+    reason = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", reason)
+    # Keep the first sentence; drop torch's hints (internal miniz notes, weights_only advice).
+    reason = re.split(r"(?<=[a-z0-9)])\. ", reason, maxsplit=1)[0].rstrip(".")
+    if "weights_only" in reason or not reason:
+        reason = type(err).__name__
+    return reason if len(reason) <= _REASON_MAX else reason[: _REASON_MAX - 3] + "..."
 
 
 def _unwrap(obj: Any, path: str) -> StateDict:

@@ -16,7 +16,6 @@ or by exporting it yourself).
 
 from __future__ import annotations
 
-import io
 import os
 import socket
 from dataclasses import dataclass
@@ -213,10 +212,6 @@ def load_state_dict(path: str, map_location: Any = "cpu") -> dict:
 
     Kept for scripts written against guided-diffusion's ``dist_util.load_state_dict``.
     """
-    from . import fileio
+    from .checkpoints import load_torch_file  # lazy: checkpoints is heavier than this module
 
-    data = fileio.read_bytes(path)
-    try:
-        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-    except Exception as err:  # unpickling errors have many types
-        raise DiffMixError(f"{path}: not a loadable weights file ({type(err).__name__}: {err})") from None
+    return load_torch_file(path, map_location=map_location)

@@ -244,8 +244,12 @@ def configure(
 def get_current() -> Logger:
     global _CURRENT
     if _CURRENT is None:
-        # Logging before configure(): messages reach the terminal, nothing is written to disk.
-        _CURRENT = Logger(None, [TerminalFormat()])
+        # Logging before configure() (a run still checking its inputs): messages reach rank 0's
+        # terminal, nothing is written to disk; configure() replaces this logger.
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        _CURRENT = Logger(None, [TerminalFormat()] if rank == 0 else [])
     return _CURRENT
 
 

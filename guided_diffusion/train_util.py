@@ -20,7 +20,9 @@ Checkpoint files in the log folder, per saved step N (official names first):
 
 Every file is written to a temporary name and renamed, so a killed process or a full disk never
 leaves a corrupt file under a final name, and the marker makes the set all-or-nothing.
-``config.json`` (model + train settings, flat) is written beside them at the start of a run.
+``config.json`` (model + train settings, flat) is written beside them at the start of a run, once
+:func:`train` has checked every input (settings, model, dataset, resume file): a run that fails
+to start leaves no folder, ``log.txt`` or ``progress.csv`` behind.
 All ``.pt`` files hold only tensors, numbers, strings, lists and dicts: they load with
 ``torch.load(..., weights_only=True)``.
 
@@ -184,6 +186,21 @@ def validate_train_config(cfg: TrainConfig) -> None:
         raise DiffMixError("invalid training settings:\n  " + "\n  ".join(problems))
 
 
+def check_fresh_start(log_dir: str, resume_checkpoint: str) -> None:
+    """Refuse to start a fresh run (no ``--resume_checkpoint``) in a folder that holds checkpoints.
+
+    Training there would interleave two runs' checkpoints and overwrite ``config.json``.
+    """
+    if resume_checkpoint:
+        return
+    existing = list_complete_checkpoints(log_dir)
+    if existing:
+        raise DiffMixError(
+            f"{log_dir}: already holds checkpoints (newest: step {existing[-1]}); "
+            "pass --resume_checkpoint latest to continue that run, or choose another --log_dir"
+        )
+
+
 # --------------------------------------------------------------------------------------------
 # Pure pieces: seeds, EMA, condition dropout, timestep sampling
 # --------------------------------------------------------------------------------------------
@@ -344,6 +361,8 @@ class TrainLoop:
         grad_clip: max global grad norm (0: off). keep_checkpoints: newest N kept (0: all).
         precision: auto/fp32/bf16/fp16. config: flat settings dict written to config.json.
         progress: show a tqdm progress bar on rank 0.
+        prepare_folder: create the run folder and write ``config.json`` now (False: the caller
+            calls :meth:`prepare_folder` later, after its own checks).
     """
 
     def __init__(
@@ -374,6 +393,7 @@ class TrainLoop:
         precision: str = "auto",
         config: Optional[Mapping[str, Any]] = None,
         progress: bool = True,
+        prepare_folder: bool = True,
         gpu: Any = None,  # official keyword, ignored: devices come from the launcher
     ):
         self.model = model
@@ -435,14 +455,8 @@ class TrainLoop:
         np.random.seed(derive_seed(self.seed, self.rank, 3) % 2**32)
         random.seed(derive_seed(self.seed, self.rank, 4))
 
+        check_fresh_start(self.log_dir, resume_checkpoint)
         resume_path = resolve_resume_checkpoint(resume_checkpoint, self.log_dir)
-        if resume_path is None and not resume_checkpoint:
-            existing = list_complete_checkpoints(self.log_dir)
-            if existing:
-                raise DiffMixError(
-                    f"{self.log_dir}: already holds checkpoints (newest: step {existing[-1]}); "
-                    "pass --resume_checkpoint latest to continue that run, or choose another --log_dir"
-                )
         # Identical starting weights on every rank (rank 0's), before any loading.
         dist_util.sync_params(self.model.parameters())
         self.ema_params = [[p.detach().clone() for p in self.params] for _ in self.ema_rates]
@@ -464,6 +478,15 @@ class TrainLoop:
                 find_unused_parameters=False,
             )
 
+        if prepare_folder:
+            self.prepare_folder()
+
+    def prepare_folder(self) -> None:
+        """Create the run folder, delete a killed run's temporaries, write ``config.json`` (rank 0).
+
+        Called by the constructor unless ``prepare_folder=False``: :func:`train` calls it itself once
+        every input is validated, so a failed start leaves nothing behind.
+        """
         if self.rank == 0:
             fileio.makedirs(self.log_dir)
             remove_stale_temporaries(self.log_dir)
@@ -577,7 +600,7 @@ class TrainLoop:
             from tqdm import tqdm
 
             bar = tqdm(total=end, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
-        t_last, step_last = time.time(), self.step
+        self._t_last, self._step_last = time.time(), self.step
         try:
             while end is None or self.step < end:
                 batch, cond = next(self.data)
@@ -585,21 +608,29 @@ class TrainLoop:
                 if bar is not None:
                     bar.update(1)
                 if self.step % self.log_interval == 0:
-                    now = time.time()
-                    logger.logkv("steps_per_sec", (self.step - step_last) / max(now - t_last, 1e-9))
-                    t_last, step_last = now, self.step
-                    logger.logkv("param_norm", self._param_norm())
-                    kvs = logger.dumpkvs()
-                    if bar is not None and "loss" in kvs:
-                        bar.set_postfix(loss=f"{kvs['loss']:.4g}")
+                    self._dump_metrics(bar)
                 if self.step % self.save_interval == 0:
                     self.save()
+            if self.step != self._step_last:
+                # The last steps did not reach a log interval (e.g. --max_steps < --log_interval):
+                # their metrics would otherwise never reach progress.csv.
+                self._dump_metrics(bar)
             if self.last_saved_step != self.step:
                 self.save()
         finally:
             if bar is not None:
                 bar.close()
         return self.step
+
+    def _dump_metrics(self, bar: Any) -> None:
+        """Write the metrics accumulated since the last dump (a collective call, like dumpkvs)."""
+        now = time.time()
+        logger.logkv("steps_per_sec", (self.step - self._step_last) / max(now - self._t_last, 1e-9))
+        self._t_last, self._step_last = now, self.step
+        logger.logkv("param_norm", self._param_norm())
+        kvs = logger.dumpkvs()
+        if bar is not None and "loss" in kvs:
+            bar.set_postfix(loss=f"{kvs['loss']:.4g}")
 
     def run_step(self, batch: torch.Tensor, cond: Mapping[str, Any]) -> None:
         """One optimiser update on ``batch``; increments ``self.step``."""
@@ -783,6 +814,11 @@ def train(model_cfg: Any, train_cfg: TrainConfig, data: Optional[Iterator] = Non
 
     ``model_cfg`` is a :class:`guided_diffusion.config.ModelConfig`. ``data`` replaces the dataset
     reader (tests, custom pipelines). Call inside :func:`guided_diffusion.errors.run_cli`.
+
+    Every user input is checked before anything is written: settings, the resume file and the
+    "folder already holds checkpoints" case, the model, the dataset, and the resume checkpoint
+    (loaded into the model). Only then is the run folder created and the logger configured, so a
+    failed start leaves no folder behind; messages before that point reach the terminal only.
     """
     from .resample import create_named_schedule_sampler
     from .script_util import create_model_and_diffusion
@@ -800,13 +836,10 @@ def train(model_cfg: Any, train_cfg: TrainConfig, data: Optional[Iterator] = Non
         torch.backends.cudnn.benchmark = False
     info = dist_util.setup_dist()
     log_dir = dist_util.broadcast_object(train_cfg.log_dir or logger.default_dir())
+    # Cheap checks of the run folder first, before the model and the dataset take their time.
+    check_fresh_start(log_dir, train_cfg.resume_checkpoint)
     resume_path = resolve_resume_checkpoint(train_cfg.resume_checkpoint, log_dir)
     resume_step = parse_resume_step_from_filename(resume_path) if resume_path else None
-    logger.configure(log_dir, resume_step=resume_step)
-    logger.log(
-        f"run folder {log_dir}; rank {info.rank}/{info.world_size} ({info.launcher}, {info.backend}) "
-        f"on {dist_util.dev()}; precision {precision}"
-    )
 
     # Same seed on every rank, so all ranks build identical weights (also broadcast by the loop).
     torch.manual_seed(train_cfg.seed)
@@ -835,8 +868,7 @@ def train(model_cfg: Any, train_cfg: TrainConfig, data: Optional[Iterator] = Non
                 f"{train_cfg.data_dir}: dataset mode {train_cfg.dataset_mode!r} has {data_classes} classes "
                 f"but --num_classes is {model_cfg.num_classes}"
             )
-    n_params = sum(p.numel() for p in model.parameters())
-    logger.log(f"model: {n_params / 1e6:.2f} M parameters; global batch {train_cfg.batch_size * info.world_size}")
+    # Builds the optimizer and loads the resume checkpoint (a bad file fails here, nothing written yet).
     loop = TrainLoop(
         model=model,
         diffusion=diffusion,
@@ -862,7 +894,20 @@ def train(model_cfg: Any, train_cfg: TrainConfig, data: Optional[Iterator] = Non
         precision=precision,
         config=flat_config(model_cfg, train_cfg, precision_resolved=precision, world_size=info.world_size),
         progress=train_cfg.progress,
+        prepare_folder=False,
     )
+
+    # Everything checked: from here on the run folder is written.
+    logger.configure(log_dir, resume_step=resume_step)
+    loop.prepare_folder()
+    logger.log(
+        f"run folder {log_dir}; rank {info.rank}/{info.world_size} ({info.launcher}, {info.backend}) "
+        f"on {dist_util.dev()}; precision {precision}"
+    )
+    if loop.resumed_from is not None:
+        logger.log(f"resumed from {loop.resumed_from} at step {loop.step}")
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.log(f"model: {n_params / 1e6:.2f} M parameters; global batch {train_cfg.batch_size * info.world_size}")
     if loop.end_step is None:
         logger.log("no --max_steps or --lr_anneal_steps: training runs until interrupted")
     logger.log("training...")

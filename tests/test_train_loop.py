@@ -222,6 +222,18 @@ def test_latest_ignores_incomplete_checkpoints(tmp_path):
     assert tu.find_latest_checkpoint(str(tmp_path)).endswith("model000002.pt")
 
 
+@pytest.mark.parametrize("max_steps, log_interval, logged", [(3, 10, [3]), (5, 2, [2, 4, 5]), (4, 2, [2, 4])])
+def test_progress_csv_gets_the_final_step(tmp_path, max_steps, log_interval, logged):
+    import csv
+
+    with quiet_logger(tmp_path):
+        make_loop(tmp_path, max_steps=max_steps, log_interval=log_interval, save_interval=100).run_loop()
+    with open(tmp_path / "progress.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == logged  # the last step once, never twice
+    assert all(math.isfinite(float(r["loss"])) and float(r["steps_per_sec"]) > 0 for r in rows)
+
+
 def test_keep_checkpoints_prunes_old_ones(tmp_path):
     with quiet_logger(tmp_path):
         make_loop(tmp_path, max_steps=6, keep_checkpoints=2).run_loop()

@@ -16,6 +16,7 @@ import torch
 from guided_diffusion import dist_util, logger
 from guided_diffusion import train_util as tu
 from guided_diffusion.config import ModelConfig, load_config_for_checkpoint
+from guided_diffusion.errors import DiffMixError
 from guided_diffusion.script_util import create_model_and_diffusion
 from train_helpers import TINY_UNET, one_thread, quiet_logger, state_equal
 
@@ -164,3 +165,77 @@ def test_image_train_reports_user_errors_without_traceback(tmp_path):
     )
     assert proc.returncode == 2, proc.stderr
     assert "error:" in proc.stderr and "missing" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()  # nothing written for a run that never started
+
+
+# ---- a failed start leaves nothing behind -----------------------------------------------------------
+
+
+def _fake_checkpoint(folder):
+    from guided_diffusion.checkpoint_folder import write_checkpoint
+
+    folder.mkdir(parents=True)
+    write_checkpoint(str(folder), 7, {"model000007.pt": {"w": torch.zeros(1)}})
+    return set(os.listdir(folder))
+
+
+@pytest.mark.parametrize("case", ["dataset_mode", "class_cond", "text_resume", "missing_resume", "class_count",
+                                  "corrupt_label", "small_image", "has_checkpoints"])
+def test_bad_input_leaves_no_run_folder(toy_root, tmp_path, case):
+    import shutil
+
+    run = tmp_path / "run"
+    root, kw, before = toy_root, {}, None
+    model_kw = dict(TINY_UNET)
+    if case == "dataset_mode":
+        kw["dataset_mode"], match = "consepp", "consepp"
+    elif case == "class_cond":
+        model_kw["class_cond"], match = False, "class_cond"
+    elif case == "text_resume":
+        (tmp_path / "model000100.pt").write_text("these are not weights\n")
+        kw["resume_checkpoint"], match = str(tmp_path / "model000100.pt"), "not a PyTorch checkpoint"
+    elif case == "missing_resume":
+        kw["resume_checkpoint"], match = str(tmp_path / "nope.pt"), "not found"
+    elif case == "class_count":
+        kw["dataset_mode"], match = "glysac", "4|num_classes"
+    elif case == "corrupt_label":
+        root = tmp_path / "toy"
+        shutil.copytree(toy_root, root)
+        (root / "Train" / "Labels" / "toy_train_001.mat").write_bytes(b"garbage, not MATLAB")
+        match = "toy_train_001"
+    elif case == "small_image":
+        model_kw["image_size"], match = 64, "smaller|64"
+    else:
+        # Reported before the dataset is read: the bad --dataset_mode would fail later.
+        before = _fake_checkpoint(run)
+        kw["dataset_mode"], match = "consepp", "already holds checkpoints"
+    model_cfg = ModelConfig(**model_kw)
+    train_cfg = tu.TrainConfig(data_dir=str(root), dataset_mode=kw.pop("dataset_mode", "consep"), batch_size=2,
+                               log_dir=str(run), progress=False, max_steps=1, **kw)
+    try:
+        with pytest.raises(DiffMixError, match=match):
+            tu.train(model_cfg, train_cfg)
+    finally:
+        logger.close()
+        dist_util.cleanup()
+    if before is None:
+        assert not run.exists()
+    else:
+        assert set(os.listdir(run)) == before  # no log.txt / progress.csv / config.json added
+
+
+def test_image_train_refuses_a_text_file_as_resume_checkpoint(toy_root, tmp_path):
+    fake = tmp_path / "model000100.pt"
+    fake.write_text("these are not weights\n")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "image_train.py"), "--data_dir", str(toy_root),
+         "--dataset_mode", "consep", "--num_classes", "5", "--class_cond", "True", "--image_size", "32",
+         "--num_channels", "32", "--channel_mult", "1,2", "--num_res_blocks", "1", "--attention_resolutions", "16",
+         "--num_head_channels", "16", "--batch_size", "2", "--resume_checkpoint", str(fake),
+         "--log_dir", str(tmp_path / "run"), "--progress", "False"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert f"{fake}: not a PyTorch checkpoint" in proc.stderr
+    assert "weights_only" not in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
