@@ -10,21 +10,13 @@ import argparse
 
 from guided_diffusion import fileio
 from guided_diffusion.data.toy import DEFAULT_CLASS_PROBS, ToyConfig, make_toy_dataset
+from guided_diffusion.config import HelpFormatter
 from guided_diffusion.errors import DiffMixError, run_cli
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows "(default: X)" only where there is a default to show (not for None or required flags)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.required:
-            return action.help
-        return super()._get_help_string(action)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     d = ToyConfig()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=_HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument(
         "--root",
         required=True,

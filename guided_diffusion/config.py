@@ -133,6 +133,16 @@ def _coerce(value: Any, tp: Any, what: str) -> Any:
         raise DiffMixError(f"{what}: cannot read {value!r} as {base.__name__} ({err})") from None
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The scripts' ``--help`` layout: the description as written, and "(default: X)" only where there
+    is a default to show (not for None or required flags)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls_or_instance: Any) -> argparse.ArgumentParser:
     """Add one ``--name`` flag per dataclass field, typed, with the field (or instance) value as default.
 

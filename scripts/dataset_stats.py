@@ -20,20 +20,12 @@ from guided_diffusion.data.stats import (
     write_comparison,
     write_statistics,
 )
+from guided_diffusion.config import HelpFormatter
 from guided_diffusion.errors import DiffMixError, run_cli
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the examples' line breaks; shows "(default: X)" only where there is a default."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.required:
-            return action.help
-        return super()._get_help_string(action)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     what = p.add_argument_group("what to measure (give exactly one of --data_dir and --label_dir)")
     what.add_argument("--data_dir", default=None, help="dataset root (holding --split) or a split folder")
     what.add_argument(

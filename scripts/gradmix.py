@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 
+from guided_diffusion.config import HelpFormatter
 from guided_diffusion.errors import DiffMixError, run_cli
 from guided_diffusion.gradmix import KINDS, run_gradmix
 
@@ -39,17 +40,8 @@ def _radii(value: str) -> tuple:
     return radii
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows "(default: X)" only where there is a default to show (not for None or required flags)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.required:
-            return action.help
-        return super()._get_help_string(action)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=_HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     io_ = p.add_argument_group("data")
     io_.add_argument("--data_dir", required=True, help="dataset root (holding --split) or the split folder")
     io_.add_argument("--dataset_mode", default="consep", choices=["consep", "glysac", "custom"],
