@@ -230,7 +230,7 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
         # Balance the two kinds: take maps round-robin over kinds.
         by_kind = {k: [n for n in map_names if f"__{k}" in n] for k in ("balance", "enlarge")}
         picked: List[str] = []
-        while len(picked) < min(cfg.max_synthesis_maps, len(map_names)):
+        while len(picked) < cfg.max_synthesis_maps and any(by_kind.values()):
             for names in by_kind.values():
                 if names and len(picked) < cfg.max_synthesis_maps:
                     picked.append(names.pop(0))

@@ -437,3 +437,16 @@ def test_launcher_ranks(monkeypatch):
     monkeypatch.setenv("RANK", "x")
     with pytest.raises(syn.DiffMixError, match="RANK"):
         syn.launch_rank()
+
+
+def test_idx_img_map_names_with_double_underscore_stems():
+    from types import SimpleNamespace
+
+    from guided_diffusion.synthesis.pipeline import _selection
+
+    cfg = syn.SampleConfig(data_dir="unused", results_path="unused", idx_img="slide__A__balance000,other")
+    stems, keep = _selection(cfg)
+    assert stems == ["other", "slide__A"]
+    assert keep(SimpleNamespace(map_name="slide__A__balance000"))
+    assert not keep(SimpleNamespace(map_name="slide__A__enlarge000"))
+    assert keep(SimpleNamespace(map_name="other__enlarge003"))  # every map of a selected image

@@ -67,12 +67,20 @@ def _selection(cfg: SampleConfig):
             raise DiffMixError(f"--idx_img {','.join(bad)}: {folder} holds only {len(ordered)} images "
                                f"(indices 0..{len(ordered) - 1})")
         items = [ordered[int(p)] if p.isdigit() else p for p in items]
-    maps = {p for p in items if "__" in p}
-    stems = {p for p in items if "__" not in p}
-    wanted_stems = sorted(stems | {m.split("__", 1)[0] for m in maps})
-    if not maps:
+    from ..data.sampling import VIRTUAL_MAP_RE
+
+    # A GradMix map name is <image stem>__<kind><k>; image stems may themselves contain "__".
+    map_stem = {p: m.group("stem") for p in items if (m := VIRTUAL_MAP_RE.match(p))}
+    stems = {p for p in items if p not in map_stem}
+    wanted_stems = sorted(stems | set(map_stem.values()))
+    if not map_stem:
         return wanted_stems, None
-    return wanted_stems, lambda patch: patch.map_name in maps or patch.map_name.split("__", 1)[0] in stems
+
+    def selected(patch) -> bool:
+        m = VIRTUAL_MAP_RE.match(patch.map_name)
+        return patch.map_name in map_stem or (m.group("stem") if m else patch.map_name) in stems
+
+    return wanted_stems, selected
 
 
 def _record(job: Job, cfg: SampleConfig, layout: OutputLayout, settings: Dict[str, Any], inst: np.ndarray, types: np.ndarray) -> dict:
@@ -99,7 +107,17 @@ def _record(job: Job, cfg: SampleConfig, layout: OutputLayout, settings: Dict[st
 # Settings that change what a finished output contains: resuming into a folder made with other
 # values would mix two runs, so it is refused. (batch_size, num_samples, fast, devices do not.)
 _IDENTITY_KEYS = ("seed", "sampler", "eta", "guidance_scale", "timestep_respacing", "ddim_percent",
-                  "clip_denoised", "checkpoint", "precision", "data_dir", "label_dir", "stride", "model_config")
+                  "clip_denoised", "checkpoint", "precision", "data_dir", "label_dir", "stride", "model_config",
+                  "dataset_mode", "class_table", "split")
+
+
+def _class_table_identity(path: str) -> Optional[str]:
+    """The custom class table's content hash: editing the file in place changes the labels too."""
+    if not path:
+        return None
+    import hashlib
+
+    return f"{path} sha256:{hashlib.sha256(fileio.read_bytes(path)).hexdigest()[:16]}"
 
 
 def _check_resume(layout: OutputLayout, identity: Dict[str, Any]) -> None:
@@ -228,7 +246,8 @@ def run_synthesis(
     }
     layout = OutputLayout(fileio.join(cfg.results_path, cfg.run_name or default_run_name(cfg, respacing)))
     identity = {**settings, "seed": int(cfg.seed), "data_dir": cfg.data_dir, "label_dir": cfg.label_dir,
-                "stride": int(cfg.stride), "model_config": model_cfg}
+                "stride": int(cfg.stride), "model_config": model_cfg, "dataset_mode": cfg.dataset_mode,
+                "class_table": _class_table_identity(cfg.class_table), "split": cfg.split}
     _check_resume(layout, identity)
     jobs = plan_jobs(patches, cfg.samples_per_map, cfg.num_samples, cfg.seed)
     mine = shard(jobs, rank, world_size)
