@@ -25,7 +25,6 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
     from guided_diffusion.resample import LossSecondMomentResampler
     from train_helpers import MicroDenoiser, SeededBatches, micro_diffusion
 
-    dist_util.cleanup()  # a forked child must not adopt a group the parent process may hold
     info = dist_util.setup_dist()
     assert (info.rank, info.world_size, info.backend, info.launcher) == (rank, world, "gloo", "torchrun")
     logger.configure(folder, format_strs=None)  # files on rank 0 only
@@ -45,8 +44,9 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
 
 
 def test_two_gloo_ranks_keep_identical_parameters(tmp_path):
-    # fork rather than spawn: the children need not import torch again (seconds on a busy machine).
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    # spawn, not fork: a forked child of a process whose OpenMP thread pool is already running can
+    # deadlock in its first parallel op (seen when this test ran after the rest of the suite).
+    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     r0 = torch.load(tmp_path / "rank0.out", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.out", weights_only=True)
     assert not torch.equal(r0["initial"], r1["initial"])  # they did start apart
