@@ -16,18 +16,9 @@ from __future__ import annotations
 
 import argparse
 
-from guided_diffusion.config import HelpFormatter
+from guided_diffusion.config import HelpFormatter, str2bool
 from guided_diffusion.errors import DiffMixError, run_cli
 from guided_diffusion.gradmix import KINDS, run_gradmix
-
-
-def _bool(value: str) -> bool:
-    v = str(value).lower()
-    if v in ("1", "true", "yes", "y", "t"):
-        return True
-    if v in ("0", "false", "no", "n", "f"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
 
 
 def _radii(value: str) -> tuple:
@@ -61,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     what.add_argument("--num_balance", type=int, default=None, help="overrides --num_maps for balancing maps")
     what.add_argument("--num_enlarge", type=int, default=None, help="overrides --num_maps for enlarging maps")
     what.add_argument("--seed", type=int, default=0, help="base seed; each map's generator is (seed, stem, kind, k)")
-    what.add_argument("--write_images", type=_bool, default=False,
+    what.add_argument("--write_images", type=str2bool, default=False,
                       help="also write GradMix images (balance maps); without it the dataset's images are "
                       "never read, so a broken image file goes unnoticed")
 
@@ -79,8 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     enl.add_argument("--enlarge_fraction", type=float, default=0.5, help="share of movable nuclei shifted")
     enl.add_argument("--max_shift", type=int, default=3, help="shifts drawn from [-max_shift, max_shift] px")
 
-    p.add_argument("--stats", type=_bool, default=True, help="print and save class counts before/after")
-    p.add_argument("--progress", type=_bool, default=True, help="show progress bars")
+    p.add_argument("--stats", type=str2bool, default=True, help="print and save class counts before/after")
+    p.add_argument("--progress", type=str2bool, default=True, help="show progress bars")
     return p.parse_args(argv)
 
 
