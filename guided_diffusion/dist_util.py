@@ -139,6 +139,10 @@ def cleanup() -> None:
     """Leave the process group (call at the end of a run; safe to call twice)."""
     global _INFO
     if dist.is_initialized():
+        # Every rank reaches this point before any tears its group down: destroying a gloo group while
+        # a peer still has traffic in flight aborts the process ("terminate called ...") at exit.
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
     _INFO = None
 
