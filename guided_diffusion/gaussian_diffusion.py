@@ -292,11 +292,7 @@ class GaussianDiffusion:
                                   cond_fn=None, model_kwargs=None, device=None, progress=False) -> Iterator[dict]:
         """Yield each :meth:`p_sample` output from t = T-1 down to 0 (start: ``noise`` or randn)."""
         device, model_kwargs, img = self._start_state(model, shape, noise, model_kwargs, device, None)
-        indices = list(range(self.num_timesteps))[::-1]
-        if progress:
-            from tqdm.auto import tqdm
-
-            indices = tqdm(indices)
+        indices = samplers.progress_iter(list(range(self.num_timesteps))[::-1], progress, "ddpm")
         for i in indices:
             t = th.tensor([i] * shape[0], device=device)
             with th.no_grad():
@@ -356,11 +352,7 @@ class GaussianDiffusion:
             raise DiffMixError(f"ddim_percent must be in (0, 1] and leave at least one of the "
                                f"{self.num_timesteps} steps, got {ddim_percent}")
         device, model_kwargs, img = self._start_state(model, shape, noise, model_kwargs, device, steps - 1)
-        indices = list(range(steps))[::-1]
-        if progress:
-            from tqdm.auto import tqdm
-
-            indices = tqdm(indices)
+        indices = samplers.progress_iter(list(range(steps))[::-1], progress, "ddim")
         for i in indices:
             t = th.tensor([i] * shape[0], device=device)
             with th.no_grad():

@@ -319,7 +319,11 @@ def instance_metrics(true_inst: np.ndarray, pred_inst: np.ndarray, match_iou: fl
         dict of floats in [0, 1]: ``dice``, ``aji``, ``aji_plus``, ``dq``, ``sq``, ``pq``.
     """
     ov = instance_overlap(true_inst, pred_inst)
-    pq = pq_scores(ov, match_iou)
+    return _instance_scores(ov, pq_scores(ov, match_iou))
+
+
+def _instance_scores(ov: "Overlap", pq: dict) -> dict:
+    """The six instance metrics of one image from its overlap table and :func:`pq_scores`."""
     return {
         "dice": dice_score(ov),
         "aji": aji_score(ov),
@@ -768,12 +772,7 @@ def evaluate_folders(
                 "name": stem,
                 "n_true": ov.n_true,
                 "n_pred": ov.n_pred,
-                "dice": dice_score(ov),
-                "aji": aji_score(ov),
-                "aji_plus": aji_plus_score(ov),
-                "dq": pq["dq"],
-                "sq": pq["sq"],
-                "pq": pq["pq"],
+                **_instance_scores(ov, pq),
                 "pq_tp": pq["tp"],
                 "pq_fp": pq["fp"],
                 "pq_fn": pq["fn"],

@@ -489,7 +489,8 @@ def _pred_xstart(schedule: Schedule, x: torch.Tensor, pred: torch.Tensor, abar: 
     return x0.clamp(-1, 1) if clip else x0
 
 
-def _progress(idx: List[int], progress: bool, desc: str):
+def progress_iter(idx: List[int], progress: bool, desc: str):
+    """``idx`` itself, or wrapped in a tqdm progress bar when ``progress``."""
     if not progress:
         return idx
     from tqdm.auto import tqdm
@@ -534,7 +535,7 @@ def sample_ddim(
     sched = as_schedule(schedule)
     idx = _index_list(indices, sched.num_timesteps)
     x = x_start_state
-    for k, i in enumerate(_progress(idx, progress, "ddim")):
+    for k, i in enumerate(progress_iter(idx, progress, "ddim")):
         abar = sched.alphas_cumprod[i]
         abar_prev = sched.alphas_cumprod[idx[k + 1]] if k + 1 < len(idx) else sched.alphas_cumprod_prev[i]
         pred, _ = _split_output(denoiser(x, sched.model_timesteps(_timesteps(i, x))), x)
@@ -567,7 +568,7 @@ def sample_ddpm(
     sched = as_schedule(schedule)
     idx = _index_list(indices, sched.num_timesteps, consecutive=True)
     x = x_start_state
-    for i in _progress(idx, progress, "ddpm"):
+    for i in progress_iter(idx, progress, "ddpm"):
         t = _timesteps(i, x)
         pred, var_values = _split_output(denoiser(x, sched.model_timesteps(t)), x)
         pred_xstart = _pred_xstart(sched, x, pred, sched.alphas_cumprod[i], clip)
@@ -605,7 +606,7 @@ def sample_dpmpp_2m(
     idx = _index_list(indices, sched.num_timesteps)
     x = x_start_state
     prev_xstart, h_prev = None, None
-    for k, i in enumerate(_progress(idx, progress, "dpm++2m")):
+    for k, i in enumerate(progress_iter(idx, progress, "dpm++2m")):
         abar = float(sched.alphas_cumprod[i])
         abar_next = float(sched.alphas_cumprod[idx[k + 1]] if k + 1 < len(idx) else sched.alphas_cumprod_prev[i])
         pred, _ = _split_output(denoiser(x, sched.model_timesteps(_timesteps(i, x))), x)
