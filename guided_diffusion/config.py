@@ -70,6 +70,9 @@ class ModelConfig:
     use_fp16: bool = dataclasses.field(default=False, metadata={"help": "mixed precision (autocast)"})
     use_new_attention_order: bool = dataclasses.field(default=False, metadata={"help": "split qkv before heads"})
     no_instance: bool = dataclasses.field(default=False, metadata={"help": "omit the instance-edge channel"})
+    spade_hidden: int = dataclasses.field(
+        default=128, metadata={"help": "hidden width of the SPADE label branches (official 128; smaller for cheap CPU models)"}
+    )
     learn_sigma: bool = dataclasses.field(default=False, metadata={"help": "predict the variance (6 outputs)"})
     diffusion_steps: int = dataclasses.field(default=1000, metadata={"help": "diffusion steps T"})
     noise_schedule: str = dataclasses.field(default="linear", metadata={"help": "linear or cosine"})

@@ -107,6 +107,7 @@ def create_model(
     use_fp16: bool = False,
     use_new_attention_order: bool = False,
     no_instance: bool = False,
+    spade_hidden: int = 128,
 ) -> UNetModel:
     """Build the SDM :class:`~guided_diffusion.unet.UNetModel` from official keyword settings."""
     if not class_cond:
@@ -116,6 +117,8 @@ def create_model(
         )
     if num_classes < 1:
         raise DiffMixError(f"num_classes must be >= 1 (classes incl. background), got {num_classes}")
+    if spade_hidden < 1:
+        raise DiffMixError(f"spade_hidden must be >= 1, got {spade_hidden}")
     mult = parse_channel_mult(channel_mult, image_size)
     attention_ds = parse_attention_resolutions(attention_resolutions, image_size)
     widths = sorted({int(m * num_channels) for m in mult})
@@ -147,6 +150,7 @@ def create_model(
         use_scale_shift_norm=use_scale_shift_norm,
         resblock_updown=resblock_updown,
         use_new_attention_order=use_new_attention_order,
+        spade_hidden=spade_hidden,
     )
 
 
@@ -176,6 +180,7 @@ def create_model_and_diffusion(
     resblock_updown,
     use_fp16,
     use_new_attention_order,
+    spade_hidden=128,
 ):
     """(model, diffusion) from the official flat settings (see :class:`~guided_diffusion.config.ModelConfig`)."""
     model = create_model(
@@ -197,6 +202,7 @@ def create_model_and_diffusion(
         use_fp16=use_fp16,
         use_new_attention_order=use_new_attention_order,
         no_instance=no_instance,
+        spade_hidden=spade_hidden,
     )
     # Imported here: the diffusion modules are independent of the network and heavier to load.
     from .respace import create_gaussian_diffusion

@@ -33,7 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .errors import DiffMixError
 from .nn import SiLU, autocast_disabled, checkpoint, normalization, timestep_embedding, zero_module
 
-SPADE_HIDDEN = 128  # fixed hidden width of the SPADE label branch in the official code
+SPADE_HIDDEN = 128  # hidden width of the SPADE label branch in the official code (the default)
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,15 +116,17 @@ class SPADEGroupNorm(nn.Module):
 
     The group norm has 32 groups and no affine parameters and runs in the input dtype (no upcast,
     as in the official code). gamma/beta come from the label map resized to the feature size by
-    nearest interpolation: 3x3 conv (label_nc -> 128) + ReLU, then two 3x3 convs (128 -> C).
+    nearest interpolation: 3x3 conv (label_nc -> hidden) + ReLU, then two 3x3 convs (hidden -> C).
+    ``hidden`` is 128 in the official model; small CPU models use less, because at 128 the label
+    branch dominates a narrow U-Net's compute.
     """
 
-    def __init__(self, norm_nc: int, label_nc: int, eps: float = 1e-5):
+    def __init__(self, norm_nc: int, label_nc: int, eps: float = 1e-5, hidden: int = SPADE_HIDDEN):
         super().__init__()
         self.norm = nn.GroupNorm(32, norm_nc, affine=False, eps=eps)
-        self.mlp_shared = nn.Sequential(nn.Conv2d(label_nc, SPADE_HIDDEN, 3, padding=1), nn.ReLU())
-        self.mlp_gamma = nn.Conv2d(SPADE_HIDDEN, norm_nc, 3, padding=1)
-        self.mlp_beta = nn.Conv2d(SPADE_HIDDEN, norm_nc, 3, padding=1)
+        self.mlp_shared = nn.Sequential(nn.Conv2d(label_nc, hidden, 3, padding=1), nn.ReLU())
+        self.mlp_gamma = nn.Conv2d(hidden, norm_nc, 3, padding=1)
+        self.mlp_beta = nn.Conv2d(hidden, norm_nc, 3, padding=1)
 
     def modulation(self, segmap: torch.Tensor, size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(1 + gamma, beta), each float [N, C, *size], for a label map float [N, label_nc, H, W]."""
@@ -308,6 +310,7 @@ class SDMResBlock(CondTimestepBlock):
         use_checkpoint: bool = False,
         up: bool = False,
         down: bool = False,
+        spade_hidden: int = SPADE_HIDDEN,
     ):
         super().__init__()
         self.channels = channels
@@ -317,7 +320,7 @@ class SDMResBlock(CondTimestepBlock):
         self.up, self.down = up, down
         self.cache_index = -1
         self.in_ds = 1
-        self.in_norm = SPADEGroupNorm(channels, c_channels)
+        self.in_norm = SPADEGroupNorm(channels, c_channels, hidden=spade_hidden)
         self.in_layers = nn.Sequential(SiLU(), nn.Conv2d(channels, self.out_channels, 3, padding=1))
         self.updown = up or down
         self.h_upd, self.x_upd = _resamplers(channels, up, down)
@@ -325,7 +328,7 @@ class SDMResBlock(CondTimestepBlock):
             SiLU(),
             nn.Linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels),
         )
-        self.out_norm = SPADEGroupNorm(self.out_channels, c_channels)
+        self.out_norm = SPADEGroupNorm(self.out_channels, c_channels, hidden=spade_hidden)
         self.out_layers = nn.Sequential(
             SiLU(),
             nn.Dropout(p=dropout),
@@ -468,6 +471,7 @@ class UNetModel(nn.Module):
         num_classes: width of the condition ``y`` (classes + 1 instance-edge channel unless
             ``no_instance``; the official name is kept). Required.
         use_fp16: recorded only; use ``torch.autocast`` for mixed precision (parameters stay fp32).
+        spade_hidden: hidden width of every SPADE label branch (official: 128).
         Other arguments as in openai/guided-diffusion.
 
     Call: ``model(x, t, y=cond)`` with x float [N, in_channels, H, W] (in [-1, 1]), t [N]
@@ -496,6 +500,7 @@ class UNetModel(nn.Module):
         use_scale_shift_norm: bool = False,
         resblock_updown: bool = False,
         use_new_attention_order: bool = False,
+        spade_hidden: int = SPADE_HIDDEN,
     ):
         super().__init__()
         if dims != 2:
@@ -533,7 +538,8 @@ class UNetModel(nn.Module):
 
         def sdm_block(ch_in: int, ch_out: int, in_ds: int, **kw) -> SDMResBlock:
             block = SDMResBlock(ch_in, time_embed_dim, dropout, c_channels=num_classes, out_channels=ch_out,
-                                use_checkpoint=use_checkpoint, use_scale_shift_norm=use_scale_shift_norm, **kw)
+                                use_checkpoint=use_checkpoint, use_scale_shift_norm=use_scale_shift_norm,
+                                spade_hidden=spade_hidden, **kw)
             block.in_ds = in_ds
             return block
 

@@ -32,7 +32,10 @@ CONSEP_FLAGS = (
 
 
 def test_defaults_are_the_official_ones():
-    assert script_util.model_and_diffusion_defaults() == OFFICIAL_DEFAULTS
+    defaults = script_util.model_and_diffusion_defaults()
+    # spade_hidden is ours (the official code fixes the SPADE hidden width at 128).
+    assert defaults.pop("spade_hidden") == 128
+    assert defaults == OFFICIAL_DEFAULTS
     assert list(script_util.model_and_diffusion_defaults()) == [f.name for f in dataclasses.fields(config.ModelConfig)]
 
 

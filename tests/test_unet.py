@@ -294,3 +294,21 @@ def test_spade_cache_expand_and_cat():
     assert isinstance(model.spade_blocks()[0], SDMResBlock)
     with pytest.raises(ValueError):
         both.expand(2)
+
+
+def test_spade_hidden_width_is_a_model_setting():
+    """A narrower SPADE label branch changes only the SPADE convs; the fast path stays exact."""
+    base = small_model()
+    narrow = small_model(spade_hidden=16)
+    shapes = {k: v.shape for k, v in base.state_dict().items()}
+    narrow_shapes = {k: v.shape for k, v in narrow.state_dict().items()}
+    assert shapes.keys() == narrow_shapes.keys()
+    changed = {k for k in shapes if shapes[k] != narrow_shapes[k]}
+    assert changed and all(".mlp_" in k for k in changed)
+    assert narrow.output_blocks[0][0].in_norm.mlp_shared[0].weight.shape == (16, 6, 3, 3)
+    assert base.output_blocks[0][0].in_norm.mlp_shared[0].weight.shape == (128, 6, 3, 3)
+    x, t, y = torch.randn(2, 3, 32, 32), torch.tensor([40, 640]), label_condition(size=32)
+    with torch.no_grad():
+        ref = official_guided(narrow, x, t, y, 1.5)
+        fast = narrow.guided_forward(x, t, 1.5, narrow.spade_cache(y), narrow.spade_cache(torch.zeros(1, 6, 32, 32)))
+    assert ref.abs().max() > 0.1 and (fast - ref).abs().max() < 1e-4
