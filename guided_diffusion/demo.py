@@ -1,17 +1,19 @@
-"""DiffMix end to end: toy data (or a real dataset) -> statistics -> GradMix -> SDM training ->
-classifier-free fine-tuning -> DDIM synthesis -> HoVer-Net patches -> a report.
+"""DiffMix end to end: real (or toy) data -> statistics -> GradMix -> an SDM (the shipped pretrained one,
+or trained here) -> DDIM synthesis -> HoVer-Net patches -> a report.
 
 This is the README's main command (``make demo`` runs ``scripts/demo.py``). Every stage calls the
-same package functions as the individual scripts, so the demo exercises the real pipeline, only
-at sizes a 2-core CPU finishes in minutes. Presets:
+same package functions as the individual scripts. Presets:
 
-* ``demo`` (default): toy tiles of 256 px, a 64 px / 32-channel SDM, a few hundred CPU steps.
-* ``quick``: tiny sizes and a handful of steps (the end-to-end test).
+* ``demo`` (default): the 8 real CoNSeP patches shipped in ``datasets/sample/`` and the small SDM
+  trained by us on real CoNSeP (``models/consep256_cpu/``, 128 px); a few minutes on 2 CPU cores.
+  ``--retrain True`` trains that SDM from scratch instead, exactly as its ``training.json`` records
+  (about 1.5 h on one CPU core; pass ``--data_dir`` to train on more than the sample).
+* ``quick``: procedural toy tiles, a tiny SDM trained for a handful of steps (the end-to-end test).
 * ``paper``: the DiffMix settings (256 px, 256 channels, batch 16, lr 1e-4 then 2e-5 with drop
   rate 0.2, DDIM 100 with ddim_percent 55 and s 1.5) for a GPU and real CoNSeP/GLySAC paths.
 
-Outputs (all inside ``out_dir``): ``toy_data/`` (unless ``--data_dir``), ``stats/``, ``gradmix/``,
-``train/``, ``finetune/``, ``synthesis/``, ``report.md`` + ``report/*.png`` and ``demo.json``
+Outputs (all inside ``out_dir``): ``toy_data/`` (quick preset), ``stats/``, ``gradmix/``, ``train/`` +
+``finetune/`` (when training), ``synthesis/``, ``report.md`` + ``report/*.png`` and ``demo.json``
 (settings, seed, timings, output paths). Re-running resumes: finished stages are kept.
 """
 
@@ -28,24 +30,28 @@ import numpy as np
 
 from . import fileio
 from .errors import DiffMixError
+from .pretrained import DEFAULT_MODEL, REPO_ROOT
+
+SAMPLE_DATA = os.path.join(REPO_ROOT, "datasets", "sample")
 
 PRESETS: Dict[str, Dict[str, Any]] = {
     "quick": dict(
+        data_dir="", dataset_mode="consep", num_classes=0, model_path="",
         toy_train=2, toy_test=1, toy_size=96, toy_rare_share=0.25, image_size=32, channel_mult="1,2,2", num_channels=32, num_res_blocks=1,
-        attention_resolutions="8", num_head_channels=16, train_steps=3, finetune_steps=2, batch_size=2,
-        lr=2e-4, finetune_lr=2e-5, margin=8, timestep_respacing="ddim10", ddim_percent=55.0,
+        attention_resolutions="8", num_head_channels=16, spade_hidden=128, train_steps=3, finetune_steps=2, batch_size=2,
+        lr=2e-4, finetune_lr=2e-5, ema_rate="0.9999", margin=8, timestep_respacing="ddim10", ddim_percent=55.0,
         max_synthesis_maps=2, sample_batch_size=4, log_interval=1,
     ),
     "demo": dict(
-        toy_train=6, toy_test=2, toy_size=256, toy_rare_share=0.0, image_size=64, channel_mult="", num_channels=32, num_res_blocks=1,
-        attention_resolutions="16,8", num_head_channels=16, train_steps=300, finetune_steps=50, batch_size=6,
-        lr=3e-4, finetune_lr=5e-5, margin=16, timestep_respacing="ddim50", ddim_percent=55.0,
-        max_synthesis_maps=4, sample_batch_size=8, log_interval=10,
+        data_dir=SAMPLE_DATA, dataset_mode="custom", num_classes=5, model_path=DEFAULT_MODEL,
+        margin=16, timestep_respacing="ddim50", ddim_percent=55.0, max_synthesis_maps=4, sample_batch_size=8,
+        log_interval=10,
     ),
     "paper": dict(
+        data_dir="", dataset_mode="consep", num_classes=0, model_path="",
         toy_train=16, toy_test=4, toy_size=1000, toy_rare_share=0.0, image_size=256, channel_mult="", num_channels=256, num_res_blocks=2,
-        attention_resolutions="32,16,8", num_head_channels=64, train_steps=5900, finetune_steps=4100,
-        batch_size=16, lr=1e-4, finetune_lr=2e-5, margin=30, timestep_respacing="ddim100", ddim_percent=55.0,
+        attention_resolutions="32,16,8", num_head_channels=64, spade_hidden=128, train_steps=5900, finetune_steps=4100,
+        batch_size=16, lr=1e-4, finetune_lr=2e-5, ema_rate="0.9999", margin=30, timestep_respacing="ddim100", ddim_percent=55.0,
         max_synthesis_maps=0, sample_batch_size=4, log_interval=100,
     ),
 }
@@ -56,26 +62,30 @@ class DemoConfig:
     """Settings of an end-to-end run. ``None`` fields take the preset's value."""
 
     out_dir: str = field(default="runs/demo", metadata={"help": "run folder (everything is written inside)"})
-    preset: str = field(default="demo", metadata={"help": "demo, quick (tiny, for tests) or paper (GPU, real data)"})
-    data_dir: str = field(default="", metadata={"help": "real dataset root (CoNSeP/GLySAC layout); '' = make the toy dataset"})
-    dataset_mode: str = field(default="consep", metadata={"help": "consep, glysac or custom"})
-    num_classes: int = field(default=0, metadata={"help": "custom mode: classes incl. background (0 = from the mode)"})
+    preset: str = field(default="demo", metadata={"help": "demo (real sample + pretrained SDM), quick (toy, tiny, for tests) or paper (GPU, real data)"})
+    data_dir: Optional[str] = field(default=None, metadata={"help": "dataset root (CoNSeP layout); '' = make the toy dataset"})
+    dataset_mode: Optional[str] = field(default=None, metadata={"help": "consep, glysac or custom"})
+    num_classes: Optional[int] = field(default=None, metadata={"help": "custom mode: classes incl. background (0 = from the mode)"})
+    model_path: Optional[str] = field(default=None, metadata={"help": "pretrained SDM (config.json beside it); '' = train one here"})
+    retrain: bool = field(default=False, metadata={"help": "train the SDM from scratch instead of using --model_path (its training.json gives the recipe)"})
     seed: int = field(default=0, metadata={"help": "seed of every stage (toy data, GradMix, training, sampling)"})
     toy_train: Optional[int] = field(default=None, metadata={"help": "toy training tiles"})
     toy_test: Optional[int] = field(default=None, metadata={"help": "toy test tiles"})
     toy_size: Optional[int] = field(default=None, metadata={"help": "toy tile side (px)"})
     toy_rare_share: Optional[float] = field(default=None, metadata={"help": "share of the rare 'other' class in the toy data (0 = the generator's CoNSeP-like default)"})
-    image_size: Optional[int] = field(default=None, metadata={"help": "SDM image size (px)"})
+    image_size: Optional[int] = field(default=None, metadata={"help": "SDM image size (px) when training"})
     channel_mult: Optional[str] = field(default=None, metadata={"help": "SDM width multipliers ('' = by image size)"})
     num_channels: Optional[int] = field(default=None, metadata={"help": "SDM base width"})
     num_res_blocks: Optional[int] = field(default=None, metadata={"help": "SDM residual blocks per level"})
     attention_resolutions: Optional[str] = field(default=None, metadata={"help": "SDM attention resolutions"})
     num_head_channels: Optional[int] = field(default=None, metadata={"help": "channels per attention head"})
+    spade_hidden: Optional[int] = field(default=None, metadata={"help": "SPADE hidden width"})
     train_steps: Optional[int] = field(default=None, metadata={"help": "pre-training steps"})
     finetune_steps: Optional[int] = field(default=None, metadata={"help": "classifier-free fine-tuning steps"})
     batch_size: Optional[int] = field(default=None, metadata={"help": "training batch size"})
     lr: Optional[float] = field(default=None, metadata={"help": "pre-training learning rate"})
     finetune_lr: Optional[float] = field(default=None, metadata={"help": "fine-tuning learning rate"})
+    ema_rate: Optional[str] = field(default=None, metadata={"help": "EMA rate of training"})
     drop_rate: float = field(default=0.2, metadata={"help": "condition drop rate while fine-tuning"})
     margin: Optional[int] = field(default=None, metadata={"help": "GradMix border margin (px)"})
     num_balance: int = field(default=1, metadata={"help": "GradMix balancing maps per image"})
@@ -109,7 +119,93 @@ def _model_config(cfg: DemoConfig, num_classes: int):
         attention_resolutions=cfg.attention_resolutions, channel_mult=cfg.channel_mult, dropout=0.0, class_cond=True,
         use_checkpoint=cfg.preset == "paper", use_scale_shift_norm=True, resblock_updown=True,
         use_fp16=False, no_instance=False, learn_sigma=True, diffusion_steps=1000, noise_schedule="linear",
+        spade_hidden=cfg.spade_hidden,
     )
+
+
+@dataclass
+class _Stage:
+    """One training stage (pre-training, or classifier-free fine-tuning from the previous stage)."""
+
+    name: str
+    folder: str
+    lr: float
+    drop_rate: float
+    max_steps: int  # total steps at the end of the stage, counting earlier stages
+    batch_size: int
+    ema_rate: str
+
+
+def _training_plan(cfg: DemoConfig, out: str, num_classes: int):
+    """(model config, stages): from the preset's fields, or -- with ``--retrain`` of a shipped model --
+    from the model's own ``config.json`` and ``training.json``, so a retrain repeats its recipe."""
+    from .config import ModelConfig, load_config_for_checkpoint
+    from .pretrained import describe
+
+    folders = (fileio.join(out, "train"), fileio.join(out, "finetune"))
+    names = ("SDM training", "classifier-free fine-tuning")
+    if cfg.model_path:
+        config, record = load_config_for_checkpoint(cfg.model_path), describe(cfg.model_path)
+        if config is None or record is None:
+            raise DiffMixError(f"{cfg.model_path}: --retrain needs config.json and training.json beside the model")
+        model_cfg = ModelConfig.from_dict(config, source=cfg.model_path)
+        stages = [
+            _Stage(name, folder, float(st["settings"]["lr"]), float(st["settings"]["drop_rate"]),
+                   int(st["final_step"]), int(st["settings"]["batch_size"]), str(st["settings"]["ema_rate"]))
+            for name, folder, st in zip(names, folders, record["stages"])
+        ]
+        return model_cfg, stages
+    total = cfg.train_steps + cfg.finetune_steps
+    return _model_config(cfg, num_classes), [
+        _Stage(names[0], folders[0], cfg.lr, 0.0, cfg.train_steps, cfg.batch_size, cfg.ema_rate),
+        _Stage(names[1], folders[1], cfg.finetune_lr, cfg.drop_rate, total, cfg.batch_size, cfg.ema_rate),
+    ]
+
+
+def _train_stages(stages: List[_Stage], model_cfg, cfg: DemoConfig, data_dir: str, runner: "_Stages",
+                  precision: str) -> str:
+    """Run the stages (each resumes itself); returns the checkpoint to sample from.
+
+    An EMA shorter-lived than its run (horizon 1 / (1 - rate) at most half the steps) is sampled from;
+    otherwise the EMA still mostly holds the initial weights and the raw weights are used.
+    """
+    from .train_util import TrainConfig, find_latest_checkpoint, train
+
+    previous = ""
+    for stage in stages:
+        resume = "latest" if (not previous or find_latest_checkpoint(stage.folder)) else previous
+        runner.run(stage.name, train, model_cfg, TrainConfig(
+            data_dir=data_dir, dataset_mode=cfg.dataset_mode, batch_size=stage.batch_size, ema_rate=stage.ema_rate,
+            log_interval=cfg.log_interval, seed=cfg.seed, progress=cfg.progress, keep_checkpoints=1,
+            precision=precision, lr=stage.lr, drop_rate=stage.drop_rate, max_steps=stage.max_steps,
+            save_interval=stage.max_steps, log_dir=stage.folder, resume_checkpoint=resume,
+        ))
+        previous = _final_file(stage.folder, "model", stage.max_steps)
+    last = stages[-1]
+    rate = float(last.ema_rate.split(",")[0])
+    prefix = f"ema_{rate}_" if 2.0 / (1.0 - rate) <= last.max_steps else "model"
+    return _final_file(last.folder, prefix, last.max_steps)
+
+
+def _pick_maps(gradmix_dir: str, limit: int) -> List[str]:
+    """GradMix maps to synthesise for: the balancing maps that placed the most rare nuclei and the
+    enlarging maps that moved the most, alternating (all maps when ``limit`` is 0)."""
+    rec_dir = fileio.join(gradmix_dir, "Records")
+    ranked: Dict[str, List[tuple]] = {"balance": [], "enlarge": []}
+    for name in sorted(fileio.listdir(rec_dir)):
+        if name.endswith(".json"):
+            rec = fileio.read_json(fileio.join(rec_dir, name))
+            summary = rec.get("summary", {})
+            ranked[rec["kind"]].append((-summary.get("replaced", summary.get("moved", 0)), rec["name"]))
+    queues = [[n for _, n in sorted(v)] for v in ranked.values()]
+    if not limit:
+        return [n for q in queues for n in q]
+    picked: List[str] = []
+    while len(picked) < limit and any(queues):
+        for q in queues:
+            if q and len(picked) < limit:
+                picked.append(q.pop(0))
+    return picked
 
 
 class _Stages:
@@ -130,19 +226,41 @@ class _Stages:
 
 def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
     """Run the whole pipeline; returns the run record (also saved as ``<out_dir>/demo.json``)."""
+    from .config import ModelConfig, load_config_for_checkpoint
     from .data.classes import resolve_class_table
-    from .data.stats import dataset_statistics, write_statistics
     from .data.readers import list_samples, read_samples
+    from .data.stats import dataset_statistics, write_statistics
     from .data.toy import ToyConfig, make_toy_dataset
     from .gradmix.pipeline import run_gradmix
     from .synthesis import SampleConfig, run_synthesis
-    from .train_util import TrainConfig, find_latest_checkpoint, train
 
     cfg = cfg.resolved()
     out = cfg.out_dir
-    fileio.makedirs(out)
     stages = _Stages()
     t_all = time.time()
+
+    # Everything that can be wrong with the inputs is checked before anything is written.
+    pretrained = bool(cfg.model_path) and not cfg.retrain
+    if cfg.model_path:
+        if not fileio.exists(cfg.model_path):
+            raise DiffMixError(f"{cfg.model_path}: pretrained model not found (pass --model_path, or --model_path '' to train one)")
+        if load_config_for_checkpoint(cfg.model_path) is None:
+            raise DiffMixError(f"{cfg.model_path}: no config.json beside the model")
+    if cfg.data_dir and not fileio.exists(cfg.data_dir):
+        raise DiffMixError(f"--data_dir {cfg.data_dir}: not found")
+    table = resolve_class_table(cfg.dataset_mode, None, cfg.num_classes or None)
+    # The fixed CoNSeP/GLySAC tables are looked up by mode; only custom data passes its table on.
+    table_arg = table if cfg.dataset_mode == "custom" else None
+    if cfg.model_path:
+        image_size = int(ModelConfig.from_dict(load_config_for_checkpoint(cfg.model_path), source=cfg.model_path).image_size)
+    else:
+        image_size = int(cfg.image_size)
+    if cfg.data_dir:
+        stages.run(
+            "data check", read_samples, list_samples(cfg.data_dir, "Train"), table, min_size=image_size,
+            what=f"dataset {cfg.data_dir}", progress=False,
+        )
+    fileio.makedirs(out)
 
     # 1. Data: the real dataset, or the procedural toy dataset in the CoNSeP layout.
     if cfg.data_dir:
@@ -161,16 +279,11 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
                 "toy dataset", make_toy_dataset, data_dir, num_train=cfg.toy_train, num_test=cfg.toy_test,
                 size=cfg.toy_size, seed=cfg.seed, config=toy_cfg, progress=cfg.progress,
             )
+        stages.run(
+            "data check", read_samples, list_samples(data_dir, "Train"), table, min_size=image_size,
+            what=f"dataset {data_dir}", progress=False,
+        )
     stages.outputs["dataset"] = data_dir
-    table = resolve_class_table(cfg.dataset_mode, None, cfg.num_classes or None)
-    # The fixed CoNSeP/GLySAC tables are looked up by mode; only custom data passes its table on.
-    table_arg = table if cfg.dataset_mode == "custom" else None
-
-    # Every file is checked (pairing, keys, sizes >= the crop, class table) before any stage writes.
-    stages.run(
-        "data check", read_samples, list_samples(data_dir, "Train"), table, min_size=cfg.image_size,
-        what=f"dataset {data_dir}", progress=False,
-    )
 
     # 2. Class statistics of the real labels.
     stats_dir = fileio.join(out, "stats")
@@ -190,69 +303,45 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
     )
     stages.outputs["gradmix"] = gradmix_dir
 
-    # 4-5. SDM pre-training, then classifier-free fine-tuning from its weights.
-    model_cfg = _model_config(cfg, table.num_classes)
+    # 4. The SDM: the shipped pretrained model, or pre-training + classifier-free fine-tuning here.
     precision = cfg.precision
     if precision == "auto":
         import torch
 
         precision = "bf16" if torch.cuda.is_available() else "fp32"
-    common = dict(
-        data_dir=data_dir, dataset_mode=cfg.dataset_mode, batch_size=cfg.batch_size, ema_rate="0.9999",
-        log_interval=cfg.log_interval, seed=cfg.seed, progress=cfg.progress, keep_checkpoints=1,
-        precision=precision,
-    )
-    train_dir = fileio.join(out, "train")
-    stages.run(
-        "SDM training", train, model_cfg,
-        TrainConfig(lr=cfg.lr, max_steps=cfg.train_steps, save_interval=cfg.train_steps, log_dir=train_dir,
-                    resume_checkpoint="latest", **common),
-    )
-    pretrained = _final_file(train_dir, "model", cfg.train_steps)
-    finetune_dir = fileio.join(out, "finetune")
-    finetune_resume = "latest" if find_latest_checkpoint(finetune_dir) else pretrained
-    stages.run(
-        "classifier-free fine-tuning", train, model_cfg,
-        TrainConfig(lr=cfg.finetune_lr, drop_rate=cfg.drop_rate, max_steps=cfg.train_steps + cfg.finetune_steps,
-                    save_interval=cfg.finetune_steps, log_dir=finetune_dir, resume_checkpoint=finetune_resume,
-                    **common),
-    )
-    # EMA 0.9999 barely moves in a few hundred steps, so short runs sample from the raw weights;
-    # the paper's recipe (10k steps) samples from the EMA file.
-    final_step = cfg.train_steps + cfg.finetune_steps
-    checkpoint = _final_file(finetune_dir, "ema_0.9999_" if cfg.preset == "paper" else "model", final_step)
+    training: List[_Stage] = []
+    if pretrained:
+        checkpoint = cfg.model_path
+        model_cfg = ModelConfig.from_dict(load_config_for_checkpoint(checkpoint), source=checkpoint)
+    else:
+        model_cfg, training = _training_plan(cfg, out, table.num_classes)
+        checkpoint = _train_stages(training, model_cfg, cfg, data_dir, stages, precision)
     stages.outputs["checkpoint"] = checkpoint
 
-    # 6. Synthesis from the virtual maps.
-    label_dir = fileio.join(gradmix_dir, "Labels")
-    map_names = sorted(n[:-4] for n in fileio.listdir(label_dir) if n.endswith(".mat"))
-    if cfg.max_synthesis_maps:
-        # Balance the two kinds: take maps round-robin over kinds.
-        by_kind = {k: [n for n in map_names if f"__{k}" in n] for k in ("balance", "enlarge")}
-        picked: List[str] = []
-        while len(picked) < cfg.max_synthesis_maps and any(by_kind.values()):
-            for names in by_kind.values():
-                if names and len(picked) < cfg.max_synthesis_maps:
-                    picked.append(names.pop(0))
-        map_names = picked
+    # 5. Synthesis from the virtual maps.
+    map_names = _pick_maps(gradmix_dir, cfg.max_synthesis_maps)
     synth_cfg = SampleConfig(
-        data_dir=data_dir, dataset_mode=cfg.dataset_mode, label_dir=label_dir, model_path=checkpoint,
-        results_path=out, run_name="synthesis", s=cfg.s, ddim_percent=cfg.ddim_percent,
+        data_dir=data_dir, dataset_mode=cfg.dataset_mode, label_dir=fileio.join(gradmix_dir, "Labels"),
+        model_path=checkpoint, results_path=out, run_name="synthesis", s=cfg.s, ddim_percent=cfg.ddim_percent,
         batch_size=cfg.sample_batch_size, seed=cfg.seed, progress=cfg.progress, figure_rows=6, precision=precision,
-        idx_img=",".join(map_names),
+        idx_img=",".join(map_names), class_table="",
     )
     model_dict = model_cfg.to_dict()
     model_dict["timestep_respacing"] = cfg.timestep_respacing
-    summary = stages.run("DDIM synthesis", run_synthesis, synth_cfg, model_dict, model_config_source="demo settings")
+    summary = stages.run("DDIM synthesis", run_synthesis, synth_cfg, model_dict,
+                         model_config_source=checkpoint if pretrained else "demo settings")
     stages.outputs["synthesis"] = summary.out_dir
     stages.outputs["hovernet_patches"] = fileio.join(summary.out_dir, "npy_patch")
 
-    # 7. Report.
+    # 6. Report.
     from .report import write_report
 
     record = {
         "settings": dataclasses.asdict(cfg),
         "seed": cfg.seed,
+        "model": model_cfg.to_dict(),
+        "pretrained": pretrained,
+        "training": [dataclasses.asdict(st) for st in training],
         "timings_s": stages.timings,
         "total_s": round(time.time() - t_all, 2),
         "outputs": stages.outputs,
@@ -263,9 +352,10 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
         },
         "class_names": list(table.names),
     }
-    report = stages.run("report", write_report, out, record, train_dir, finetune_dir, summary, cfg.figure_dir)
+    report = stages.run("report", write_report, out, record, summary, cfg.figure_dir)
     record["outputs"]["report"] = report
     record["timings_s"] = stages.timings
+    record["total_s"] = round(time.time() - t_all, 2)
     fileio.write_json(fileio.join(out, "demo.json"), record)
     print(f"\nDone in {time.time() - t_all:.0f} s. Report: {report}")
     return record

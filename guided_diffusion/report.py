@@ -127,45 +127,137 @@ def plot_pipeline(record: Dict[str, Any], class_table, path: str) -> Optional[st
     return _save(fig, path)
 
 
+def _gradmix_record(record: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The GradMix JSON record of the label map a synthesis record used (None for dataset labels)."""
+    labels_dir = os.path.dirname(record.get("label_source", ""))
+    path = fileio.join(os.path.dirname(labels_dir), "Records", record.get("map_name", "") + ".json")
+    return fileio.read_json(path) if labels_dir and fileio.exists(path) else None
+
+
+def changed_nuclei(record: Dict[str, Any]) -> tuple:
+    """``(kind, mask bool [S, S])``: the nuclei GradMix placed (balancing) or moved (enlarging) inside
+    a synthesis record's crop; kind is None and the mask empty for the dataset's own labels."""
+    crop = record["crop"]
+    x0, y0, h, w = int(crop["x0"]), int(crop["y0"]), int(crop["height"]), int(crop["width"])
+    gm = _gradmix_record(record)
+    if gm is None:
+        return None, np.zeros((h, w), bool)
+    if gm["kind"] == "balance":
+        ids = [e["target_id"] for e in gm["edits"] if e.get("donor_image") is not None]
+    else:
+        ids = [e["id"] for e in gm["edits"] if e.get("moved")]
+    inst = np.asarray(fileio.read_mat(record["label_source"])["inst_map"])
+    return gm["kind"], np.isin(inst[y0 : y0 + h, x0 : x0 + w], ids)
+
+
+def outline(image: np.ndarray, mask: np.ndarray, colour=(255, 230, 0)) -> np.ndarray:
+    """uint8 ``[S, S, 3]``: ``image`` with the border of ``mask`` drawn 2 px wide in ``colour``."""
+    from scipy import ndimage
+
+    border = mask & ~ndimage.binary_erosion(mask)
+    border = ndimage.binary_dilation(border) & ~ndimage.binary_erosion(mask, iterations=2)
+    out = np.array(image, np.uint8, copy=True)
+    out[border] = colour
+    return out
+
+
+def plot_changed_nuclei(records: Sequence[Dict[str, Any]], path: str, rows: int = 6) -> Optional[str]:
+    """Grid of real patch | virtual label map | synthetic patch for the crops where GradMix placed
+    rare nuclei (most placed first; enlarging maps fill remaining rows), changed nuclei outlined."""
+    from .synthesis import label_overlay, write_figure
+
+    scored = []
+    for r in records:
+        kind, mask = changed_nuclei(r)
+        if kind is not None and mask.any():
+            n = len(np.unique(fileio.read_npy(r["hovernet_patch"])[..., 3][mask]))
+            scored.append(((kind != "balance", -n, r["name"]), r, kind, mask, n))
+    entries = []
+    for _, r, kind, mask, n in sorted(scored, key=lambda e: e[0])[:rows]:
+        npy = fileio.read_npy(r["hovernet_patch"])
+        c = r["crop"]
+        real = fileio.read_image(r["source_image"])[c["y0"] : c["y0"] + c["height"], c["x0"] : c["x0"] + c["width"]]
+        what = f"{n} rare nuclei placed" if kind == "balance" else f"{n} nuclei moved"
+        entries.append((real, outline(label_overlay(real, npy[..., 3], npy[..., 4]), mask),
+                        outline(npy[..., :3].astype(np.uint8), mask), f"{r['name']}: {what}"))
+    if not entries:
+        return None
+    write_figure(path, entries, "changed nuclei outlined in yellow", min_size=256)
+    return path
+
+
 def _rel(path: str, start: str) -> str:
     if fileio.is_remote(path) or fileio.is_remote(start):
         return path
     return os.path.relpath(path, start)
 
 
-def write_report(out_dir: str, record: Dict[str, Any], train_dir: str, finetune_dir: str, summary,
-                 figure_dir: str = "") -> str:
-    """Write ``<out_dir>/report.md`` (+ ``report/*.png``); returns the report path."""
+def _model_lines(record: Dict[str, Any], out_dir: str, fig_dir: str) -> tuple:
+    """(Markdown lines describing the SDM, loss-curve path or None)."""
+    from .pretrained import describe, stage_lines
+
+    m = record["model"]
+    arch = (f"{m['image_size']} px, {m['num_channels']} channels (x {m['channel_mult']}), "
+            f"{m['num_res_blocks']} residual block(s) per level, SPADE width {m['spade_hidden']}")
+    checkpoint = record["outputs"]["checkpoint"]
+    if record["pretrained"]:
+        info = describe(checkpoint)
+        lines = [f"Pretrained SDM `{_rel(checkpoint, out_dir)}` ({arch})."]
+        loss = None
+        if info:
+            lines[0] += (f" Trained by us on `{info['data']['data_dir']}` ({info['data']['split']}), seed {info['seed']}, "
+                         f"{info['parameters'] / 1e6:.1f} M parameters, {info['total_wall_time_s'] / 60:.0f} min on "
+                         f"{info['machine']['cpus']} CPU core(s) (torch threads {info['machine']['threads']}):")
+            lines += stage_lines(info)
+            shipped = fileio.join(os.path.dirname(checkpoint), "loss.png")
+            if fileio.exists(shipped):
+                loss = fileio.join(fig_dir, "loss.png")
+                fileio.write_bytes(loss, fileio.read_bytes(shipped))
+        return lines, loss
+    stages = record["training"]
+    lines = [f"SDM trained here ({arch}):"]
+    lines += [f"- {st['name']}: to step {st['max_steps']}, lr {st['lr']}, batch {st['batch_size']}, "
+              f"drop rate {st['drop_rate']}, EMA {st['ema_rate']}" for st in stages]
+    loss = plot_loss_curve([(st["name"], st["folder"]) for st in stages], fileio.join(fig_dir, "loss.png"))
+    return lines, loss
+
+
+def write_report(out_dir: str, record: Dict[str, Any], summary, figure_dir: str = "") -> str:
+    """Write ``<out_dir>/report.md`` (+ ``report/*.png``); returns the report path.
+
+    ``figure_dir`` also receives the README figures: ``pipeline.png`` (one patch through the pipeline)
+    and ``demo_grid.png`` (real | virtual label | synthetic with the changed nuclei outlined).
+    """
     from .data.classes import resolve_class_table
 
     fig_dir = fileio.join(out_dir, "report")
     fileio.makedirs(fig_dir)
     settings = record["settings"]
     table = resolve_class_table(settings["dataset_mode"], None, settings.get("num_classes") or None)
-    loss_png = plot_loss_curve([("pre-training", train_dir), ("fine-tuning", finetune_dir)],
-                               fileio.join(fig_dir, "loss.png"))
     records = sorted(_records(summary.out_dir), key=lambda r: r.get("name", ""))
+    changed_png = plot_changed_nuclei(records, fileio.join(fig_dir, "changed_nuclei.png"))
     # The pipeline figure shows the balancing patch with the most nuclei (the most telling one).
     balance = [r for r in records if "__balance" in r.get("map_name", "")] or records
     best = max(balance, key=lambda r: r.get("num_instances", 0), default=None)
     pipeline_png = plot_pipeline(best, table, fileio.join(fig_dir, "pipeline.png")) if best else None
     counts = record.get("gradmix", {}).get("counts", {})
     counts_png = counts.get("png")
+    model_lines, loss_png = _model_lines(record, out_dir, fig_dir)
 
     if figure_dir:
         fileio.makedirs(figure_dir)
-        if pipeline_png:
-            fileio.write_bytes(fileio.join(figure_dir, "pipeline.png"), fileio.read_bytes(pipeline_png))
-        if summary.figure:
-            fileio.write_bytes(fileio.join(figure_dir, "demo_grid.png"), fileio.read_bytes(summary.figure))
+        for name, png in (("pipeline.png", pipeline_png), ("demo_grid.png", changed_png or summary.figure)):
+            if png:
+                fileio.write_bytes(fileio.join(figure_dir, name), fileio.read_bytes(png))
 
-    lines = ["# DiffMix run report", ""]
     s = settings
-    lines += [
-        f"Preset `{s['preset']}`, dataset `{record['outputs']['dataset']}` ({s['dataset_mode']}), seed {record['seed']}. "
-        f"SDM {s['image_size']} px, {s['num_channels']} channels; {s['train_steps']} pre-training + "
-        f"{s['finetune_steps']} fine-tuning steps (drop rate {s['drop_rate']}); synthesis {s['timestep_respacing']}, "
-        f"ddim_percent {s['ddim_percent']}, guidance s = {s['s']}.",
+    lines = [
+        "# DiffMix run report",
+        "",
+        f"Preset `{s['preset']}`, dataset `{record['outputs']['dataset']}` ({s['dataset_mode']}), seed {record['seed']}; "
+        f"synthesis {s['timestep_respacing']}, ddim_percent {s['ddim_percent']}, guidance s = {s['s']}.",
+        "",
+        *model_lines,
         "",
         "## Class balance before and after GradMix",
         "",
@@ -181,10 +273,21 @@ def write_report(out_dir: str, record: Dict[str, Any], train_dir: str, finetune_
         lines.append("")
     if counts_png:
         lines += [f"![class counts]({_rel(counts_png, out_dir)})", ""]
+    if changed_png:
+        lines += [
+            "## Where GradMix placed rare nuclei: real | virtual label map | synthetic",
+            "",
+            "Each row: the real patch, the GradMix virtual label map over it (nuclei tinted by class), and the "
+            "patch the SDM synthesised from the noised real patch under that map. Nuclei that GradMix placed "
+            "(balancing) or moved (enlarging) are outlined in yellow.",
+            "",
+            f"![changed nuclei]({_rel(changed_png, out_dir)})",
+            "",
+        ]
     if pipeline_png:
         lines += ["## Pipeline on one patch", "", f"![pipeline]({_rel(pipeline_png, out_dir)})", ""]
     if summary.figure:
-        lines += ["## Real / virtual label / synthetic patches", "", f"![grid]({_rel(summary.figure, out_dir)})", ""]
+        lines += ["## All synthesised patches (first rows)", "", f"![grid]({_rel(summary.figure, out_dir)})", ""]
     if loss_png:
         lines += ["## Training loss", "", f"![loss]({_rel(loss_png, out_dir)})", ""]
     lines += ["## Timings", "", "| stage | seconds |", "|---|---:|"]

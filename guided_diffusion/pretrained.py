@@ -1,0 +1,142 @@
+"""Shipped models: export a finished training run as a small, self-describing model folder.
+
+A model folder (e.g. ``models/consep256_cpu/``) holds
+
+* ``model.safetensors`` -- the EMA weights of the run's newest complete checkpoint (fp32);
+* ``config.json`` -- the run's resolved settings (model + training), read back by sampling exactly
+  as for a training run folder (:func:`guided_diffusion.config.load_config_for_checkpoint`);
+* ``training.json`` -- how it was trained: data, every stage's settings, steps, wall time, seed,
+  final losses, the recipe, the machine and the SHA-256 of the weights;
+* ``loss.png`` -- the loss curve of all stages.
+
+The weights are safetensors, so loading a shipped model never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import platform
+from typing import Any, Dict, List, Optional, Sequence
+
+from . import fileio
+from .checkpoint_folder import ema_filename, list_complete_checkpoints
+from .config import CONFIG_NAME
+from .errors import DiffMixError
+
+WEIGHTS_NAME = "model.safetensors"
+RECORD_NAME = "training.json"
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The small real-data SDM shipped with the project (trained by scripts/scripts_train/consep256_cpu.sh).
+DEFAULT_MODEL = os.path.join(REPO_ROOT, "models", "consep256_cpu", WEIGHTS_NAME)
+
+
+def _stage_record(run_dir: str) -> Dict[str, Any]:
+    """One training stage: its settings, step range, wall time and last logged losses."""
+    from .report import read_progress
+
+    config = fileio.read_json(fileio.join(run_dir, CONFIG_NAME))
+    rows = [r for r in read_progress(run_dir) if "step" in r]
+    steps = list_complete_checkpoints(run_dir)
+    # Wall time from the logged throughput: each row covers the steps since the previous row.
+    wall, prev = 0.0, None
+    for r in rows:
+        if r.get("steps_per_sec"):
+            done = r["step"] - (prev if prev is not None else r["step"] - config.get("log_interval", 1))
+            wall += done / r["steps_per_sec"]
+        prev = r["step"]
+    last = rows[-1] if rows else {}
+    return {
+        "run_dir": run_dir,
+        "first_logged_step": int(rows[0]["step"]) if rows else None,
+        "final_step": steps[-1] if steps else None,
+        "wall_time_s": round(wall, 1),
+        "final_loss": last.get("loss"),
+        "final_mse": last.get("mse"),
+        "settings": {k: config.get(k) for k in (
+            "lr", "batch_size", "drop_rate", "ema_rate", "max_steps", "seed", "precision_resolved",
+            "world_size", "resume_checkpoint", "data_dir", "dataset_mode")},
+    }
+
+
+def export_model(run_dirs: Sequence[str], out_dir: str, recipe: str = "", command: str = "") -> Dict[str, Any]:
+    """Export the last of ``run_dirs`` (training stages in order) into a model folder.
+
+    Args:
+        run_dirs: training run folders, first stage first (e.g. pre-training, then fine-tuning); the
+            newest complete checkpoint of the last one is exported, all of them go into the record.
+        out_dir: the model folder to write (created; existing files are replaced atomically).
+        recipe / command: how the runs were made, for the record.
+
+    Returns:
+        The training record (also written as ``training.json``).
+    """
+    import torch
+
+    from .checkpoints import load_state_dict, save_state_dict
+    from .report import plot_loss_curve
+
+    if not run_dirs:
+        raise DiffMixError("export needs at least one training run folder")
+    for d in run_dirs:
+        if not fileio.exists(fileio.join(d, CONFIG_NAME)):
+            raise DiffMixError(f"{d}: not a training run folder (no {CONFIG_NAME})")
+    last = run_dirs[-1]
+    steps = list_complete_checkpoints(last)
+    if not steps:
+        raise DiffMixError(f"{last}: no complete checkpoint to export")
+    config = fileio.read_json(fileio.join(last, CONFIG_NAME))
+    rates = [float(r) for r in str(config.get("ema_rate", "")).split(",") if r.strip()]
+    if not rates:
+        raise DiffMixError(f"{last}/{CONFIG_NAME}: no ema_rate recorded")
+    step = steps[-1]
+    source = fileio.join(last, ema_filename(rates[0], step))
+    state = load_state_dict(source)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+    fileio.makedirs(out_dir)
+    weights = fileio.join(out_dir, WEIGHTS_NAME)
+    save_state_dict(weights, state)
+    fileio.write_json(fileio.join(out_dir, CONFIG_NAME), config)
+    plot_loss_curve([(os.path.basename(d.rstrip("/")), d) for d in run_dirs], fileio.join(out_dir, "loss.png"))
+    stages = [_stage_record(d) for d in run_dirs]
+    record = {
+        "weights": WEIGHTS_NAME,
+        "sha256": hashlib.sha256(fileio.read_bytes(weights)).hexdigest(),
+        "exported_from": source,
+        "step": step,
+        "ema_rate": rates[0],
+        "parameters": int(sum(v.numel() for v in state.values())),
+        "data": {"data_dir": config.get("data_dir"), "dataset_mode": config.get("dataset_mode"),
+                 "split": "Train" if config.get("is_train", True) else "Test"},
+        "seed": config.get("seed"),
+        "stages": stages,
+        "total_wall_time_s": round(sum(s["wall_time_s"] for s in stages), 1),
+        "recipe": recipe,
+        "command": command,
+        "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads()},
+    }
+    fileio.write_json(fileio.join(out_dir, RECORD_NAME), record)
+    return record
+
+
+def describe(model_path: str) -> Optional[Dict[str, Any]]:
+    """The training record beside a shipped model's weights, or None if there is none."""
+    path = fileio.join(os.path.dirname(model_path) or ".", RECORD_NAME)
+    return fileio.read_json(path) if fileio.exists(path) else None
+
+
+def stage_lines(record: Dict[str, Any]) -> List[str]:
+    """One Markdown line per training stage of a record (for reports)."""
+    lines = []
+    for s in record.get("stages", []):
+        st = s["settings"]
+        lines.append(
+            f"- `{os.path.basename(str(s['run_dir']).rstrip('/'))}`: to step {s['final_step']}, lr {st['lr']}, "
+            f"batch {st['batch_size']}, drop rate {st['drop_rate']}, EMA {st['ema_rate']}, "
+            f"{s['wall_time_s'] / 60:.0f} min, final loss {s['final_loss']:.4f}"
+        )
+    return lines

@@ -1,0 +1,112 @@
+"""The shipped pretrained SDM (models/consep256_cpu) and the shipped real sample (datasets/sample):
+the model loads strictly with its own config, and the demo's synthesis path turns one real patch
+into a synthetic patch with the right labels. Also the export that made the model folder."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+
+from guided_diffusion import fileio
+from guided_diffusion.config import ModelConfig, load_config_for_checkpoint
+from guided_diffusion.data.readers import list_samples, read_samples
+from guided_diffusion.data.classes import resolve_class_table
+from guided_diffusion.demo import SAMPLE_DATA
+from guided_diffusion.pretrained import DEFAULT_MODEL, describe, export_model
+from guided_diffusion.synthesis import SampleConfig, run_synthesis
+from guided_diffusion.synthesis.settings import load_model_and_diffusion
+
+
+def test_shipped_model_loads_strictly_with_its_config():
+    config = load_config_for_checkpoint(DEFAULT_MODEL)
+    assert config is not None, "config.json must sit beside the shipped weights"
+    model_cfg = ModelConfig.from_dict(config)
+    assert model_cfg.class_cond and model_cfg.num_classes == 5 and model_cfg.spade_hidden < 128
+    model, _ = load_model_and_diffusion(DEFAULT_MODEL, model_cfg.to_dict(), torch.device("cpu"))  # strict
+    weights = sum(p.numel() for p in model.parameters())
+    record = describe(DEFAULT_MODEL)
+    assert record["parameters"] == weights
+    assert os.path.getsize(DEFAULT_MODEL) < 25 * 2**20
+    # The record says how it was trained: two stages, the second classifier-free.
+    first, second = record["stages"]
+    assert first["settings"]["drop_rate"] == 0.0 and second["settings"]["drop_rate"] == 0.2
+    assert second["final_step"] > first["final_step"] > 0 and record["total_wall_time_s"] > 0
+    assert record["recipe"].endswith("consep256_cpu.sh")
+    import hashlib
+
+    assert hashlib.sha256(fileio.read_bytes(DEFAULT_MODEL)).hexdigest() == record["sha256"]
+
+
+def test_shipped_sample_is_real_consep_in_the_layout_the_tools_read():
+    table = resolve_class_table("custom", None, 5)
+    samples = read_samples(list_samples(SAMPLE_DATA, "Train"), table)
+    assert len(samples) == 8
+    classes = np.concatenate([np.unique(s.type_map) for s in samples])
+    assert set(classes.tolist()) == {0, 1, 2, 3, 4}  # every merged class, the rare one included
+    assert all(s.image.shape == (256, 256, 3) for s in samples)
+
+
+def test_demo_synthesis_path_with_the_shipped_model_on_one_shipped_patch(tmp_path):
+    """One real patch, its own label map, a few DDIM steps: the demo's sampling call, shortened."""
+    stem = "train_24_008"
+    model_cfg = ModelConfig.from_dict(load_config_for_checkpoint(DEFAULT_MODEL)).to_dict()
+    model_cfg["timestep_respacing"] = "ddim10"
+    cfg = SampleConfig(
+        data_dir=SAMPLE_DATA, dataset_mode="custom", model_path=DEFAULT_MODEL, results_path=str(tmp_path),
+        run_name="one", s=1.5, ddim_percent=50, batch_size=1, num_samples=1, idx_img=stem, seed=3,
+        progress=False, figure_rows=1,
+    )
+    summary = run_synthesis(cfg, model_cfg, model_config_source=DEFAULT_MODEL)
+    assert len(summary.written) == 1
+    rec = json.loads((tmp_path / "one" / "records" / f"{summary.written[0]}.json").read_text())
+    patch = np.load(tmp_path / "one" / "npy_patch" / f"{rec['name']}.npy")
+    size = model_cfg["image_size"]
+    assert patch.shape == (size, size, 5) and patch.dtype == np.int32
+    c = rec["crop"]
+    label = fileio.read_mat(os.path.join(SAMPLE_DATA, "Train", "Labels", f"{stem}.mat"))
+    np.testing.assert_array_equal(patch[..., 4], label["type_map"][c["y0"]: c["y0"] + size, c["x0"]: c["x0"] + size])
+    real = fileio.read_image(os.path.join(SAMPLE_DATA, "Train", "Images", f"{stem}.jpg"))
+    real = real[c["y0"]: c["y0"] + size, c["x0"]: c["x0"] + size].astype(np.float64)
+    synth = patch[..., :3].astype(np.float64)
+    # A new image (not the real one returned), yet the same tissue: SDEdit keeps the layout, so the
+    # synthetic patch correlates with the real one it started from and keeps H&E colours (blue < red).
+    assert np.abs(synth - real).mean() > 2
+    assert np.corrcoef(synth.mean(-1).ravel(), real.mean(-1).ravel())[0, 1] > 0.3
+    assert synth[..., 0].mean() > synth[..., 1].mean()
+    nuclei = patch[..., 3] > 0
+    assert synth[nuclei].mean() < synth[~nuclei].mean()  # nuclei (haematoxylin) are darker
+
+
+def test_export_writes_a_model_folder_that_sampling_loads(tmp_path):
+    """export_model on a tiny two-stage run: safetensors EMA weights equal the run's EMA file, the
+    config and the record sit beside them, and sampling loads the folder strictly."""
+    from guided_diffusion.checkpoints import load_state_dict
+    from guided_diffusion.data import make_toy_dataset
+    from guided_diffusion.train_util import TrainConfig, train
+
+    data = tmp_path / "toy"
+    make_toy_dataset(str(data), num_train=2, num_test=0, size=64, seed=0, progress=False)
+    model_cfg = ModelConfig(image_size=32, num_classes=5, num_channels=32, num_res_blocks=1, channel_mult="1,2",
+                            attention_resolutions="16", num_head_channels=16, class_cond=True, learn_sigma=True,
+                            spade_hidden=16, diffusion_steps=50)
+    common = dict(data_dir=str(data), dataset_mode="consep", batch_size=2, ema_rate="0.9", log_interval=1,
+                  progress=False, seed=0)
+    pre, fine = tmp_path / "pre", tmp_path / "fine"
+    train(model_cfg, TrainConfig(lr=1e-4, max_steps=2, save_interval=2, log_dir=str(pre), **common))
+    train(model_cfg, TrainConfig(lr=1e-4, drop_rate=0.2, max_steps=3, save_interval=3, log_dir=str(fine),
+                                 resume_checkpoint=str(pre / "model000002.pt"), **common))
+    out = tmp_path / "model"
+    record = export_model([str(pre), str(fine)], str(out), recipe="recipe.sh", command="cmd")
+    assert record["step"] == 3 and [s["final_step"] for s in record["stages"]] == [2, 3]
+    assert [s["settings"]["drop_rate"] for s in record["stages"]] == [0.0, 0.2]
+    assert (out / "loss.png").exists() and json.loads((out / "training.json").read_text()) == record
+    exported = load_state_dict(str(out / "model.safetensors"))
+    ema = load_state_dict(str(fine / "ema_0.9_000003.pt"))
+    assert exported.keys() == ema.keys() and all(torch.equal(exported[k], ema[k].float()) for k in ema)
+    model, _ = load_model_and_diffusion(str(out / "model.safetensors"),
+                                        ModelConfig.from_dict(load_config_for_checkpoint(str(out / "model.safetensors"))).to_dict(),
+                                        torch.device("cpu"))
+    assert model.output_blocks[0][0].in_norm.mlp_shared[0].out_channels == 16
