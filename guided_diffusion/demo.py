@@ -58,7 +58,7 @@ class DemoConfig:
     out_dir: str = field(default="runs/demo", metadata={"help": "run folder (everything is written inside)"})
     preset: str = field(default="demo", metadata={"help": "demo, quick (tiny, for tests) or paper (GPU, real data)"})
     data_dir: str = field(default="", metadata={"help": "real dataset root (CoNSeP/GLySAC layout); '' = make the toy dataset"})
-    dataset_mode: str = field(default="consep", metadata={"help": "consep, glysac or custom"})
+    dataset_mode: str = field(default="consep", metadata={"help": "consep, glysac, custom, pannuke, conic or lizard"})
     num_classes: int = field(default=0, metadata={"help": "custom mode: classes incl. background (0 = from the mode)"})
     seed: int = field(default=0, metadata={"help": "seed of every stage (toy data, GradMix, training, sampling)"})
     toy_train: Optional[int] = field(default=None, metadata={"help": "toy training tiles"})
@@ -168,7 +168,7 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
 
     # Every file is checked (pairing, keys, sizes >= the crop, class table) before any stage writes.
     stages.run(
-        "data check", read_samples, list_samples(data_dir, "Train"), table, min_size=cfg.image_size,
+        "data check", read_samples, list_samples(data_dir, "Train", dataset_mode=cfg.dataset_mode), table, min_size=cfg.image_size,
         what=f"dataset {data_dir}", progress=False,
     )
 
