@@ -84,15 +84,20 @@ def main(argv=None) -> dict:
     if mode is not None:
         table = resolve_class_table(mode, args.class_table, args.num_classes)
     if is_format(mode):
+        source = f"{args.true_dir} ({mode}, split {args.split})"
         with tempfile.TemporaryDirectory(prefix="diffmix-gt-") as tmp:
             # The data layer reads the dataset as distributed; its labels become .mat ground truth.
             summary = convert_to_consep(args.true_dir, mode, tmp, [args.split], progress=False, images=False)
             (split_info,) = summary["splits"].values()
-            return _evaluate(args, os.path.join(tmp, split_info["folder"], "Labels"), table)
+            labels = os.path.join(tmp, split_info["folder"], "Labels")
+            try:
+                return _evaluate(args, labels, table, source)
+            except DiffMixError as err:  # name the dataset, not the temporary folder
+                raise DiffMixError(str(err).replace(labels, source)) from None
     return _evaluate(args, args.true_dir, table)
 
 
-def _evaluate(args, true_dir: str, table) -> dict:
+def _evaluate(args, true_dir: str, table, true_source=None) -> dict:
     result = metrics.evaluate_folders(
         true_dir,
         args.pred_dir,
@@ -102,6 +107,7 @@ def _evaluate(args, true_dir: str, table) -> dict:
         match_iou=args.match_iou,
         progress=not args.no_progress,
         class_table=table,
+        true_source=true_source,
     )
     print(metrics.format_table(result))
     if args.out_dir:

@@ -49,8 +49,8 @@ def convert_to_consep(
     fmt = get_format(dataset_mode)
     targets = [(s, fileio.join(out_dir, s)) for s in splits] if fmt.has_folds(data_dir) else [("all", out_dir)]
     written: Dict[str, List[str]] = {}
-    for split, folder in targets:
-        samples = list_samples(data_dir, split, dataset_mode=dataset_mode)
+    listed = [list_samples(data_dir, split, dataset_mode=dataset_mode) for split, _ in targets]  # all checks first
+    for (split, folder), samples in zip(targets, listed):
         fileio.makedirs(fileio.join(folder, "Labels"))
         for files in tqdm(samples, desc=f"converting {split}", unit="image", disable=not progress):
             inst, types = read_sample_labels(files, fmt.TABLE)
