@@ -84,11 +84,15 @@ def test_pannuke_maps_counts_centroids_and_folds(tmp_path):
     assert isinstance(open_array(str(tmp_path / "Fold 1" / "masks" / "fold1" / "masks.npy")), np.memmap)
 
 
-def test_pannuke_flat_folder_holding_the_arrays(tmp_path):
-    write_pannuke(str(tmp_path), {2: PANNUKE_FOLDS[1]}, official=False)
-    samples = _read(tmp_path / "fold2", "pannuke", split="Train")
-    assert [s.files.stem for s in samples] == ["fold2_00000", "fold2_00001"]
-    assert samples[1].type_map.max() == 5
+def test_pannuke_flat_folders_holding_the_arrays(tmp_path):
+    write_pannuke(str(tmp_path), official=False)  # root/fold<k>/{images,masks,types}.npy
+    samples = _read(tmp_path / "fold2", "pannuke", split="Test")  # a fold folder: read whole
+    assert [s.files.stem for s in samples] == ["fold2_00000"]
+    assert samples[0].type_map.max() == 4
+    assert [s.stem for s in list_samples(str(tmp_path), "Test", dataset_mode="pannuke")] == ["fold3_00000"]
+    os.remove(tmp_path / "fold1" / "masks.npy")
+    with pytest.raises(DiffMixError, match=r"fold1: a PanNuke fold needs images\.npy and masks\.npy; only images\.npy"):
+        list_samples(str(tmp_path), "Train", dataset_mode="pannuke")
 
 
 def _pannuke_fold(tmp_path, images, masks):

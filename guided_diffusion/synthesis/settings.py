@@ -85,8 +85,12 @@ class SampleConfig:
             raise DiffMixError("--num_samples, --stride and --figure_rows must be >= 0")
         if not self.data_dir:
             raise DiffMixError("--data_dir is required (the real reference images)")
-        if self.source_format and self.dataset_mode.lower() not in ("pannuke", "conic"):
-            raise DiffMixError(f"--source_format applies to dataset_mode pannuke or conic, not {self.dataset_mode!r}")
+        if self.source_format:
+            from ..data.formats.export import ARRAY_FORMATS
+
+            if self.dataset_mode.lower() not in ARRAY_FORMATS:
+                raise DiffMixError(f"--source_format applies to dataset_mode {' or '.join(ARRAY_FORMATS)}, "
+                                   f"not {self.dataset_mode!r}")
         if not self.results_path:
             raise DiffMixError("--results_path is required")
 

@@ -190,7 +190,7 @@ def rgb_uint8(patch: np.ndarray, where: str) -> np.ndarray:
     """A patch's RGB (any numeric dtype, values 0..255) as uint8 [H, W, 3] (rounded)."""
     a = np.asarray(patch)
     if a.dtype == np.uint8:
-        return np.ascontiguousarray(a)
+        return np.array(a)  # a copy: callers may write into it, the memory map is read-only
     if a.size and (not np.all(np.isfinite(a)) or a.min() < 0 or a.max() > 255):
         raise DiffMixError(f"{where}: image values outside 0..255")
     return np.ascontiguousarray(np.rint(a).astype(np.uint8))

@@ -91,6 +91,8 @@ def read_labels(files: SampleFiles) -> Tuple[np.ndarray, np.ndarray]:
         raise DiffMixError(f"{path}: inst_map has shape {inst.shape} and dtype {inst.dtype}, expected a 2-D integer map")
     if inst.size and inst.min() < 0:
         raise DiffMixError(f"{path}: inst_map holds negative values")
+    if inst.dtype.kind == "f" and not np.array_equal(inst, np.round(inst)):
+        raise DiffMixError(f"{path}: inst_map holds non-integer values")
     inst = inst.astype(np.int64)
     present = np.unique(inst)
     present = present[present != 0]

@@ -55,15 +55,14 @@ def _fold_number(*names: str) -> Optional[int]:
 
 
 def _fold_files(folder: str) -> Optional[Tuple[str, str, Optional[str]]]:
-    """``(images.npy, masks.npy, types.npy or None)`` of a fold folder, None if it is not one."""
+    """``(images.npy, masks.npy, types.npy or None)`` of a fold folder; None if it is not one (no
+    arrays, or several: a root holding fold folders)."""
     images, masks = _one(folder, "images.npy"), _one(folder, "masks.npy")
-    if not images and not masks:
+    if len(images) > 1 or len(masks) > 1 or not (images or masks):
         return None
     if len(images) != 1 or len(masks) != 1:
-        raise DiffMixError(
-            f"{folder}: expected one images.npy and one masks.npy (found {len(images)} and {len(masks)}); "
-            "give a single fold folder or the root holding the fold folders"
-        )
+        raise DiffMixError(f"{folder}: a PanNuke fold needs images.npy and masks.npy; only "
+                           f"{os.path.basename((images or masks)[0])} found ({(images or masks)[0]})")
     types = os.path.join(os.path.dirname(images[0]), "types.npy")
     return images[0], masks[0], types if os.path.isfile(types) else None
 
@@ -135,26 +134,31 @@ def read_image(files: SampleFiles) -> np.ndarray:
 def read_labels(files: SampleFiles) -> Tuple[np.ndarray, np.ndarray]:
     """``(inst int64 [H, W], raw type int64 [H, W])`` from the five nucleus channels."""
     _, masks, i, _ = files.member
-    ch = np.asarray(open_array(masks)[i][..., : len(CHANNELS)])
+    # channel-first planes: the per-pixel reductions below become fast whole-plane operations
+    ch = np.moveaxis(open_array(masks)[i][..., : len(CHANNELS)], -1, 0)
     where = files.label
-    if ch.dtype.kind == "f" and (not np.all(np.isfinite(ch)) or not np.array_equal(ch, np.round(ch))):
+    with np.errstate(invalid="ignore"):  # NaN / inf fail the equality check below
+        ids = ch.astype(np.int64, order="C")
+    if ch.dtype.kind == "f" and not np.array_equal(ids, ch):
         raise DiffMixError(f"{where}: instance ids are not integers")
-    ids = ch.astype(np.int64)
     if ids.size and ids.min() < 0:
         raise DiffMixError(f"{where}: negative instance ids")
     nz = ids > 0
-    shared_px = int((nz.sum(-1) > 1).sum())
+    per_pixel = nz.sum(axis=0, dtype=np.int8)
+    shared_px = int(np.count_nonzero(per_pixel > 1))
     if shared_px:
         raise DiffMixError(f"{where}: {shared_px} pixels belong to nuclei of two channels (each pixel has one class)")
-    chan = np.broadcast_to(np.arange(len(CHANNELS)), ids.shape)
-    pairs = np.unique(np.stack([ids[nz], chan[nz]], axis=1), axis=0)
-    ids_seen, counts = np.unique(pairs[:, 0], return_counts=True)
+    fg = per_pixel > 0
+    # at most one channel is non-zero per pixel, so sums pick that channel's id and number
+    inst = ids.sum(axis=0)
+    raw = (nz * np.arange(1, len(CHANNELS) + 1, dtype=np.int8)[:, None, None]).sum(axis=0, dtype=np.int64)
+    # (id, channel) pairs of the nuclei; an id with two channels would merge two nuclei into one
+    pairs = np.unique(inst[fg] * 8 + raw[fg] - 1)
+    pair_ids, counts = np.unique(pairs // 8, return_counts=True)
     if (counts > 1).any():
-        dup = ids_seen[counts > 1]
-        where_dup = {int(d): [CHANNELS[c] for c in pairs[pairs[:, 0] == d, 1]] for d in dup[:3]}
-        raise DiffMixError(f"{where}: instance ids shared across channels {where_dup} (ids must be unique per patch)")
-    inst = ids.sum(-1)
-    raw = np.where(nz.any(-1), nz.argmax(-1) + 1, 0)
+        dup = pair_ids[counts > 1][:3]
+        shared = {int(d): [CHANNELS[int(p % 8)] for p in pairs[pairs // 8 == d]] for d in dup}
+        raise DiffMixError(f"{where}: instance ids shared across channels {shared} (ids must be unique per patch)")
     return inst, raw
 
 
