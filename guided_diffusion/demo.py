@@ -64,7 +64,7 @@ class DemoConfig:
     out_dir: str = field(default="runs/demo", metadata={"help": "run folder (everything is written inside)"})
     preset: str = field(default="demo", metadata={"help": "demo (real sample + pretrained SDM), quick (toy, tiny, for tests) or paper (GPU, real data)"})
     data_dir: Optional[str] = field(default=None, metadata={"help": "dataset root (CoNSeP layout); '' = make the toy dataset"})
-    dataset_mode: Optional[str] = field(default=None, metadata={"help": "consep, glysac or custom"})
+    dataset_mode: Optional[str] = field(default=None, metadata={"help": "consep, glysac, custom, pannuke, conic or lizard"})
     num_classes: Optional[int] = field(default=None, metadata={"help": "custom mode: classes incl. background (0 = from the mode)"})
     model_path: Optional[str] = field(default=None, metadata={"help": "pretrained SDM (config.json beside it); '' = train one here"})
     retrain: bool = field(default=False, metadata={"help": "train the SDM from scratch instead of using --model_path (its training.json gives the recipe)"})
@@ -257,7 +257,7 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
         image_size = int(cfg.image_size)
     if cfg.data_dir:
         stages.run(
-            "data check", read_samples, list_samples(cfg.data_dir, "Train"), table, min_size=image_size,
+            "data check", read_samples, list_samples(cfg.data_dir, "Train", dataset_mode=cfg.dataset_mode), table, min_size=image_size,
             what=f"dataset {cfg.data_dir}", progress=False,
         )
     fileio.makedirs(out)
@@ -280,7 +280,7 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
                 size=cfg.toy_size, seed=cfg.seed, config=toy_cfg, progress=cfg.progress,
             )
         stages.run(
-            "data check", read_samples, list_samples(data_dir, "Train"), table, min_size=image_size,
+            "data check", read_samples, list_samples(data_dir, "Train", dataset_mode=cfg.dataset_mode), table, min_size=image_size,
             what=f"dataset {data_dir}", progress=False,
         )
     stages.outputs["dataset"] = data_dir

@@ -689,6 +689,7 @@ def evaluate_folders(
     match_iou: float = 0.5,
     progress: bool = True,
     class_table=None,
+    true_source: Optional[str] = None,
 ) -> dict:
     """Evaluate predicted label files against true ones, paired by file stem.
 
@@ -711,6 +712,8 @@ def evaluate_folders(
             None: types are compared as stored; if the ground truth then has types above every
             predicted one (raw vs merged ids, likely), a warning goes to stderr and into
             ``result["warnings"]``.
+        true_source: what the reports name as the ground truth (default ``true_dir``; e.g. the
+            dataset a temporary ``true_dir`` was converted from).
 
     Returns:
         dict with ``settings``, ``instance`` (means of the six metrics over images),
@@ -804,7 +807,7 @@ def evaluate_folders(
             print(message, file=sys.stderr)
     result = {
         "settings": {
-            "true_dir": true_dir,
+            "true_dir": true_source or true_dir,
             "pred_dir": pred_dir,
             "radius": float(radius),
             "num_classes": num_classes,

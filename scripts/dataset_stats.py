@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from guided_diffusion import fileio
-from guided_diffusion.data.classes import resolve_class_table
+from guided_diffusion.data.classes import DATASET_MODES, resolve_class_table
 from guided_diffusion.data.stats import (
     dataset_statistics,
     format_table,
@@ -40,11 +40,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="with --label_dir: the source dataset to compare against (writes balance.csv/png, before/after)",
     )
     data = p.add_argument_group("dataset reading (for --data_dir and --before_dir)")
-    data.add_argument("--dataset_mode", default="consep", choices=["consep", "glysac", "custom"],
+    data.add_argument("--dataset_mode", default="consep", choices=DATASET_MODES,
                       help="class table that merges raw type ids (also validates --label_dir maps)")
     data.add_argument("--class_table", default=None, help="custom mode: class table JSON (raw id -> class)")
     data.add_argument("--num_classes", type=int, default=None, help="custom mode: identity table size incl. background")
-    data.add_argument("--split", default="Train", help="split folder under the dataset root")
+    data.add_argument("--split", default="Train", help="split folder under the dataset root "
+                      "(pannuke/conic/lizard: Train = folds 1,2, Test = fold 3, all, or fold1,fold3)")
     data.add_argument("--image_folder", default="Images", help="image subfolder of the split")
     data.add_argument("--label_folder", default="Labels", help="label subfolder of the split")
     p.add_argument("--out_dir", required=True, help="where the CSV/PNG tables and stats_settings.json go")

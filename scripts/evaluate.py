@@ -11,6 +11,12 @@ classes the predictions use: pass ``--dataset_mode consep`` or ``glysac`` (or ``
 truth only (``.mat`` files marked ``classes_merged=1`` are not merged again); predictions must
 already be in merged classes. Without ``--dataset_mode`` types are compared as stored.
 
+With ``--dataset_mode pannuke``, ``conic`` or ``lizard``, ``--true_dir`` is the dataset as
+distributed and ``--split`` (default Test = fold 3) picks the ground truth; predictions are named by
+the data layer's stems (``fold3_00012``, ``consep_1-0003``, Lizard image names). Ground truth
+converted with scripts/convert_dataset.py is evaluated with ``--dataset_mode custom --class_table
+<converted>/class_table.json``.
+
     python scripts/evaluate.py --true_dir datasets/consep/Test/Labels --pred_dir out/pred \
         --out_dir out/eval --dataset_mode consep
 """
@@ -18,9 +24,13 @@ already be in merged classes. Without ``--dataset_mode`` types are compared as s
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 
 from guided_diffusion import metrics
 from guided_diffusion.data.classes import DATASET_MODES, resolve_class_table
+from guided_diffusion.data.formats import is_format
+from guided_diffusion.data.formats.export import convert_to_consep
 from guided_diffusion.errors import DiffMixError, run_cli
 
 
@@ -55,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--match_iou", type=float, default=0.5, help="PQ match threshold, IoU > this (default 0.5)"
     )
+    parser.add_argument(
+        "--split", default="Test",
+        help="pannuke/conic/lizard: the ground-truth split of --true_dir (Test = fold 3, fold1, all, ...)",
+    )
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -69,8 +83,23 @@ def main(argv=None) -> dict:
     table = None
     if mode is not None:
         table = resolve_class_table(mode, args.class_table, args.num_classes)
+    if is_format(mode):
+        source = f"{args.true_dir} ({mode}, split {args.split})"
+        with tempfile.TemporaryDirectory(prefix="diffmix-gt-") as tmp:
+            # The data layer reads the dataset as distributed; its labels become .mat ground truth.
+            summary = convert_to_consep(args.true_dir, mode, tmp, [args.split], progress=False, images=False)
+            (split_info,) = summary["splits"].values()
+            labels = os.path.join(tmp, split_info["folder"], "Labels")
+            try:
+                return _evaluate(args, labels, table, source)
+            except DiffMixError as err:  # name the dataset, not the temporary folder
+                raise DiffMixError(str(err).replace(labels, source)) from None
+    return _evaluate(args, args.true_dir, table)
+
+
+def _evaluate(args, true_dir: str, table, true_source=None) -> dict:
     result = metrics.evaluate_folders(
-        args.true_dir,
+        true_dir,
         args.pred_dir,
         radius=args.radius,
         num_classes=args.num_classes,
@@ -78,6 +107,7 @@ def main(argv=None) -> dict:
         match_iou=args.match_iou,
         progress=not args.no_progress,
         class_table=table,
+        true_source=true_source,
     )
     print(metrics.format_table(result))
     if args.out_dir:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 
 from guided_diffusion.config import HelpFormatter, str2bool
+from guided_diffusion.data.classes import DATASET_MODES
 from guided_diffusion.errors import DiffMixError, run_cli
 from guided_diffusion.gradmix import KINDS, run_gradmix
 
@@ -35,11 +36,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     io_ = p.add_argument_group("data")
     io_.add_argument("--data_dir", required=True, help="dataset root (holding --split) or the split folder")
-    io_.add_argument("--dataset_mode", default="consep", choices=["consep", "glysac", "custom"],
+    io_.add_argument("--dataset_mode", default="consep", choices=DATASET_MODES,
                      help="class table that merges the raw type ids (custom: see --class_table/--num_classes)")
     io_.add_argument("--class_table", default=None, help="custom mode: class table JSON (raw id -> class)")
     io_.add_argument("--num_classes", type=int, default=None, help="custom mode: classes incl. background")
-    io_.add_argument("--split", default="Train", help="split folder under --data_dir (ignored if it is the split)")
+    io_.add_argument("--split", default="Train", help="split folder under --data_dir (ignored if it is the split; "
+                     "pannuke/conic/lizard: Train = folds 1,2, Test = fold 3, all, or fold1,fold3)")
     io_.add_argument("--image_folder", default="Images", help="image subfolder of the split")
     io_.add_argument("--label_folder", default="Labels", help="label subfolder of the split")
     io_.add_argument("--stems", default=None, help="comma-separated source stems; default: every stem of the split")
@@ -57,7 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "never read, so a broken image file goes unnoticed")
 
     bal = p.add_argument_group("balancing (GradMix)")
-    bal.add_argument("--minor", default=None, help="minor classes, e.g. 1 or 1,2; default: 1")
+    bal.add_argument("--minor", default=None, help="minor classes, e.g. 1 or 1,2; default: the dataset's rare "
+                     "classes (pannuke 4 dead; conic/lizard 1,5 neutrophil, eosinophil), else 1")
     bal.add_argument("--major", default=None, help="major classes; default: every class not in --minor")
     bal.add_argument("--margin", type=float, default=30, help="border exclusion (px) for targets and donors")
     bal.add_argument("--fraction", type=float, default=0.8, help="share of eligible major nuclei replaced")

@@ -71,6 +71,8 @@ def main(argv=None) -> None:
     )
     if summary.figure:
         print(f"figure: {summary.figure}")
+    if summary.source_format:
+        print(f"source-format arrays: {summary.source_format}")
 
 
 if __name__ == "__main__":

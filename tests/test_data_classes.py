@@ -79,6 +79,6 @@ def test_resolve_class_table():
     with pytest.raises(DiffMixError, match="custom needs"):
         resolve_class_table("custom")
     with pytest.raises(DiffMixError, match="dataset_mode"):
-        resolve_class_table("pannuke")
+        resolve_class_table("monuseg")
     with pytest.raises(DiffMixError, match="only used with dataset_mode custom"):
         resolve_class_table("consep", class_table=identity_table(5))

@@ -225,4 +225,4 @@ def test_cli_messages_name_the_flag_and_count_properly(toy, tmp_path, capsys):
         cli.parse_args(["--help"])
     shown = " ".join(capsys.readouterr().out.split())
     assert "(default: None)" not in shown and "default 1)" not in shown
-    assert "minor classes, e.g. 1 or 1,2; default: 1" in shown and "--split SPLIT split folder" in shown
+    assert "minor classes, e.g. 1 or 1,2; default: the dataset's rare classes" in shown and "--split SPLIT split folder" in shown

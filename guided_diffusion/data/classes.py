@@ -12,6 +12,7 @@ Merged class 0 is always background. ``num_classes`` counts background, as the m
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence, Union
 
@@ -19,8 +20,11 @@ import numpy as np
 
 from .. import fileio
 from ..errors import DiffMixError
+from .formats import FORMAT_MODES
 
-DATASET_MODES = ("consep", "glysac", "custom")
+# consep/glysac/custom read the CoNSeP folder layout; the FORMAT_MODES read datasets as distributed
+# (guided_diffusion/data/formats/).
+DATASET_MODES = ("consep", "glysac", "custom") + FORMAT_MODES
 
 
 @dataclass(frozen=True)
@@ -33,12 +37,15 @@ class ClassTable:
         lut: ``lut[raw] = merged`` for every valid raw id ``0..len(lut)-1``; -1 marks a raw id
             that is not part of the table (reading it is a validation error). ``lut[0] == 0``.
         names: ``num_classes`` class names, index 0 = "background".
+        minor: the dataset's rare classes (merged ids), GradMix's default ``minor``; empty = the
+            DiffMix default (class 1).
     """
 
     name: str
     num_classes: int
     lut: tuple
     names: tuple
+    minor: tuple = ()
 
     def __post_init__(self):
         if self.num_classes < 2:
@@ -54,6 +61,8 @@ class ClassTable:
             raise DiffMixError(
                 f"class table {self.name!r}: {len(self.names)} names for {self.num_classes} classes"
             )
+        if any(not 1 <= c < self.num_classes for c in self.minor):
+            raise DiffMixError(f"class table {self.name!r}: minor classes {list(self.minor)} outside 1..{self.num_classes - 1}")
 
     @property
     def raw_ids(self) -> list:
@@ -90,10 +99,11 @@ class ClassTable:
             "num_classes": self.num_classes,
             "map": {str(r): int(m) for r, m in enumerate(self.lut) if m != -1},
             "names": list(self.names),
+            **({"minor": list(self.minor)} if self.minor else {}),
         }
 
 
-def _table(name: str, groups: Mapping[int, Sequence[int]], names: Sequence[str]) -> ClassTable:
+def _table(name: str, groups: Mapping[int, Sequence[int]], names: Sequence[str], minor: Sequence[int] = ()) -> ClassTable:
     """Build a table from ``{merged: [raw ids]}``; background 0 -> 0 is implicit."""
     size = max(r for raws in groups.values() for r in raws) + 1
     lut = [-1] * size
@@ -101,7 +111,7 @@ def _table(name: str, groups: Mapping[int, Sequence[int]], names: Sequence[str])
     for merged, raws in groups.items():
         for r in raws:
             lut[r] = merged
-    return ClassTable(name=name, num_classes=len(names), lut=tuple(lut), names=tuple(names))
+    return ClassTable(name=name, num_classes=len(names), lut=tuple(lut), names=tuple(names), minor=tuple(minor))
 
 
 # CoNSeP raw ids: 1 other, 2 inflammatory, 3 healthy epithelial, 4 dysplastic/malignant epithelial,
@@ -137,7 +147,7 @@ def load_class_table(path: str) -> ClassTable:
 
     ``map`` takes raw ids (string keys) to merged classes; raw 0 always maps to 0 and raw ids absent
     from ``map`` are invalid. Without ``map`` the table is the identity over ``num_classes``.
-    ``names`` is optional.
+    ``names`` and ``minor`` (the rare classes, GradMix's default minor) are optional.
     """
     obj = fileio.read_json(path)
     if not isinstance(obj, dict) or "num_classes" not in obj:
@@ -150,8 +160,9 @@ def load_class_table(path: str) -> ClassTable:
         default_names = ["background"] + [f"class{k}" for k in range(1, num_classes)]
         names = tuple(str(n) for n in (names or default_names))
         name = str(obj.get("name", "custom"))
+        minor = tuple(int(c) for c in obj.get("minor", ()))
         if "map" not in obj:
-            return identity_table(num_classes, names, name=name)
+            return dataclasses.replace(identity_table(num_classes, names, name=name), minor=minor)
         mapping = {int(k): int(v) for k, v in dict(obj["map"]).items()}
     except (TypeError, ValueError) as err:
         raise DiffMixError(f"{path}: malformed class table ({err})") from None
@@ -165,7 +176,7 @@ def load_class_table(path: str) -> ClassTable:
         if not 0 <= merged < num_classes:
             raise DiffMixError(f"{path}: raw id {raw} maps to {merged}, outside 0..{num_classes - 1}")
         lut[raw] = merged
-    return ClassTable(name=name, num_classes=num_classes, lut=tuple(lut), names=names)
+    return ClassTable(name=name, num_classes=num_classes, lut=tuple(lut), names=names, minor=minor)
 
 
 def resolve_class_table(
@@ -176,20 +187,26 @@ def resolve_class_table(
     """The class table for a dataset mode.
 
     Args:
-        dataset_mode: "consep", "glysac" or "custom".
+        dataset_mode: one of :data:`DATASET_MODES`.
         class_table: for "custom" only: a :class:`ClassTable` or the path of a mapping file.
-        num_classes: optional check for "consep"/"glysac" (must equal 5 / 4); for "custom" without
+        num_classes: optional check for the fixed tables (consep 5, glysac 4, pannuke 6, conic and
+            lizard 7); for "custom" without
             ``class_table`` it gives the identity table over ``num_classes`` classes.
     """
     mode = str(dataset_mode).lower()
     if mode not in DATASET_MODES:
         raise DiffMixError(f"dataset_mode {dataset_mode!r}: expected one of {', '.join(DATASET_MODES)}")
-    if mode in ("consep", "glysac"):
+    if mode != "custom":
         if class_table is not None:
             raise DiffMixError(
                 f"class_table is only used with dataset_mode custom (dataset_mode {mode} has a fixed table)"
             )
-        table = CONSEP if mode == "consep" else GLYSAC
+        if mode in FORMAT_MODES:
+            from .formats import get_format
+
+            table = get_format(mode).TABLE
+        else:
+            table = CONSEP if mode == "consep" else GLYSAC
         if num_classes is not None and int(num_classes) != table.num_classes:
             raise DiffMixError(
                 f"num_classes={num_classes} does not match dataset_mode {mode} "

@@ -8,6 +8,8 @@ Supported layouts (paths local or remote through :mod:`guided_diffusion.fileio`)
   written). ``data_dir`` may be the root (a split is then chosen) or the split folder itself. Other
   folder names (e.g. ``imgs``/``masks``) are given with ``image_folder``/``label_folder``.
 * HoVer-Net patches: a folder of ``.npy`` arrays [H, W, 5] (RGB, instance id, raw type).
+* PanNuke, CoNIC and Lizard as distributed (``dataset_mode`` pannuke, conic, lizard): listed and
+  read by :mod:`guided_diffusion.data.formats`; their :class:`SampleFiles` carry ``format``.
 
 Images and labels are paired by file stem, never by the sort order of two listings. Every problem
 of a dataset (unpaired files, unreadable files, missing keys, size mismatches, type values outside
@@ -43,13 +45,19 @@ class SampleFiles:
 
     Attributes:
         stem: file name without extension, the pairing key.
-        image: path of the image (for HoVer-Net patches, the ``.npy`` path).
+        image: path of the image (for HoVer-Net patches, the ``.npy`` path; for a patch of an
+            array dataset, ``<array path>[<index>]``).
         label: path of the ``.mat`` label (for HoVer-Net patches, the same ``.npy`` path).
+        format: the distributed-format dataset mode that reads this sample ('' = CoNSeP layout
+            or HoVer-Net patch).
+        member: where the format finds the sample inside its files (format-specific tuple).
     """
 
     stem: str
     image: str
     label: str
+    format: str = ""
+    member: tuple = ()
 
     @property
     def is_npy(self) -> bool:
@@ -175,19 +183,27 @@ def list_samples(
     image_folder: str = "Images",
     label_folder: str = "Labels",
     stems: Optional[Sequence[str]] = None,
+    dataset_mode: str = "",
 ) -> List[SampleFiles]:
     """List a split's labelled images, paired by stem, sorted by stem.
 
     Args:
         stems: if given, keep only these stems (a stem that does not exist is an error).
+        dataset_mode: a distributed format (pannuke, conic, lizard) is listed by its reader (which
+            interprets ``split`` as folds); other modes read the CoNSeP layout.
 
     Raises:
         DiffMixError listing every image without a label, label without an image, or stem present
         twice (e.g. ``a.png`` and ``a.tif``), each naming both folders and the stem.
     """
-    folder, layout = resolve_split_dir(data_dir, split, image_folder, label_folder)
+    from .formats import get_format, is_format
+
+    folder, layout = (str(data_dir), "format") if is_format(dataset_mode) else resolve_split_dir(
+        data_dir, split, image_folder, label_folder)
     problems = Problems(f"dataset {folder}")
-    if layout == "npy":
+    if layout == "format":
+        samples = get_format(dataset_mode).list_samples(folder, split)
+    elif layout == "npy":
         samples = [
             SampleFiles(stem, fileio.join(folder, n), fileio.join(folder, n))
             for n in fileio.listdir(folder)
@@ -255,6 +271,19 @@ def list_images(
             images[stem] = fileio.join(img_dir, name)
     problems.raise_if_any()
     return img_dir, images
+
+
+def image_sources(
+    data_dir: str, split: str = "Train", image_folder: str = "Images", dataset_mode: str = ""
+) -> Tuple[str, dict]:
+    """Images of a split by stem as :class:`SampleFiles` (labels not needed; read the pixels with
+    :func:`sample_image`): ``(folder, {stem: SampleFiles})``."""
+    from .formats import is_format
+
+    if is_format(dataset_mode):
+        return str(data_dir), {s.stem: s for s in list_samples(data_dir, split, dataset_mode=dataset_mode)}
+    folder, images = list_images(data_dir, split, image_folder)
+    return folder, {stem: SampleFiles(stem, path, path) for stem, path in images.items()}
 
 
 # ----------------------------------------------------------------------------- label files
@@ -387,19 +416,21 @@ def check_npy_sample(path: str, table: ClassTable):
 
 
 def _read_one(files: SampleFiles, table: ClassTable, min_size: Optional[int]):
-    """Read and validate one sample. Returns (LabeledImage or None, problems)."""
-    if files.is_npy:
+    """Read and validate one sample. Returns (LabeledImage or None, problems).
+
+    A patch of an array dataset (PanNuke, CoNIC) comes back as a
+    :class:`~guided_diffusion.data.formats.ArrayPatch`, which reads its pixels again when used.
+    """
+    if files.is_npy and not files.format:
         image, inst, types, problems = check_npy_sample(files.image, table)
     else:
         problems = []
         image = None
         try:
-            image = fileio.read_image(files.image)
+            image = sample_image(files)
         except DiffMixError as err:
             problems.append(str(err))
-        except Exception as err:  # PIL decoders raise assorted errors on corrupt files
-            problems.append(f"{files.image}: not a readable image ({type(err).__name__}: {err})")
-        inst, types, label_problems = check_label_file(files.label, table)
+        inst, types, label_problems = check_sample_labels(files, table)
         problems += label_problems
         if image is not None and inst is not None and image.shape[:2] != inst.shape:
             problems.append(
@@ -412,6 +443,10 @@ def _read_one(files: SampleFiles, table: ClassTable, min_size: Optional[int]):
             problems.append(f"{files.image}: image {w}x{h} (WxH) is smaller than the crop size {min_size}")
     if problems:
         return None, problems
+    if files.member:  # a patch of a memory-mapped array: hand out a view that reads it when used
+        from .formats import ArrayPatch
+
+        return ArrayPatch(files, table, image.shape[:2]), []
     return LabeledImage(files, image, inst, types), []
 
 
@@ -431,6 +466,36 @@ def read_rgb(path: str) -> np.ndarray:
         raise
     except Exception as err:  # PIL decoders raise assorted errors on corrupt files
         raise DiffMixError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
+
+
+def sample_image(files: SampleFiles) -> np.ndarray:
+    """The RGB image of any sample (image file, HoVer-Net patch or distributed format): uint8 [H, W, 3]."""
+    if files.format:
+        from .formats import read_image
+
+        return read_image(files)
+    return read_rgb(files.image)
+
+
+def check_sample_labels(files: SampleFiles, table: ClassTable):
+    """A sample's label maps without raising: ``(inst int32 [H,W], type int32 [H,W] merged,
+    problems)`` (maps None on a problem), whatever its layout."""
+    if files.format:
+        from .formats import check_labels
+
+        return check_labels(files, table)
+    if files.is_npy:
+        _, inst, types, problems = check_npy_sample(files.label, table)
+        return inst, types, problems
+    return check_label_file(files.label, table)
+
+
+def read_sample_labels(files: SampleFiles, table: ClassTable) -> Tuple[np.ndarray, np.ndarray]:
+    """:func:`check_sample_labels`, raising a DiffMixError naming the file on a problem."""
+    inst, types, problems = check_sample_labels(files, table)
+    if problems:
+        raise DiffMixError("; ".join(problems))
+    return inst, types
 
 
 def read_samples(
@@ -473,7 +538,8 @@ def read_dataset(
     min_size: Optional[int] = None,
     stems: Optional[Sequence[str]] = None,
     progress: bool = True,
+    dataset_mode: str = "",
 ) -> List[LabeledImage]:
     """List, pair, read and validate a whole split (see :func:`list_samples`, :func:`read_samples`)."""
-    files = list_samples(data_dir, split, image_folder, label_folder, stems=stems)
+    files = list_samples(data_dir, split, image_folder, label_folder, stems=stems, dataset_mode=dataset_mode)
     return read_samples(files, table, min_size=min_size, what=f"dataset {data_dir}", progress=progress)

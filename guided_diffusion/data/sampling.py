@@ -25,13 +25,14 @@ from .labels import relabel_contiguous
 from .readers import (
     LABEL_EXT,
     Problems,
-    find_folder,
-    is_dir,
+    SampleFiles,
     check_label_file,
-    check_npy_sample,
-    list_images,
+    check_sample_labels,
+    find_folder,
+    image_sources,
+    is_dir,
     list_samples,
-    read_rgb,
+    sample_image,
 )
 
 VIRTUAL_MAP_RE = re.compile(r"^(?P<stem>.+)__(?P<kind>balance|enlarge)(?P<k>\d{3,})$")
@@ -118,12 +119,12 @@ def list_virtual_maps(label_dir: str) -> List[Tuple[str, str, str]]:
     return sorted(maps, key=lambda t: (t[1], t[0]))
 
 
-def _jobs(data_dir, split, image_folder, label_folder, label_dir, stems) -> List[Tuple[str, str, str, str]]:
-    """(map_name, stem, image path, label path) for every label map to sample from."""
+def _jobs(data_dir, split, image_folder, label_folder, label_dir, stems, dataset_mode) -> List[Tuple]:
+    """(map_name, stem, image SampleFiles, label: SampleFiles or GradMix map path) per label map."""
     if label_dir is None:
-        files = list_samples(data_dir, split, image_folder, label_folder, stems=stems)
-        return [(f.stem, f.stem, f.image, f.label) for f in files]
-    img_dir, images = list_images(data_dir, split, image_folder)
+        files = list_samples(data_dir, split, image_folder, label_folder, stems=stems, dataset_mode=dataset_mode)
+        return [(f.stem, f.stem, f, f) for f in files]
+    img_dir, images = image_sources(data_dir, split, image_folder, dataset_mode)
     keep = None if stems is None else {str(s) for s in stems}
     problems = Problems(f"label maps {label_dir}")
     jobs = []
@@ -140,11 +141,11 @@ def _jobs(data_dir, split, image_folder, label_folder, label_dir, stems) -> List
     return jobs
 
 
-def _read_label(path: str, table: ClassTable):
-    if path.endswith(".npy"):
-        _, inst, types, problems = check_npy_sample(path, table)
-        return inst, types, problems
-    return check_label_file(path, table)
+def _read_label(label, table: ClassTable):
+    """A job's label maps without raising: the dataset's own (SampleFiles) or a GradMix map (path)."""
+    if isinstance(label, SampleFiles):
+        return check_sample_labels(label, table)
+    return check_label_file(label, table)
 
 
 def sampling_patches(
@@ -178,12 +179,13 @@ def sampling_patches(
     from tqdm.auto import tqdm
 
     table = resolve_class_table(dataset_mode, class_table, num_classes)
-    jobs = _jobs(data_dir, split, image_folder, label_folder, label_dir, stems)
-    image_paths = sorted({j[2] for j in jobs})
+    jobs = _jobs(data_dir, split, image_folder, label_folder, label_dir, stems, dataset_mode)
+    sources = {j[2].image: j[2] for j in jobs}
+    image_paths = sorted(sources)
 
     def read_image(path):
         try:
-            return read_rgb(path), None
+            return sample_image(sources[path]), None
         except DiffMixError as err:
             return None, str(err)
 
@@ -203,6 +205,8 @@ def sampling_patches(
                 disable=not progress or len(jobs) < 8,
             )
         )
+    # From here on a job names its image and label by path (``<array>[<index>]`` for array datasets).
+    jobs = [(m, s, img.image, lab.label if isinstance(lab, SampleFiles) else lab) for m, s, img, lab in jobs]
     for path, img in images.items():
         h, w = img.shape[:2]
         if h < image_size or w < image_size:

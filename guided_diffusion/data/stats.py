@@ -179,7 +179,7 @@ def dataset_statistics(
     from .readers import list_samples, read_samples
 
     table = resolve_class_table(dataset_mode, class_table, num_classes)
-    files = list_samples(data_dir, split, image_folder, label_folder)
+    files = list_samples(data_dir, split, image_folder, label_folder, dataset_mode=dataset_mode)
     stats = _empty(table.names)
     for sample in read_samples(files, table, what=f"dataset {data_dir}", progress=progress):
         add_map(stats, sample.inst_map, sample.type_map, sample.files.label)

@@ -307,14 +307,16 @@ def load_data(
     ``CropBatches.load_state_dict``.
 
     Args:
-        dataset_mode: "consep", "glysac" or "custom" (custom takes ``class_table`` or ``num_classes``).
+        dataset_mode: one of ``DATASET_MODES`` (custom takes ``class_table`` or ``num_classes``;
+            pannuke, conic and lizard read the datasets as distributed, ``split`` naming folds).
         image_folder, label_folder: folder names inside the split (defaults: Images, Labels).
     """
     if batch_size < 1 or image_size < 1:
         raise DiffMixError(f"batch_size ({batch_size}) and image_size ({image_size}) must be positive")
     table = resolve_class_table(dataset_mode, class_table, num_classes)
     samples = read_dataset(
-        data_dir, table, split, image_folder, label_folder, min_size=image_size, progress=progress
+        data_dir, table, split, image_folder, label_folder, min_size=image_size, progress=progress,
+        dataset_mode=dataset_mode,
     )
     rank, world = dist_rank_world()
     dataset = TrainCropDataset(samples, image_size, random_flip=random_flip, random_rotate=random_rotate)

@@ -131,12 +131,13 @@ def run_gradmix(
 
     Args:
         data_dir: dataset root (holding ``split``) or the split folder itself.
-        dataset_mode: "consep", "glysac" or "custom" (custom needs ``class_table`` or
+        dataset_mode: one of the data layer's ``DATASET_MODES`` (custom needs ``class_table`` or
             ``num_classes``); labels are class-merged by the data layer's class table.
         out_dir: output folder (local or remote).
         stems: only make maps for these source stems (donors still come from the whole split).
-        minor, major: class ids (sequence or "1,2"); default minor 1, major every other class
-            (CoNSeP 2,3,4; GLySAC 2,3).
+        minor, major: class ids (sequence or "1,2"); default minor: the class table's rare
+            classes (PanNuke dead; CoNIC/Lizard neutrophil, eosinophil), else 1; major: every other
+            class (CoNSeP 2,3,4; GLySAC 2,3).
         margin, fraction, size_ratio, dilate, max_tries: see :func:`balance_map`.
         enlarge_fraction, max_shift: see :func:`enlarge_map`.
         seed: base seed; per-map generators come from :func:`map_rng`.
@@ -157,7 +158,7 @@ def run_gradmix(
 
     table = resolve_class_table(dataset_mode, class_table, num_classes)
     d_minor, _ = default_classes(table.num_classes)
-    minor_p = _parse_classes(minor, "minor") or d_minor
+    minor_p = _parse_classes(minor, "minor") or table.minor or d_minor
     major_p = _parse_classes(major, "major") or tuple(c for c in range(1, table.num_classes) if c not in minor_p)
     minor_t, major_t = check_classes(minor_p, major_p)
     bad = [c for c in minor_t + major_t if c >= table.num_classes]
@@ -199,7 +200,7 @@ def run_gradmix(
         "median_radii": list(radii),
         "overlap_rule": "reject",
     }
-    samples = list_samples(data_dir, split, image_folder, label_folder)
+    samples = list_samples(data_dir, split, image_folder, label_folder, dataset_mode=dataset_mode)
     wanted = samples
     if stems is not None:
         have = {s.stem for s in samples}
@@ -286,15 +287,9 @@ def run_gradmix(
 
 
 def _label_reader(table):
-    from ..data.readers import read_label_file, read_samples
+    from ..data.readers import read_sample_labels
 
-    def read(files):
-        if files.is_npy:
-            sample = read_samples([files], table, progress=False)[0]
-            return sample.inst_map, sample.type_map
-        return read_label_file(files.label, table)
-
-    return read
+    return lambda files: read_sample_labels(files, table)
 
 
 def _png_bytes(image: np.ndarray) -> bytes:
@@ -309,9 +304,9 @@ def _png_bytes(image: np.ndarray) -> bytes:
 
 
 def _read_image(files) -> np.ndarray:
-    from ..data.readers import read_rgb
+    from ..data.readers import sample_image
 
-    return read_rgb(files.image)
+    return sample_image(files)
 
 
 def _is_complete(dirs: dict, name: str, kind: str, write_images: bool, settings: dict) -> bool:

@@ -46,6 +46,7 @@ class SynthesisSummary:
     skipped: List[str]
     figure: Optional[str]
     seconds: float
+    source_format: Optional[str] = None
 
 
 def _selection(cfg: SampleConfig):
@@ -58,9 +59,9 @@ def _selection(cfg: SampleConfig):
     if not items:
         return None, None
     if any(p.isdigit() for p in items):
-        from ..data.readers import list_images
+        from ..data.readers import image_sources
 
-        folder, images = list_images(cfg.data_dir, cfg.split, "Images")
+        folder, images = image_sources(cfg.data_dir, cfg.split, "Images", cfg.dataset_mode)
         ordered = sorted(images)
         bad = [p for p in items if p.isdigit() and int(p) >= len(ordered)]
         if bad:
@@ -296,4 +297,15 @@ def run_synthesis(
     if cfg.figure_rows:
         figure = write_run_figure(layout, mine, cfg.figure_rows, rank, world_size,
                                   title=f"s={cfg.s} {cfg.sampler} {steps} steps")
-    return SynthesisSummary(layout.root, len(jobs), len(mine), written, skipped, figure, time.time() - t_start)
+    source_dir = None
+    if cfg.source_format:
+        if world_size == 1:
+            from ..data.formats.export import export_source_format
+
+            source_dir = fileio.join(layout.root, "source_format")
+            export_source_format(layout.root, source_dir, progress=cfg.progress)
+        elif rank == 0:
+            print(f"--source_format: after every rank has finished, run scripts/convert_dataset.py --from_run {layout.root}",
+                  file=sys.stderr)
+    return SynthesisSummary(layout.root, len(jobs), len(mine), written, skipped, figure, time.time() - t_start,
+                            source_dir)

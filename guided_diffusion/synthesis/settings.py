@@ -34,8 +34,8 @@ class SampleConfig:
     """
 
     data_dir: str = field(default="", metadata={"help": "dataset root or split folder with Images/ and Labels/ (real reference images)"})
-    dataset_mode: str = field(default="consep", metadata={"help": "consep, glysac or custom"})
-    split: str = field(default="Train", metadata={"help": "split used when data_dir is a dataset root"})
+    dataset_mode: str = field(default="consep", metadata={"help": "consep, glysac, custom, pannuke, conic or lizard"})
+    split: str = field(default="Train", metadata={"help": "split used when data_dir is a dataset root (pannuke/conic/lizard: Train = folds 1,2, Test = fold 3, all, or fold1,fold3)"})
     label_dir: str = field(default="", metadata={"help": "GradMix output folder (<stem>__balance000.mat ...); '' = the dataset's own labels"})
     class_table: str = field(default="", metadata={"help": "custom mode: class mapping JSON ('' = identity over num_classes)"})
     idx_img: str = field(default="", metadata={"help": "comma list of image indices (sorted stems), image stems or label-map names; '' = all"})
@@ -58,6 +58,7 @@ class SampleConfig:
     channels_last: bool = field(default=False, metadata={"help": "channels_last memory format"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model calls"})
     device: str = field(default="", metadata={"help": "'' = this rank's CUDA device, else cpu"})
+    source_format: bool = field(default=False, metadata={"help": "pannuke/conic: also collect the outputs into the dataset's own arrays (<run>/source_format/, to append to yours)"})
     figure_rows: int = field(default=8, metadata={"help": "rows of the real | label | synthetic figure (0 = none)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     gpu: str = field(default="", metadata={"help": "official flag, ignored (use CUDA_VISIBLE_DEVICES)"})
@@ -84,6 +85,12 @@ class SampleConfig:
             raise DiffMixError("--num_samples, --stride and --figure_rows must be >= 0")
         if not self.data_dir:
             raise DiffMixError("--data_dir is required (the real reference images)")
+        if self.source_format:
+            from ..data.formats.export import ARRAY_FORMATS
+
+            if self.dataset_mode.lower() not in ARRAY_FORMATS:
+                raise DiffMixError(f"--source_format applies to dataset_mode {' or '.join(ARRAY_FORMATS)}, "
+                                   f"not {self.dataset_mode!r}")
         if not self.results_path:
             raise DiffMixError("--results_path is required")
 
