@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from guided_diffusion.config import HelpFormatter, add_dataclass_args, dataclass_from_args
+from guided_diffusion.config import add_dataclass_args, dataclass_from_args
 from guided_diffusion.errors import run_cli
 
 
@@ -30,7 +30,7 @@ def main(argv=None) -> dict:
     from guided_diffusion.downstream.train import HoverTrainConfig, train
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=HelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_args(parser, HoverTrainConfig)
     cfg = dataclass_from_args(HoverTrainConfig, parser.parse_args(argv))
     record = train(cfg)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import argparse
 
-from guided_diffusion.config import HelpFormatter, add_dataclass_args, dataclass_from_args
+from guided_diffusion.config import add_dataclass_args, dataclass_from_args
 from guided_diffusion.errors import run_cli
 
 
@@ -38,7 +38,7 @@ def main(argv=None) -> dict:
     from guided_diffusion.downstream.study import StudyConfig, format_table, run_study
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=HelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_args(parser, StudyConfig)
     cfg = dataclass_from_args(StudyConfig, parser.parse_args(argv))
     result = run_study(cfg, argv)

@@ -261,6 +261,18 @@ def test_study_quick_preset_runs_end_to_end_and_resumes_without_recomputing(toy,
     report = open(os.path.join(out, "report.md")).read()
     assert "scripts/hovernet_train.py" in report and "real + DiffMix balancing + enlarging" in report
     assert "--seed 1" in report and "F1 other" in report
+    # the recorded training command reproduces the run's settings
+    import argparse
+    import shlex
+
+    from guided_diffusion.config import add_dataclass_args, dataclass_from_args
+    from guided_diffusion.downstream.train import HoverTrainConfig
+
+    r = runs[-1]
+    parser = add_dataclass_args(argparse.ArgumentParser(), HoverTrainConfig)
+    replayed = dataclass_from_args(HoverTrainConfig, parser.parse_args(shlex.split(r["commands"][0])[2:]))
+    saved = fileio.read_json(os.path.join(out, "runs", r["arm"], f"seed{r['seed']}", "train", "config.json"))
+    assert replayed.identity() == saved["settings"]
 
     finished = [os.path.join(out, "runs", r["arm"], f"seed{r['seed']}", p) for r in runs
                 for p in ("result.json", "train/model.safetensors", "train/train_state.pt", "pred")]
@@ -360,3 +372,22 @@ def test_an_interrupted_training_resumes_to_the_uninterrupted_weights(toy, tmp_p
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(Exception, match="other settings"):
         train(dataclasses.replace(cfg(tmp_path / "resumed"), lr=0.5))
+
+
+def test_gradmix_image_folders_are_a_synthetic_source(toy, tmp_path):
+    """Images/ + Labels/ as gradmix.py --write_images writes them: labels without an image (enlarging
+    maps) are not used; labels marked classes_merged are read as merged classes."""
+    from guided_diffusion.data.labels import write_label_mat
+    from guided_diffusion.downstream.data import read_synthetic
+
+    train = read_dataset(toy, CONSEP, "Train", progress=False)
+    root = tmp_path / "gradmix"
+    for k, s in enumerate(train):
+        name = f"{s.files.stem}__{'balance' if k < 2 else 'enlarge'}000"
+        write_label_mat(str(root / "Labels" / (name + ".mat")), s.inst_map, s.type_map,
+                        classes_merged=np.array(1), num_classes=np.array(5))
+        if k < 2:
+            fileio.write_png(str(root / "Images" / (name + ".png")), s.image)
+    got = read_synthetic([str(root)], CONSEP, min_size=32, progress=False)
+    assert [g.files.stem for g in got] == [f"{s.files.stem}__balance000" for s in train[:2]]
+    assert all(np.array_equal(g.type_map, s.type_map) for g, s in zip(got, train))  # not merged twice

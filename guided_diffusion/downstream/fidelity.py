@@ -105,7 +105,7 @@ def label_fidelity(run_dir: str, synthetic_dirs: Sequence[str], real_dir: str, o
     dev = resolve_device(device)
     model, config = load_trained(run_dir, dev)
     net = NetConfig(**config["net"])
-    result = measure_fidelity(model, net, table, synthetic_dirs, real_dir, out_dir, split, default_tile(net, tile), dev,
+    result = measure_fidelity(model, net, table, synthetic_dirs, real_dir, out_dir, split, default_tile(tile), dev,
                               autocast_dtype(precision, dev), grid_rows, progress, extra={"run_dir": run_dir})
     return result
 

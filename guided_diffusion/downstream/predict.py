@@ -109,7 +109,8 @@ def write_predictions(model: torch.nn.Module, net: NetConfig, data_dir: str, out
     return written
 
 
-def default_tile(net: NetConfig, tile: Optional[int]) -> int:
+def default_tile(tile: Optional[int]) -> int:
+    """The inference window: ``tile``, or 256 px (HoVer-Net's input size) when None/0."""
     return int(tile or HOVERNET_SIZE)
 
 
@@ -120,7 +121,7 @@ def predict_folder(run_dir: str, data_dir: str, out_dir: str, split: str = "Test
     dev = resolve_device(device)
     model, config = load_trained(run_dir, dev)
     net = NetConfig(**config["net"])
-    tile = default_tile(net, tile)
+    tile = default_tile(tile)
     written = write_predictions(model, net, data_dir, out_dir, split, tile, dev, autocast_dtype(precision, dev), progress)
     fileio.write_json(fileio.join(out_dir, RECORD), {
         "run_dir": run_dir, "data_dir": data_dir, "split": split, "tile": tile, "n_images": len(written),

@@ -242,7 +242,9 @@ def run_arm_seed(cfg: StudyConfig, settings: Dict[str, Any], arm: str, seed: int
     ev = evaluate_folders(test_labels, pred_dir, class_table=pools.table, out_dir=fileio.join(run_dir, "eval"),
                           progress=False)
     cls = ev["classification"]
-    train_argv = dataclass_to_argv(dataclasses.replace(tcfg, progress=True, num_threads=0, device="auto"))
+    # Every setting spelled out (not only those that differ from today's defaults); "" means unset.
+    argv = dataclass_to_argv(dataclasses.replace(tcfg, progress=True), skip_defaults=False)
+    train_argv = [a for flag, value in zip(argv[::2], argv[1::2]) if value != "" for a in (flag, value)]
     table_argv = (["--dataset_mode", cfg.dataset_mode] + (["--num_classes", str(cfg.num_classes)] if cfg.num_classes
                   else []) + (["--class_table", cfg.class_table] if cfg.class_table else []))
     row = {
