@@ -91,6 +91,8 @@ def validate(cfg: HoverTrainConfig) -> None:
         problems.append(f"--precision {cfg.precision!r}: expected one of {', '.join(PRECISIONS)}")
     if cfg.save_interval < 1:
         problems.append(f"--save_interval must be >= 1 (got {cfg.save_interval})")
+    if cfg.encoder_checkpoint and cfg.arch != "hovernet":
+        problems.append("--encoder_checkpoint is only used with --arch hovernet")
     if problems:
         raise DiffMixError("; ".join(problems))
     if cfg.arch in ARCHS:
@@ -218,8 +220,6 @@ def train(cfg: HoverTrainConfig, pools: Optional[Pools] = None) -> dict:
     torch.manual_seed(cfg.seed)
     model = build_network(net_cfg)
     if cfg.encoder_checkpoint:
-        if cfg.arch != "hovernet":
-            raise DiffMixError("--encoder_checkpoint is only used with --arch hovernet")
         load_encoder(model, cfg.encoder_checkpoint)
     model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
