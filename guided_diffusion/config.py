@@ -209,3 +209,16 @@ def load_config_for_checkpoint(ckpt_path: str) -> Optional[dict[str, Any]]:
     if not isinstance(config, dict):
         raise DiffMixError(f"{path}: expected a JSON object of settings, got {type(config).__name__}")
     return config
+
+
+def dataclass_to_argv(instance: Any, skip_defaults: bool = True) -> list[str]:
+    """The ``--flag value`` list that :func:`add_dataclass_args` parses back into ``instance``
+    (fields equal to their defaults left out with ``skip_defaults``; None values never written)."""
+    argv: list[str] = []
+    for f in dataclasses.fields(instance):
+        value = getattr(instance, f.name)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if value is None or (skip_defaults and value == default):
+            continue
+        argv += [f"--{f.name}", str(value)]
+    return argv

@@ -1,0 +1,172 @@
+"""Training sources for the downstream network and the seeded real/synthetic batch mix.
+
+Real sources are dataset roots (or split folders) in the CoNSeP layout, read with the dataset's
+class table (raw ids merged). Synthetic sources hold labels in *merged* classes already and are
+read with the identity table over the same classes; a source may be
+
+* an ``image_sample.py`` run folder (``npy_patch/*.npy``; its ``run.json`` must agree on
+  ``num_classes``),
+* a folder of HoVer-Net ``.npy`` patches (int [H, W, 5]: RGB, instance id, type), or
+* a folder with ``Images/`` and ``Labels/`` such as ``gradmix.py --write_images true`` output
+  (labels without an image -- enlarging maps -- are not used).
+
+Batches: every step draws ``batch_size`` random crops (with rot90/flips); the number taken from the
+synthetic pool at step k is ``floor((k+1) f B) - floor(k f B)`` for synthetic fraction f, so the
+share is exact over any window of steps and no step depends on another. Each pool is visited in
+seeded epochs. A batch is a pure function of (seed, step): resuming needs only the step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .. import fileio
+from ..data.classes import ClassTable, identity_table
+from ..data.labels import instance_table
+from ..data.readers import (
+    LABEL_EXT, NPY_EXT, LabeledImage, SampleFiles, find_folder, is_dir, list_images, read_dataset, read_samples,
+)
+from ..data.training import CropPlan, TrainCropDataset
+from ..errors import DiffMixError
+from ..train_util import derive_seed
+from .targets import hovernet_targets
+
+_TAG_REAL, _TAG_SYNTH = 11, 12
+
+
+def split_list(value: str) -> List[str]:
+    """``"a,b"`` -> ``["a", "b"]`` (blanks dropped)."""
+    return [v.strip() for v in str(value or "").split(",") if v.strip()]
+
+
+def synthetic_files(path: str, num_classes: int) -> List[SampleFiles]:
+    """The labelled files of one synthetic source (layouts in the module docstring), by stem.
+
+    Raises:
+        DiffMixError: the folder is missing, holds no patches, or its run record disagrees with
+        ``num_classes``.
+    """
+    if not is_dir(path):
+        raise DiffMixError(f"{path}: synthetic source not found")
+    run_json = fileio.join(path, "run.json")
+    if fileio.exists(run_json):
+        recorded = (fileio.read_json(run_json).get("model_config") or {}).get("num_classes")
+        if recorded is not None and int(recorded) != int(num_classes):
+            raise DiffMixError(
+                f"{run_json}: synthesised with num_classes={recorded}, but this run uses num_classes={num_classes}"
+            )
+    folder = find_folder(path, "npy_patch") or path
+    npys = [n for n in fileio.listdir(folder) if n.lower().endswith(NPY_EXT) and not n.startswith(".")]
+    if npys:
+        return [SampleFiles(n[: -len(NPY_EXT)], fileio.join(folder, n), fileio.join(folder, n)) for n in npys]
+    label_dir = find_folder(path, "Labels")
+    if find_folder(path, "Images") and label_dir:
+        img_dir, images = list_images(path, split="")
+        files = [
+            SampleFiles(stem, images[stem], fileio.join(label_dir, stem + LABEL_EXT))
+            for stem in sorted(images)
+            if fileio.exists(fileio.join(label_dir, stem + LABEL_EXT))
+        ]
+        if files:
+            return files
+        raise DiffMixError(f"{path}: no image in {img_dir} has a label in {label_dir}")
+    raise DiffMixError(
+        f"{path}: no .npy patches (expected an image_sample.py run folder with npy_patch/, a folder of "
+        ".npy patches, or Images/ + Labels/ as gradmix.py --write_images writes)"
+    )
+
+
+def read_real(data_dirs: Sequence[str], table: ClassTable, split: str, min_size: int, progress: bool = True) -> List[LabeledImage]:
+    """Every labelled image of ``split`` in each real dataset root (validated, classes merged)."""
+    if not data_dirs:
+        raise DiffMixError("no real training data: pass --data_dir")
+    out: List[LabeledImage] = []
+    for d in data_dirs:
+        out += read_dataset(d, table, split, min_size=min_size, progress=progress)
+    return out
+
+
+def read_synthetic(paths: Sequence[str], table: ClassTable, min_size: int, progress: bool = True) -> List[LabeledImage]:
+    """Every patch of the synthetic sources, labels checked against ``0..table.num_classes-1``."""
+    merged = identity_table(table.num_classes, table.names, name=f"{table.name} (merged)")
+    out: List[LabeledImage] = []
+    for p in paths:
+        files = synthetic_files(p, table.num_classes)
+        out += read_samples(files, merged, min_size=min_size, what=f"synthetic source {p}", progress=progress)
+    return out
+
+
+def resolve_fraction(fraction: Optional[float], n_real: int, n_synth: int) -> float:
+    """The synthetic share of each batch: ``fraction``, or by pool size when None (the union of the
+    two pools sampled uniformly, as if the synthetic patches were added to the training set)."""
+    if n_synth == 0:
+        if fraction:
+            raise DiffMixError(f"--synthetic_fraction {fraction} needs synthetic sources (--synthetic_dirs)")
+        return 0.0
+    if fraction is None:
+        return n_synth / (n_real + n_synth)
+    if not 0.0 <= fraction < 1.0:
+        raise DiffMixError(f"--synthetic_fraction must be in [0, 1), got {fraction}")
+    return float(fraction)
+
+
+@dataclass
+class MixedBatches:
+    """Seeded training batches from a real pool and an optional synthetic pool.
+
+    ``batch(step)`` returns ``(x float32 [B, 3, S, S] in [-1, 1], targets, n_synthetic)`` with
+    ``targets`` as :func:`~.targets.hovernet_targets`.
+    """
+
+    real: TrainCropDataset
+    synthetic: Optional[TrainCropDataset]
+    batch_size: int
+    fraction: float
+    seed: int
+    num_classes: int
+
+    def __post_init__(self):
+        self._plans = {
+            "real": CropPlan(range(len(self.real)), 1, derive_seed(self.seed, _TAG_REAL)),
+        }
+        if self.synthetic is not None and self.fraction > 0:
+            self._plans["synthetic"] = CropPlan(range(len(self.synthetic)), 1, derive_seed(self.seed, _TAG_SYNTH))
+
+    def _synthetic_before(self, step: int) -> int:
+        return math.floor(step * self.fraction * self.batch_size + 1e-9)
+
+    def n_synthetic(self, step: int) -> int:
+        return self._synthetic_before(step + 1) - self._synthetic_before(step)
+
+    def keys(self, step: int) -> List[Tuple[str, int, int]]:
+        """``(pool, index, crop seed)`` of each item of ``step``: synthetic items first."""
+        s0, ns = self._synthetic_before(step), self.n_synthetic(step)
+        r0 = step * self.batch_size - s0
+        out = []
+        for pool, first, count in (("synthetic", s0, ns), ("real", r0, self.batch_size - ns)):
+            for g in range(first, first + count):
+                index, crop_seed = self._plans[pool].batch_keys(g)[0]
+                out.append((pool, index, crop_seed))
+        return out
+
+    def batch(self, step: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], int]:
+        pools = {"real": self.real, "synthetic": self.synthetic}
+        items = [pools[p][(i, s)] for p, i, s in self.keys(step)]
+        x = torch.stack([it["image"] for it in items])
+        inst = torch.stack([it["inst"] for it in items])
+        types = torch.stack([it["type"] for it in items])
+        return x, hovernet_targets(inst, types, self.num_classes), self.n_synthetic(step)
+
+
+def pool_summary(samples: Sequence[LabeledImage], num_classes: int) -> Dict[str, Any]:
+    """Image count and nuclei per class of a pool (for records and reports)."""
+    counts = np.zeros(num_classes, np.int64)
+    for s in samples:
+        _, types, _ = instance_table(s.inst_map, s.type_map)
+        counts += np.bincount(types, minlength=num_classes)[:num_classes]
+    return {"images": len(samples), "nuclei_per_class": counts.tolist()}

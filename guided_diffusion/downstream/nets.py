@@ -1,0 +1,129 @@
+"""The downstream networks. Both map an image batch float32 [B, 3, H, W] (RGB scaled to [-1, 1])
+to MONAI's HoVer-Net output dict ``{"nucleus_prediction": [B, 2, H, W], "horizontal_vertical":
+[B, 2, H, W], "type_prediction": [B, num_classes, H, W]}`` of logits (NP, NC) and HV values, so
+``monai.apps.pathology.losses.HoVerNetLoss`` and MONAI's HoVer-Net post-processing apply unchanged.
+
+``hovernet`` (the paper/GPU preset)
+    ``monai.networks.nets.HoVerNet(mode="fast")``: a pre-activation ResNet-50 encoder and three
+    dense decoders, 37.6 M parameters, input exactly 256 x 256. We build it with
+    ``decoder_padding=True`` so the output is 256 x 256 too and the targets are the whole crop; the
+    original HoVer-Net (and MONAI without padding) predicts the central 164 x 164 and is trained on
+    the centre-cropped targets. No pretrained weights are downloaded: it trains from scratch, or
+    ``encoder_checkpoint`` loads a local encoder (MONAI parameter names, ``.pt`` or
+    ``.safetensors``).
+
+``small`` (the CPU preset)
+    A ``monai.networks.nets.BasicUNet`` trunk (4 down/up levels, features ``(w, w, 2w, 4w, 8w, w)``,
+    batch norm, ReLU) whose ``w``-channel output feeds three heads (3x3 conv + BN + ReLU, then a
+    1x1 conv) for NP (2), HV (2) and NC (num_classes). What differs from HoVer-Net: the encoder is
+    a plain U-Net encoder instead of a pre-activation ResNet-50, the three branches share one
+    decoder and differ only in their heads (HoVer-Net has three full dense decoders), it is ~75x
+    narrower (w=16: 0.5 M parameters), and any input size works (not only 256).
+
+The loss (NP: Dice + cross-entropy; HV: MSE + MSE of Sobel gradients inside nuclei; NC: Dice +
+cross-entropy) and the post-processing (marker-controlled watershed on the HV gradients, majority
+type per instance) are the same for both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Dict
+
+import torch
+from torch import nn
+
+from ..errors import DiffMixError
+from .targets import HV, NC, NP
+
+ARCHS = ("small", "hovernet")
+HOVERNET_SIZE = 256  # MONAI's fast-mode HoVer-Net takes exactly 256 x 256 inputs
+_ENCODER_PREFIXES = ("conv0.", "res_blocks.", "bottleneck.")
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """What builds a network: ``arch`` (small | hovernet), ``num_classes`` (incl. background),
+    ``width`` (small only: base feature width w)."""
+
+    arch: str
+    num_classes: int
+    width: int = 16
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class SmallHoVerNet(nn.Module):
+    """CPU-sized HoVer-Net: a MONAI BasicUNet trunk and the three HoVer-Net heads (see module doc)."""
+
+    def __init__(self, num_classes: int, width: int = 16, in_channels: int = 3):
+        super().__init__()
+        from monai.networks.blocks import Convolution
+        from monai.networks.nets import BasicUNet
+
+        w = int(width)
+        self.trunk = BasicUNet(
+            spatial_dims=2, in_channels=in_channels, out_channels=w, features=(w, w, 2 * w, 4 * w, 8 * w, w),
+            act=("relu", {"inplace": True}), norm=("batch", {}), dropout=0.0,
+        )
+
+        def head(out: int) -> nn.Module:
+            return nn.Sequential(
+                Convolution(2, w, w, kernel_size=3, act=("relu", {"inplace": True}), norm=("batch", {})),
+                nn.Conv2d(w, out, kernel_size=1),
+            )
+
+        self.heads = nn.ModuleDict({NP: head(2), HV: head(2), NC: head(num_classes)})
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        features = torch.relu(self.trunk(x))
+        return {name: h(features) for name, h in self.heads.items()}
+
+
+def build_network(cfg: NetConfig) -> nn.Module:
+    """The network of ``cfg`` with freshly initialised weights (seed torch first for determinism)."""
+    if cfg.num_classes < 2:
+        raise DiffMixError(f"num_classes must be >= 2 (background + 1 class), got {cfg.num_classes}")
+    if cfg.arch == "small":
+        if cfg.width < 2:
+            raise DiffMixError(f"width must be >= 2, got {cfg.width}")
+        return SmallHoVerNet(cfg.num_classes, cfg.width)
+    if cfg.arch == "hovernet":
+        from monai.networks.nets import HoVerNet
+
+        return HoVerNet(mode="fast", out_classes=cfg.num_classes, decoder_padding=True)
+    raise DiffMixError(f"arch {cfg.arch!r}: expected one of {', '.join(ARCHS)}")
+
+
+def check_input_size(cfg: NetConfig, size: int, what: str) -> None:
+    """Raise if a crop/tile ``size`` does not suit the architecture (HoVer-Net fast: exactly 256)."""
+    if cfg.arch == "hovernet" and size != HOVERNET_SIZE:
+        raise DiffMixError(f"{what} {size}: MONAI's fast-mode HoVer-Net takes exactly {HOVERNET_SIZE} px inputs")
+    if size < 16:
+        raise DiffMixError(f"{what} {size}: must be at least 16 px (four 2x down-samplings)")
+
+
+def load_encoder(model: nn.Module, path: str) -> int:
+    """Copy the encoder weights of a local checkpoint into a MONAI HoVerNet.
+
+    ``path`` holds a state dict (``.pt`` read weights-only, or ``.safetensors``) with MONAI HoVerNet
+    parameter names; only ``conv0.*``, ``res_blocks.*`` and ``bottleneck.*`` are taken, and each
+    must match in shape. Returns the number of tensors loaded.
+    """
+    from ..checkpoints import load_state_dict
+
+    sd = load_state_dict(path)
+    own = model.state_dict()
+    taken = {k: v for k, v in sd.items() if k.startswith(_ENCODER_PREFIXES)}
+    bad = [k for k, v in taken.items() if k not in own or own[k].shape != v.shape]
+    if bad:
+        raise DiffMixError(f"{path}: {len(bad)} encoder tensors do not fit MONAI's HoVerNet (e.g. {bad[0]})")
+    if not taken:
+        raise DiffMixError(f"{path}: no encoder tensors (names starting with {', '.join(_ENCODER_PREFIXES)})")
+    model.load_state_dict(taken, strict=False)
+    return len(taken)
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

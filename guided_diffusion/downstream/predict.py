@@ -1,0 +1,130 @@
+"""Inference with a trained downstream network and HoVer-Net post-processing from MONAI.
+
+An image (uint8 [H, W, 3]) is scaled to [-1, 1] and run through the network in ``tile`` x ``tile``
+windows (``monai.inferers.sliding_window_inference``, 25 % overlap, Gaussian blending; an image
+smaller than a tile is padded). The three maps then go through
+``HoVerNetInstanceMapPostProcessing`` (watershed on the HV-map gradients, MONAI's default
+thresholds) and ``HoVerNetNuclearTypePostProcessing`` (majority type per instance). Instances that
+MONAI drops from its instance table (no contour of >= 3 points) are removed from the map too.
+
+Predictions are written in the CoNSeP ``.mat`` layout that ``scripts/evaluate.py`` reads:
+``inst_map`` (contiguous ids), ``type_map``, ``inst_type``, ``inst_centroid`` (x, y), plus
+``classes_merged`` = 1 and ``num_classes`` (the classes are the model's merged ones).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .. import fileio
+from ..data.labels import relabel_contiguous, write_label_mat
+from ..data.readers import list_images, read_rgb
+from ..data.training import image_to_tensor
+from ..errors import DiffMixError
+from .nets import HOVERNET_SIZE, NetConfig, check_input_size
+from .targets import HV, NC, NP
+from .train import autocast_dtype, forward, load_trained, resolve_device
+
+RECORD = "prediction.json"
+
+
+def postprocess(outputs: Dict[str, torch.Tensor]) -> Tuple[np.ndarray, np.ndarray]:
+    """HoVer-Net post-processing of one image's network outputs.
+
+    Args:
+        outputs: ``{NP: [2, H, W] logits, HV: [2, H, W], NC: [C, H, W] logits}`` (float tensors).
+
+    Returns:
+        ``(inst_map int32 [H, W] ids 1..N, type_map int32 [H, W])``.
+    """
+    from monai.apps.pathology.transforms import HoVerNetInstanceMapPostProcessing, HoVerNetNuclearTypePostProcessing
+
+    np_map, hv_map = outputs[NP].float().cpu(), outputs[HV].float().cpu()
+    if not bool((np_map[1] > np_map[0]).any()):  # no nucleus pixel: MONAI's border step needs some
+        empty = np.zeros(np_map.shape[-2:], np.int32)
+        return empty, empty.copy()
+    with warnings.catch_warnings():
+        # MONAI 1.6 passes scikit-image 0.26's deprecated min_size (same meaning here); not ours to fix.
+        warnings.filterwarnings("ignore", message="Parameter `min_size` is deprecated", category=FutureWarning)
+        info, inst = HoVerNetInstanceMapPostProcessing()(np_map, hv_map)
+    inst = np.asarray(inst).reshape(np_map.shape[-2:]).astype(np.int64)
+    inst = np.where(np.isin(inst, np.fromiter(info.keys(), np.int64, len(info))), inst, 0)
+    if NC in outputs:
+        _, type_map = HoVerNetNuclearTypePostProcessing()(outputs[NC].float().cpu(), info, torch.from_numpy(inst)[None])
+        types = np.asarray(type_map).reshape(inst.shape).astype(np.int32)
+    else:
+        types = (inst > 0).astype(np.int32)
+    return relabel_contiguous(inst), np.where(inst > 0, types, 0).astype(np.int32)
+
+
+@torch.no_grad()
+def predict_image(model: torch.nn.Module, net: NetConfig, image: np.ndarray, tile: int, device: torch.device,
+                  dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
+    """Network outputs of one image uint8 [H, W, 3]: ``{NP: [2,H,W], HV: [2,H,W], NC: [C,H,W]}`` float32.
+
+    The small network takes any size, so its windows shrink to an image smaller than ``tile``
+    (no padding); MONAI's HoVer-Net needs exactly 256 px windows (smaller images are padded).
+    """
+    from monai.inferers import sliding_window_inference
+
+    x = image_to_tensor(np.asarray(image))[None].to(device)
+    h, w = x.shape[-2:]
+    roi = (tile, tile) if net.arch == "hovernet" else (min(tile, h), min(tile, w))
+    out = sliding_window_inference(
+        x, roi_size=roi, sw_batch_size=4, predictor=lambda t: forward(model, t, dtype),
+        overlap=0.25, mode="gaussian",
+    )
+    return {k: v[0] for k, v in out.items()}
+
+
+def predict_arrays(model: torch.nn.Module, net: NetConfig, images: Iterable[Tuple[str, np.ndarray]], tile: int,
+                   device: torch.device, dtype: Optional[torch.dtype] = None, progress: bool = False,
+                   total: Optional[int] = None):
+    """Yield ``(stem, inst_map int32 [H, W], type_map int32 [H, W])`` for ``(stem, image)`` pairs."""
+    from tqdm.auto import tqdm
+
+    check_input_size(net, tile, "--tile")
+    for stem, image in tqdm(images, total=total, desc="predict", unit="image", disable=not progress):
+        yield (stem, *postprocess(predict_image(model, net, image, tile, device, dtype)))
+
+
+def write_predictions(model: torch.nn.Module, net: NetConfig, data_dir: str, out_dir: str, split: str, tile: int,
+                      device: torch.device, dtype: Optional[torch.dtype] = None, progress: bool = True) -> List[str]:
+    """Predict every image of a dataset split (or a folder of ``.npy`` patches) into ``out_dir/<stem>.mat``
+    (each written atomically). Returns the written paths, sorted by stem."""
+    folder, images = list_images(data_dir, split)
+    if not images:
+        raise DiffMixError(f"{folder}: no images to predict")
+    stems = sorted(images)
+    pairs = ((s, read_rgb(images[s])) for s in stems)
+    written = []
+    for stem, inst, types in predict_arrays(model, net, pairs, tile, device, dtype, progress, len(stems)):
+        path = fileio.join(out_dir, stem + ".mat")
+        write_label_mat(path, inst, types, classes_merged=np.array(1), num_classes=np.array(net.num_classes))
+        written.append(path)
+    return written
+
+
+def default_tile(tile: Optional[int]) -> int:
+    """The inference window: ``tile``, or 256 px (HoVer-Net's input size) when None/0."""
+    return int(tile or HOVERNET_SIZE)
+
+
+def predict_folder(run_dir: str, data_dir: str, out_dir: str, split: str = "Test", tile: Optional[int] = None,
+                   device: str = "auto", precision: str = "auto", progress: bool = True) -> List[str]:
+    """:func:`write_predictions` with the network of a finished training run; ``out_dir/prediction.json``
+    (what made the predictions) is written last."""
+    dev = resolve_device(device)
+    model, config = load_trained(run_dir, dev)
+    net = NetConfig(**config["net"])
+    tile = default_tile(tile)
+    written = write_predictions(model, net, data_dir, out_dir, split, tile, dev, autocast_dtype(precision, dev), progress)
+    fileio.write_json(fileio.join(out_dir, RECORD), {
+        "run_dir": run_dir, "data_dir": data_dir, "split": split, "tile": tile, "n_images": len(written),
+        "net": config["net"],
+    })
+    return written

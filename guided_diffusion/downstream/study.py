@@ -1,0 +1,387 @@
+"""The utility study: does adding DiffMix patches to the training data help a nuclei network?
+
+Arms (same network, same step budget, same batch size, several seeds each):
+
+* ``real`` -- real training patches only;
+* ``balance`` -- real + DiffMix patches synthesised from GradMix *balancing* maps;
+* ``balance_enlarge`` -- real + balancing + *enlarging* patches;
+* ``gradmix`` (optional) -- real + GradMix images (cut-and-paste, no diffusion).
+
+Each arm x seed is trained (:func:`.train.train`), predicts the held-out split
+(:func:`.predict.predict_folder`) and is scored with the project's metrics
+(:func:`guided_diffusion.metrics.evaluate_folders`). Its ``result.json`` is written last; a rerun
+skips every arm x seed that has one (and resumes an interrupted training from its saved state).
+Then come ``results.csv`` (one row per run), ``summary.json`` and ``table.md`` (mean +- sample sd
+over seeds of Dice, AJI, PQ, detection F1 and F1 per class), ``f1_per_class.png`` (bars with sd
+error bars) and ``report.md`` (settings, data, table, figure, timings and every command).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import platform
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .. import fileio
+from ..config import dataclass_to_argv
+from ..data.readers import find_folder, read_dataset, resolve_split_dir
+from ..errors import DiffMixError
+from . import data as ddata
+from .train import HoverTrainConfig, Pools, resolve_table, train, validate
+
+ARMS = {
+    "real": ("real only", ()),
+    "balance": ("real + DiffMix balancing", ("balance",)),
+    "balance_enlarge": ("real + DiffMix balancing + enlarging", ("balance", "enlarge")),
+    "gradmix": ("real + GradMix images", ("gradmix",)),
+}
+DEFAULT_ARMS = ("real", "balance", "balance_enlarge")
+
+# One row per preset: the network, the budget, the seeds. cpu: sized for 2 CPU cores: a training step
+# costs ~0.6 CPU-seconds (benchmarks/bench_downstream.py), so 1000 steps take ~10 min on one free core,
+# less with two; paper: MONAI's full HoVer-Net on a GPU.
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "quick": dict(arch="small", width=4, crop_size=32, batch_size=2, steps=3, lr=1e-3, lr_drop_at=0.75,
+                  seeds="0,1", tile=64),
+    "cpu": dict(arch="small", width=16, crop_size=128, batch_size=8, steps=1000, lr=1e-3, lr_drop_at=0.75,
+                seeds="0,1,2", tile=256),
+    "paper": dict(arch="hovernet", width=16, crop_size=256, batch_size=8, steps=20000, lr=1e-4, lr_drop_at=0.5,
+                  seeds="0,1,2", tile=256),
+}
+METRIC_KEYS = ("dice", "aji", "pq", "f1_detection")
+METRIC_NAMES = {"dice": "Dice", "aji": "AJI", "pq": "PQ", "f1_detection": "F_d"}
+RESULT = "result.json"
+# Settings that do not change any result: a rerun may use other values.
+_RUNTIME_FIELDS = ("out_dir", "progress", "num_threads", "device")
+
+
+def _f(default: Any, help: str) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass
+class StudyConfig:
+    """Settings of ``scripts/utility_study.py``; preset-controlled fields default to None (= preset)."""
+
+    data_dir: str = _f("", "real dataset root holding the train and test splits (CoNSeP layout)")
+    dataset_mode: str = _f("consep", "consep, glysac or custom")
+    num_classes: Optional[int] = _f(None, "classes incl. background (custom mode)")
+    class_table: str = _f("", "custom mode: class table JSON")
+    train_split: str = _f("Train", "split to train on")
+    test_split: str = _f("Test", "held-out split to evaluate on")
+    balance_dirs: str = _f("", "synthetic sources from balancing maps (image_sample.py run folders), comma-separated")
+    enlarge_dirs: str = _f("", "synthetic sources from enlarging maps, comma-separated")
+    gradmix_dirs: str = _f("", "GradMix image folders (gradmix.py --write_images true output), comma-separated")
+    arms: str = _f("", f"arms to run, comma-separated from {', '.join(ARMS)} "
+                       f"(default: {', '.join(DEFAULT_ARMS)}, plus gradmix when --gradmix_dirs is given)")
+    out_dir: str = _f("", "study folder (runs/, tables, figure, report.md); rerun it to resume")
+    preset: str = _f("cpu", f"settings preset: {', '.join(PRESETS)}")
+    seeds: Optional[str] = _f(None, "comma-separated seeds (preset: 0,1,2)")
+    steps: Optional[int] = _f(None, "training steps per run (preset)")
+    batch_size: Optional[int] = _f(None, "crops per step (preset)")
+    crop_size: Optional[int] = _f(None, "training crop size (preset)")
+    arch: Optional[str] = _f(None, "small or hovernet (preset)")
+    width: Optional[int] = _f(None, "small network width (preset)")
+    lr: Optional[float] = _f(None, "Adam learning rate (preset)")
+    lr_drop_at: Optional[float] = _f(None, "fraction of steps after which lr x 0.1 (preset)")
+    tile: Optional[int] = _f(None, "inference window in pixels (preset)")
+    synthetic_fraction: Optional[float] = _f(None, "share of each batch from synthetic sources in the synthetic "
+                                                   "arms (default: by pool size)")
+    device: str = _f("auto", "cpu, cuda, cuda:N; auto: cuda if available")
+    precision: str = _f("auto", "fp32 or bf16; auto: bf16 on a capable GPU")
+    num_threads: int = _f(0, "torch CPU threads (0: torch's default; 1 is faster on a busy machine)")
+    progress: bool = _f(True, "show progress bars")
+
+
+def resolve(cfg: StudyConfig) -> Dict[str, Any]:
+    """The preset with the explicitly given fields on top, plus the arm list and seed list."""
+    if cfg.preset not in PRESETS:
+        raise DiffMixError(f"--preset {cfg.preset!r}: expected one of {', '.join(PRESETS)}")
+    out = dict(PRESETS[cfg.preset])
+    for key in out:
+        value = getattr(cfg, key)
+        if value is not None:
+            out[key] = value
+    try:
+        out["seeds"] = [int(s) for s in ddata.split_list(out["seeds"])]
+    except ValueError:
+        raise DiffMixError(f"--seeds {out['seeds']!r}: expected comma-separated integers") from None
+    if not out["seeds"] or len(set(out["seeds"])) != len(out["seeds"]):
+        raise DiffMixError(f"--seeds {out['seeds']!r}: expected distinct seeds")
+    arms = ddata.split_list(cfg.arms) or list(DEFAULT_ARMS) + (["gradmix"] if cfg.gradmix_dirs else [])
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise DiffMixError(f"--arms: unknown arm(s) {unknown}; expected {', '.join(ARMS)}")
+    groups = {"balance": cfg.balance_dirs, "enlarge": cfg.enlarge_dirs, "gradmix": cfg.gradmix_dirs}
+    for arm in arms:
+        for g in ARMS[arm][1]:
+            if not ddata.split_list(groups[g]):
+                raise DiffMixError(f"arm {arm} needs --{g}_dirs (synthetic sources); or choose --arms")
+    out["arms"] = arms
+    return out
+
+
+def train_config(cfg: StudyConfig, settings: Dict[str, Any], arm: str, seed: int, run_dir: str) -> HoverTrainConfig:
+    """The training settings of one arm x seed."""
+    groups = {"balance": cfg.balance_dirs, "enlarge": cfg.enlarge_dirs, "gradmix": cfg.gradmix_dirs}
+    synthetic = [d for g in ARMS[arm][1] for d in ddata.split_list(groups[g])]
+    return HoverTrainConfig(
+        data_dir=cfg.data_dir, synthetic_dirs=",".join(synthetic), dataset_mode=cfg.dataset_mode,
+        num_classes=cfg.num_classes, class_table=cfg.class_table, split=cfg.train_split,
+        out_dir=fileio.join(run_dir, "train"), arch=settings["arch"], width=settings["width"],
+        crop_size=settings["crop_size"], batch_size=settings["batch_size"], steps=settings["steps"],
+        lr=settings["lr"], lr_drop_at=settings["lr_drop_at"],
+        synthetic_fraction=cfg.synthetic_fraction if synthetic else None, seed=seed,
+        precision=cfg.precision, device=cfg.device, num_threads=cfg.num_threads, progress=cfg.progress,
+    )
+
+
+def _test_labels(cfg: StudyConfig) -> str:
+    folder, layout = resolve_split_dir(cfg.data_dir, cfg.test_split)
+    return folder if layout == "npy" else find_folder(folder, "Labels")
+
+
+def _mean_sd(values: Sequence[Optional[float]]) -> Dict[str, Optional[float]]:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return {"mean": None, "sd": None, "n": 0}
+    return {"mean": float(np.mean(vals)), "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else None, "n": len(vals)}
+
+
+def summarise(rows: List[dict], arms: Sequence[str], class_names: Dict[int, str]) -> Dict[str, Any]:
+    """Mean and sample sd over seeds, per arm, of every metric and of F1 per class."""
+    out = {}
+    for arm in arms:
+        mine = [r for r in rows if r["arm"] == arm]
+        entry = {k: _mean_sd([r[k] for r in mine]) for k in METRIC_KEYS}
+        entry["f1_type"] = {c: _mean_sd([r["f1_type"].get(str(c)) for r in mine]) for c in class_names}
+        entry["seeds"] = [r["seed"] for r in mine]
+        out[arm] = entry
+    return out
+
+
+def _fmt(ms: Dict[str, Optional[float]]) -> str:
+    if ms["mean"] is None:
+        return "n/a"
+    return f"{ms['mean']:.3f}" + ("" if ms["sd"] is None else f" ± {ms['sd']:.3f}")
+
+
+def format_table(summary: Dict[str, Any], class_names: Dict[int, str]) -> str:
+    """Markdown table: one row per arm, mean ± sd over seeds."""
+    heads = ["arm", "seeds"] + [METRIC_NAMES[k] for k in METRIC_KEYS] + [f"F1 {n}" for n in class_names.values()]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for arm, e in summary.items():
+        cells = [ARMS[arm][0], str(len(e["seeds"]))] + [_fmt(e[k]) for k in METRIC_KEYS]
+        cells += [_fmt(e["f1_type"][c]) for c in class_names]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_f1(summary: Dict[str, Any], class_names: Dict[int, str], path: str) -> str:
+    """Grouped bars of F1 per class (and detection F1), one bar per arm, sd error bars."""
+    from ..report import _pyplot, _save
+
+    plt = _pyplot()
+    groups = ["detection"] + list(class_names.values())
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(groups), 3.6))
+    n = len(summary)
+    width = 0.8 / max(1, n)
+    for i, (arm, e) in enumerate(summary.items()):
+        cells = [e["f1_detection"]] + [e["f1_type"][c] for c in class_names]
+        means = [np.nan if c["mean"] is None else c["mean"] for c in cells]
+        sds = [0.0 if c["sd"] is None else c["sd"] for c in cells]
+        xs = np.arange(len(groups)) + (i - (n - 1) / 2) * width
+        ax.bar(xs, means, width, yerr=sds, capsize=3, label=ARMS[arm][0])
+    ax.set_xticks(np.arange(len(groups)), groups)
+    ax.set_ylabel("F1 (mean ± sd over seeds)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8, loc="upper right")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def _command(script: str, argv: Sequence[str]) -> str:
+    import shlex
+
+    return " ".join(["python", script] + [shlex.quote(a) for a in argv])
+
+
+def _machine() -> str:
+    import os
+
+    import monai
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, "
+            f"MONAI {monai.__version__}, CUDA {'yes: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no'}")
+
+
+def run_arm_seed(cfg: StudyConfig, settings: Dict[str, Any], arm: str, seed: int, pools: Pools, test_labels: str) -> dict:
+    """Train, predict and evaluate one arm x seed (or read its finished result)."""
+    from ..metrics import evaluate_folders
+    from .predict import predict_folder
+
+    run_dir = fileio.join(cfg.out_dir, "runs", arm, f"seed{seed}")
+    result_path = fileio.join(run_dir, RESULT)
+    tcfg = train_config(cfg, settings, arm, seed, run_dir)
+    if fileio.exists(result_path):
+        return fileio.read_json(result_path)
+    t0 = time.perf_counter()
+    record = train(tcfg, pools)
+    t1 = time.perf_counter()
+    pred_dir = fileio.join(run_dir, "pred")
+    predict_folder(tcfg.out_dir, cfg.data_dir, pred_dir, cfg.test_split, settings["tile"], cfg.device, cfg.precision,
+                   cfg.progress)
+    t2 = time.perf_counter()
+    ev = evaluate_folders(test_labels, pred_dir, class_table=pools.table, out_dir=fileio.join(run_dir, "eval"),
+                          progress=False)
+    cls = ev["classification"]
+    # Every setting spelled out (not only those that differ from today's defaults); "" means unset.
+    argv = dataclass_to_argv(dataclasses.replace(tcfg, progress=True), skip_defaults=False)
+    train_argv = [a for flag, value in zip(argv[::2], argv[1::2]) if value != "" for a in (flag, value)]
+    table_argv = (["--dataset_mode", cfg.dataset_mode] + (["--num_classes", str(cfg.num_classes)] if cfg.num_classes
+                  else []) + (["--class_table", cfg.class_table] if cfg.class_table else []))
+    row = {
+        "arm": arm, "seed": seed,
+        **{k: ev["instance"][k] for k in ("dice", "aji", "pq")},
+        "f1_detection": cls["f1_detection"], "type_accuracy": cls["type_accuracy"],
+        "f1_type": {str(c): v for c, v in cls["f1_type"].items()},
+        "train_seconds": record["seconds"], "train_wall_seconds": t1 - t0, "predict_seconds": t2 - t1,
+        "final_loss": record["final_loss_mean_last_10pct"], "synthetic_items": record["synthetic_items"],
+        "items": record["items"],
+        "commands": [
+            _command("scripts/hovernet_train.py", train_argv),
+            _command("scripts/hovernet_predict.py", ["--run_dir", tcfg.out_dir, "--data_dir", cfg.data_dir, "--split",
+                                                     cfg.test_split, "--out_dir", pred_dir, "--tile", str(settings["tile"])]),
+            _command("scripts/evaluate.py", ["--true_dir", test_labels, "--pred_dir", pred_dir, "--out_dir",
+                                             fileio.join(run_dir, "eval")] + table_argv),
+        ],
+    }
+    fileio.write_json(result_path, row)
+    return row
+
+
+def _check_study_folder(cfg: StudyConfig, settings: Dict[str, Any]) -> Dict[str, Any]:
+    # Arms and seeds may be added later; everything else must match the finished runs.
+    identity = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RUNTIME_FIELDS + ("arms", "seeds")}
+    identity["resolved"] = {k: v for k, v in settings.items() if k not in ("arms", "seeds")}
+    path = fileio.join(cfg.out_dir, "study.json")
+    if fileio.exists(path):
+        saved = fileio.read_json(path).get("identity", {})
+        changed = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
+        if changed:
+            detail = ", ".join(f"{k}: {saved.get(k)!r} -> {identity.get(k)!r}" for k in changed[:3])
+            raise DiffMixError(f"{cfg.out_dir}: holds a study with other settings ({detail}); use another --out_dir")
+    return identity
+
+
+def run_study(cfg: StudyConfig, argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Run (or resume) the study of ``cfg``; returns the summary. Every source is read and validated
+    before anything is written."""
+    import torch
+
+    if not cfg.out_dir:
+        raise DiffMixError("--out_dir is required")
+    if not cfg.data_dir:
+        raise DiffMixError("--data_dir is required (the real dataset root)")
+    settings = resolve(cfg)
+    identity = _check_study_folder(cfg, settings)
+    table = resolve_table(cfg)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    # Validate the held-out split now, not after hours of training.
+    read_dataset(cfg.data_dir, table, cfg.test_split, progress=False)
+    test_labels = _test_labels(cfg)
+    real = ddata.read_real([cfg.data_dir], table, cfg.train_split, settings["crop_size"], cfg.progress)
+    groups = {"balance": cfg.balance_dirs, "enlarge": cfg.enlarge_dirs, "gradmix": cfg.gradmix_dirs}
+    needed = sorted({g for a in settings["arms"] for g in ARMS[a][1]})
+    synthetic = {g: ddata.read_synthetic(ddata.split_list(groups[g]), table, settings["crop_size"], cfg.progress)
+                 for g in needed}
+    for arm in settings["arms"]:  # fails before any output if a run's settings cannot work
+        validate(train_config(cfg, settings, arm, settings["seeds"][0], cfg.out_dir))
+    command = _command("scripts/utility_study.py", list(argv) if argv is not None else sys.argv[1:])
+    fileio.makedirs(cfg.out_dir)
+    fileio.write_json(fileio.join(cfg.out_dir, "study.json"), {"identity": identity, "command": command})
+
+    class_names = {c: str(table.names[c]) for c in range(1, table.num_classes)}
+    data_summary = {"real": ddata.pool_summary(real, table.num_classes)}
+    data_summary.update({g: ddata.pool_summary(s, table.num_classes) for g, s in synthetic.items()})
+    rows = []
+    t0 = time.perf_counter()
+    for arm in settings["arms"]:
+        pools = Pools(table, real, [s for g in ARMS[arm][1] for s in synthetic[g]])
+        for seed in settings["seeds"]:
+            rows.append(run_arm_seed(cfg, settings, arm, seed, pools, test_labels))
+    summary = summarise(rows, settings["arms"], class_names)
+    result = {"settings": settings, "class_names": class_names, "data": data_summary, "summary": summary,
+              "runs": rows, "command": command, "machine": _machine(),
+              "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+              "wall_seconds_this_invocation": time.perf_counter() - t0}
+    write_outputs(cfg, result)
+    return result
+
+
+def write_outputs(cfg: StudyConfig, result: Dict[str, Any]) -> None:
+    """``summary.json``, ``results.csv``, ``table.md``, ``f1_per_class.png`` and ``report.md``."""
+    import csv
+    import io
+
+    class_names = result["class_names"]
+    out = cfg.out_dir
+    fileio.write_json(fileio.join(out, "summary.json"), result)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["arm", "seed", *METRIC_KEYS, *[f"f1_{n}" for n in class_names.values()], "train_seconds",
+                "predict_seconds"])
+    for r in result["runs"]:
+        w.writerow([r["arm"], r["seed"], *[r[k] for k in METRIC_KEYS],
+                    *[r["f1_type"].get(str(c)) for c in class_names], f"{r['train_seconds']:.1f}",
+                    f"{r['predict_seconds']:.1f}"])
+    fileio.write_bytes(fileio.join(out, "results.csv"), buf.getvalue().encode())
+    table = format_table(result["summary"], class_names)
+    fileio.write_bytes(fileio.join(out, "table.md"), (table + "\n").encode())
+    plot_f1(result["summary"], class_names, fileio.join(out, "f1_per_class.png"))
+    fileio.write_bytes(fileio.join(out, "report.md"), render_report(cfg, result, table).encode())
+
+
+def render_report(cfg: StudyConfig, result: Dict[str, Any], table: str) -> str:
+    s = result["settings"]
+    names = list(result["class_names"].values())
+    lines = [
+        "# DiffMix utility study", "",
+        f"Finished {result['finished']} on {result['machine']}.", "",
+        "Study command (rerun it to resume; finished arm x seed runs are kept):", "",
+        "```bash", result["command"], "```", "",
+        "## Settings", "",
+        f"- preset `{cfg.preset}`: network `{s['arch']}`" + (f" (width {s['width']})" if s["arch"] == "small" else "")
+        + f", {s['steps']} steps of {s['batch_size']} crops of {s['crop_size']} px, Adam lr {s['lr']:g} "
+        f"(x0.1 after {s['lr_drop_at']:g} of the steps), seeds {', '.join(map(str, s['seeds']))}, inference "
+        f"window {s['tile']} px",
+        f"- synthetic share of each batch: {'by pool size' if cfg.synthetic_fraction is None else cfg.synthetic_fraction}",
+        f"- real data: `{cfg.data_dir}` (train `{cfg.train_split}`, held-out `{cfg.test_split}`), "
+        f"dataset mode `{cfg.dataset_mode}`" + (f", {cfg.num_classes} classes" if cfg.num_classes else ""),
+        "- loss: MONAI `HoVerNetLoss` (default weights); post-processing: MONAI HoVer-Net instance-map and "
+        "nuclear-type post-processing (default thresholds); metrics: `guided_diffusion/metrics.py` "
+        "(HoVer-Net definitions, 12 px centroid radius)", "",
+        "## Training data", "",
+        "| pool | images | " + " | ".join(f"{n} nuclei" for n in names) + " |",
+        "|" + "---|" * (2 + len(names)),
+    ]
+    for pool, d in result["data"].items():
+        lines.append(f"| {pool} | {d['images']} | " + " | ".join(str(v) for v in d["nuclei_per_class"][1:]) + " |")
+    lines += ["", "## Results (held-out split, mean ± sd over seeds)", "", table, "",
+              "![F1 per class](f1_per_class.png)", "",
+              "## Runs", "", "| arm | seed | train s | predict s | final loss | synthetic crops |", "|---|---|---|---|---|---|"]
+    for r in result["runs"]:
+        lines.append(f"| {r['arm']} | {r['seed']} | {r['train_seconds']:.0f} | {r['predict_seconds']:.0f} | "
+                     f"{r['final_loss']:.3f} | {r['synthetic_items']} / {r['items']} |")
+    lines += ["", "## Commands of every run", ""]
+    for r in result["runs"]:
+        lines += [f"{r['arm']}, seed {r['seed']}:", "", "```bash", *r["commands"], "```", ""]
+    return "\n".join(lines)

@@ -1,0 +1,294 @@
+"""Training run of the downstream network: settings, fixed step budget, resume, final weights.
+
+A run folder holds
+
+* ``config.json`` -- every setting (written first; a rerun with other settings is refused);
+* ``train_state.pt`` -- model, optimizer and step, written atomically every ``save_interval``
+  steps and at the end (loaded weights-only); a rerun resumes from it, and because each batch is a
+  pure function of (seed, step) the resumed run sees the batches it would have seen;
+* ``progress.csv`` -- step, loss, learning rate, synthetic share, seconds;
+* ``model.safetensors`` -- the final weights;
+* ``train.json`` -- the completion record (written last: its presence means "finished", and a
+  finished run is never retrained).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from .. import fileio
+from ..data.classes import ClassTable, resolve_class_table
+from ..data.readers import LabeledImage
+from ..data.training import TrainCropDataset
+from ..errors import DiffMixError
+from . import data as ddata
+from .nets import ARCHS, NetConfig, build_network, check_input_size, load_encoder, parameter_count
+
+PRECISIONS = ("auto", "fp32", "bf16")
+CONFIG, STATE, MODEL, RECORD, PROGRESS = "config.json", "train_state.pt", "model.safetensors", "train.json", "progress.csv"
+# Settings that do not change the result: a resumed run may use other values.
+_RUNTIME_FIELDS = ("out_dir", "progress", "save_interval", "num_threads", "device")
+
+
+def _f(default: Any, help: str) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass
+class HoverTrainConfig:
+    """Settings of one downstream training run (the flags of ``scripts/hovernet_train.py``)."""
+
+    data_dir: str = _f("", "real dataset root(s) in the CoNSeP layout, comma-separated")
+    synthetic_dirs: str = _f("", "synthetic sources, comma-separated: image_sample.py run folders, .npy folders, "
+                                 "or Images/+Labels/ folders (gradmix.py --write_images)")
+    dataset_mode: str = _f("consep", "consep, glysac or custom (class table of the real data)")
+    num_classes: Optional[int] = _f(None, "classes incl. background (custom: required without --class_table)")
+    class_table: str = _f("", "custom mode: class table JSON")
+    split: str = _f("Train", "split of the real dataset roots to train on")
+    out_dir: str = _f("", "run folder (config, checkpoints, final weights)")
+    arch: str = _f("small", f"network: {' or '.join(ARCHS)} (MONAI HoVerNet fast mode, 256 px)")
+    width: int = _f(16, "small network: base feature width")
+    crop_size: int = _f(128, "training crop size in pixels (every source image must be at least this large)")
+    batch_size: int = _f(8, "crops per step")
+    steps: int = _f(2000, "training steps (the fixed budget that makes arms comparable)")
+    lr: float = _f(1e-3, "Adam learning rate")
+    lr_drop_at: float = _f(0.75, "multiply the learning rate by 0.1 after this fraction of the steps")
+    weight_decay: float = _f(0.0, "Adam weight decay")
+    synthetic_fraction: Optional[float] = _f(None, "share of each batch from synthetic sources "
+                                                   "(default: by pool size, i.e. the union sampled uniformly)")
+    seed: int = _f(0, "seed of the initial weights and of every crop")
+    precision: str = _f("auto", "fp32 or bf16 autocast; auto: bf16 on a GPU that supports it, else fp32")
+    device: str = _f("auto", "cpu, cuda, cuda:N; auto: cuda if available")
+    encoder_checkpoint: str = _f("", "arch hovernet: local encoder weights (MONAI HoVerNet names, .pt or .safetensors)")
+    save_interval: int = _f(200, "save the resumable state every this many steps")
+    num_threads: int = _f(0, "torch CPU threads (0: torch's default)")
+    progress: bool = _f(True, "show a progress bar")
+
+    def net_config(self, num_classes: int) -> NetConfig:
+        return NetConfig(arch=self.arch, num_classes=num_classes, width=self.width)
+
+    def identity(self) -> Dict[str, Any]:
+        """The settings that determine the result (compared when a run folder is reused)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in _RUNTIME_FIELDS}
+
+
+def validate(cfg: HoverTrainConfig) -> None:
+    problems = []
+    if not cfg.out_dir:
+        problems.append("--out_dir is required")
+    if cfg.arch not in ARCHS:
+        problems.append(f"--arch {cfg.arch!r}: expected one of {', '.join(ARCHS)}")
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        problems.append(f"--steps ({cfg.steps}) and --batch_size ({cfg.batch_size}) must be >= 1")
+    if cfg.lr <= 0 or not 0 < cfg.lr_drop_at <= 1:
+        problems.append(f"--lr must be > 0 and --lr_drop_at in (0, 1] (got {cfg.lr}, {cfg.lr_drop_at})")
+    if cfg.precision not in PRECISIONS:
+        problems.append(f"--precision {cfg.precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if cfg.save_interval < 1:
+        problems.append(f"--save_interval must be >= 1 (got {cfg.save_interval})")
+    if cfg.encoder_checkpoint and cfg.arch != "hovernet":
+        problems.append("--encoder_checkpoint is only used with --arch hovernet")
+    if problems:
+        raise DiffMixError("; ".join(problems))
+    if cfg.arch in ARCHS:
+        check_input_size(cfg.net_config(2), cfg.crop_size, "--crop_size")
+
+
+def resolve_table(cfg) -> ClassTable:
+    return resolve_class_table(cfg.dataset_mode, cfg.class_table or None, cfg.num_classes)
+
+
+@dataclasses.dataclass
+class Pools:
+    """Training images in memory: ``real`` (merged classes) and ``synthetic`` (may be empty)."""
+
+    table: ClassTable
+    real: List[LabeledImage]
+    synthetic: List[LabeledImage]
+
+
+def read_pools(cfg: HoverTrainConfig) -> Pools:
+    """Read and validate every source of ``cfg`` (all problems of a source reported together)."""
+    table = resolve_table(cfg)
+    real = ddata.read_real(ddata.split_list(cfg.data_dir), table, cfg.split, cfg.crop_size, cfg.progress)
+    synth = ddata.read_synthetic(ddata.split_list(cfg.synthetic_dirs), table, cfg.crop_size, cfg.progress)
+    return Pools(table, real, synth)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise DiffMixError(f"--device {device!r}: not a torch device") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DiffMixError(f"--device {device}: CUDA is not available")
+    return dev
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """bfloat16 for autocast, or None for plain fp32."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return None
+
+
+def forward(model: torch.nn.Module, x: torch.Tensor, dtype: Optional[torch.dtype]) -> Dict[str, torch.Tensor]:
+    """Model outputs as float32, under bf16 autocast when ``dtype`` is given."""
+    if dtype is None:
+        out = model(x)
+    else:
+        with torch.autocast(device_type=x.device.type, dtype=dtype):
+            out = model(x)
+    return {k: v.float() for k, v in out.items()}
+
+
+def _check_run_folder(cfg: HoverTrainConfig) -> Optional[dict]:
+    """The completion record of a finished run in ``cfg.out_dir`` (None if unfinished or new).
+
+    Raises if the folder holds a run with other settings.
+    """
+    path = fileio.join(cfg.out_dir, CONFIG)
+    if not fileio.exists(path):
+        if fileio.exists(fileio.join(cfg.out_dir, STATE)):
+            raise DiffMixError(f"{cfg.out_dir}: holds {STATE} but no {CONFIG}; use an empty --out_dir")
+        return None
+    saved = fileio.read_json(path).get("settings", {})
+    mine = cfg.identity()
+    changed = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+    if changed:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {mine.get(k)!r}" for k in changed[:4])
+        raise DiffMixError(f"{cfg.out_dir}: holds a run with other settings ({detail}); use another --out_dir")
+    record = fileio.join(cfg.out_dir, RECORD)
+    return fileio.read_json(record) if fileio.exists(record) else None
+
+
+def _lr_at(cfg: HoverTrainConfig, step: int) -> float:
+    return cfg.lr * (0.1 if step >= int(round(cfg.lr_drop_at * cfg.steps)) else 1.0)
+
+
+def _write_progress(out_dir: str, rows: List[dict]) -> None:
+    buf = io.StringIO()
+    buf.write("step,loss,lr,synthetic,seconds\n")
+    for r in rows:
+        buf.write(f"{r['step']},{r['loss']:.6f},{r['lr']:.3g},{r['synthetic']},{r['seconds']:.2f}\n")
+    fileio.write_bytes(fileio.join(out_dir, PROGRESS), buf.getvalue().encode())
+
+
+def _save_state(out_dir: str, model, opt, step: int, rows: List[dict]) -> None:
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "progress": rows}
+    with fileio.atomic_open(fileio.join(out_dir, STATE), "wb") as f:
+        torch.save(state, f)
+    _write_progress(out_dir, rows)
+
+
+def train(cfg: HoverTrainConfig, pools: Optional[Pools] = None) -> dict:
+    """Train (or resume, or find finished) the run of ``cfg``; returns its completion record.
+
+    Every source is read and validated before anything is written; ``pools`` lets a caller that
+    trains several runs on the same data read it once.
+    """
+    from monai.apps.pathology.losses import HoVerNetLoss
+    from tqdm.auto import tqdm
+
+    from ..checkpoints import load_torch_file, save_state_dict
+
+    validate(cfg)
+    finished = _check_run_folder(cfg)
+    if finished is not None:
+        return finished
+    pools = pools or read_pools(cfg)
+    table = pools.table
+    fraction = ddata.resolve_fraction(cfg.synthetic_fraction, len(pools.real), len(pools.synthetic))
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = resolve_device(cfg.device)
+    dtype = autocast_dtype(cfg.precision, device)
+    net_cfg = cfg.net_config(table.num_classes)
+    batches = ddata.MixedBatches(
+        real=TrainCropDataset(pools.real, cfg.crop_size),
+        synthetic=TrainCropDataset(pools.synthetic, cfg.crop_size) if pools.synthetic else None,
+        batch_size=cfg.batch_size, fraction=fraction, seed=cfg.seed, num_classes=table.num_classes,
+    )
+
+    torch.manual_seed(cfg.seed)
+    model = build_network(net_cfg)
+    if cfg.encoder_checkpoint:
+        load_encoder(model, cfg.encoder_checkpoint)
+    model.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step, rows = 0, []
+    state_path = fileio.join(cfg.out_dir, STATE)
+    if fileio.exists(state_path):
+        state = load_torch_file(state_path, map_location=device)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, rows = int(state["step"]), list(state["progress"])
+    else:
+        fileio.makedirs(cfg.out_dir)
+        fileio.write_json(fileio.join(cfg.out_dir, CONFIG), {
+            "settings": cfg.identity(), "net": net_cfg.to_dict(), "class_table": table.to_json(),
+            "synthetic_fraction_used": fraction, "parameters": parameter_count(model),
+            "sources": {"real": ddata.pool_summary(pools.real, table.num_classes),
+                        "synthetic": ddata.pool_summary(pools.synthetic, table.num_classes)},
+        })
+
+    loss_fn = HoVerNetLoss()
+    model.train()
+    t0 = time.perf_counter() - (rows[-1]["seconds"] if rows else 0.0)
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.arch} seed {cfg.seed}", unit="step",
+               disable=not cfg.progress, dynamic_ncols=True)
+    while step < cfg.steps:
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(cfg, step)
+        x, targets, n_syn = batches.batch(step)
+        x = x.to(device, non_blocking=True)
+        targets = {k: v.to(device, non_blocking=True) for k, v in targets.items()}
+        loss = loss_fn(forward(model, x, dtype), targets)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"loss is {loss.item()} at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        loss_value = loss.detach().item()
+        rows.append({"step": step, "loss": loss_value, "lr": _lr_at(cfg, step - 1), "synthetic": n_syn,
+                     "seconds": time.perf_counter() - t0})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.3f}")
+        if step % cfg.save_interval == 0 or step == cfg.steps:
+            _save_state(cfg.out_dir, model, opt, step, rows)
+    bar.close()
+    save_state_dict(fileio.join(cfg.out_dir, MODEL), model.state_dict())
+    tail = rows[-max(1, len(rows) // 10):]
+    record = {
+        "steps": step, "seconds": rows[-1]["seconds"], "device": str(device),
+        "precision": "bf16" if dtype is not None else "fp32",
+        "first_loss": rows[0]["loss"], "final_loss_mean_last_10pct": sum(r["loss"] for r in tail) / len(tail),
+        "synthetic_items": sum(r["synthetic"] for r in rows), "items": step * cfg.batch_size,
+    }
+    fileio.write_json(fileio.join(cfg.out_dir, RECORD), record)
+    return record
+
+
+def load_trained(run_dir: str, device: Any = "cpu") -> Tuple[torch.nn.Module, dict]:
+    """A finished run's network (eval mode, on ``device``) and its ``config.json``."""
+    from ..checkpoints import load_state_dict
+
+    cfg_path, model_path = fileio.join(run_dir, CONFIG), fileio.join(run_dir, MODEL)
+    for p in (cfg_path, model_path):
+        if not fileio.exists(p):
+            raise DiffMixError(f"{run_dir}: not a finished downstream run ({p} missing)")
+    config = fileio.read_json(cfg_path)
+    model = build_network(NetConfig(**config["net"]))
+    try:
+        model.load_state_dict(load_state_dict(model_path))
+    except RuntimeError as err:
+        raise DiffMixError(f"{model_path}: weights do not fit the network of {cfg_path} ({str(err)[:200]})") from None
+    return model.to(device).eval(), config

@@ -1,0 +1,49 @@
+"""Predict nuclei with a trained downstream network: one CoNSeP-style .mat per image.
+
+Example:
+    python scripts/hovernet_predict.py --run_dir runs/hover_real --data_dir ../shared/data/consep256 \\
+        --split Test --out_dir runs/hover_real/pred
+    python scripts/evaluate.py --true_dir ../shared/data/consep256/Test/Labels \\
+        --pred_dir runs/hover_real/pred --dataset_mode custom --num_classes 5
+
+--data_dir is a dataset root (the --split folder is used), a split folder, or a folder of HoVer-Net
+.npy patches. Each <out_dir>/<stem>.mat holds inst_map, type_map, inst_type, inst_centroid (merged
+classes, marked classes_merged=1), as scripts/evaluate.py reads them.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from guided_diffusion.config import HelpFormatter, str2bool
+from guided_diffusion.errors import run_cli
+
+
+def main(argv=None) -> list:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=HelpFormatter)
+    p.add_argument("--run_dir", required=True, help="a finished scripts/hovernet_train.py run folder")
+    p.add_argument("--data_dir", required=True, help="dataset root, split folder or .npy folder")
+    p.add_argument("--split", default="Test", help="split folder under --data_dir")
+    p.add_argument("--out_dir", required=True, help="folder for the .mat predictions")
+    p.add_argument("--tile", type=int, default=None, help="inference window in pixels (default 256)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N; auto: cuda if available")
+    p.add_argument("--precision", default="auto", help="fp32 or bf16; auto: bf16 on a capable GPU")
+    p.add_argument("--num_threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--progress", type=str2bool, default=True, help="show a progress bar")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from guided_diffusion.downstream.predict import predict_folder
+
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    written = predict_folder(args.run_dir, args.data_dir, args.out_dir, args.split, args.tile, args.device,
+                             args.precision, args.progress)
+    print(f"{len(written)} predictions written to {args.out_dir}")
+    return written
+
+
+if __name__ == "__main__":
+    run_cli(main)
