@@ -8,7 +8,7 @@
 #   model    128 px, 32 channels, channel_mult 1,2,2,2, 1 residual block per level, attention at 16 px,
 #            SPADE hidden width 32 (official 128), learned sigma, 1000 linear diffusion steps (3.1 M params)
 #   stage 1  pre-training              lr 2e-4, batch 4, steps 0 -> PRETRAIN_STEPS (default 1400)
-#   stage 2  classifier-free fine-tune lr 1e-4, drop rate 0.2, PRETRAIN_STEPS -> FINETUNE_STEPS (1800)
+#   stage 2  classifier-free fine-tune lr 1e-4, drop rate 0.2, PRETRAIN_STEPS -> FINETUNE_STEPS (1700)
 #   EMA 0.995 (0.9999 averages over ~10k steps, far more than this run has), seed 0, fp32
 #
 # Usage (from the repository root; re-running resumes an interrupted stage):
@@ -23,7 +23,7 @@ DATASET_MODE=custom          # consep256 carries the 4 merged classes already
 NUM_CLASSES=5
 DATA_DIR=${DATA_DIR:-../shared/data/consep256}
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-1400}
-FINETUNE_STEPS=${FINETUNE_STEPS:-1800}
+FINETUNE_STEPS=${FINETUNE_STEPS:-1700}
 SAVE_INTERVAL=${SAVE_INTERVAL:-200}
 GLOBAL_BATCH=4
 PRE_LR=2e-4
