@@ -28,13 +28,13 @@ import numpy as np
 from .. import fileio
 from ..data.labels import instance_table, write_label_mat
 from ..errors import DiffMixError
+from . import KINDS
 from .balance import balance_map, check_classes
 from .donors import collect_donors
 from .enlarge import enlarge_map
 from .image import OFFICIAL_MEDIAN_RADII, compose_gradmix_image
 from .nuclei import class_counts
 
-KINDS = ("balance", "enlarge")
 _KIND_CODES = {"balance": 1, "enlarge": 2}
 RECORD_VERSION = 1
 
