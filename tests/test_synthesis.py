@@ -422,23 +422,6 @@ def test_official_checkpoint_without_config_works_from_flags(setup, tmp_path, ca
     assert rec["model_config_source"] == "flags" and npy.shape == (32, 32, 5)
 
 
-def test_launcher_ranks(monkeypatch):
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
-                 "OMPI_COMM_WORLD_LOCAL_RANK", "PMI_RANK", "PMI_SIZE", "PMIX_RANK", "PMIX_SIZE", "MPI_LOCALRANKID"):
-        monkeypatch.delenv(name, raising=False)
-    assert syn.launch_rank() == (0, 1, 0)
-    monkeypatch.setenv("PMI_RANK", "2")
-    monkeypatch.setenv("PMI_SIZE", "4")
-    assert syn.launch_rank() == (2, 4, 2)  # mpiexec (MPICH) without a local rank: assume one node
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("WORLD_SIZE", "3")
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    assert syn.launch_rank() == (1, 3, 0)  # torchrun's variables win
-    monkeypatch.setenv("RANK", "x")
-    with pytest.raises(syn.DiffMixError, match="RANK"):
-        syn.launch_rank()
-
-
 def test_idx_img_map_names_with_double_underscore_stems():
     from types import SimpleNamespace
 

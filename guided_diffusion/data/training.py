@@ -16,6 +16,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from ..dist_util import rank_world
 from ..errors import DiffMixError
 from .classes import ClassTable, resolve_class_table
 from .condition import build_condition
@@ -24,18 +25,6 @@ from .readers import LabeledImage, read_dataset
 # Tags keep the file-order and crop random streams independent although both derive from seed.
 _TAG_ORDER = 1
 _TAG_CROP = 2
-
-
-def dist_rank_world() -> Tuple[int, int]:
-    """(rank, world size) of torch.distributed when initialised, else (0, 1)."""
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-    except (ImportError, RuntimeError):
-        pass
-    return 0, 1
 
 
 @dataclass
@@ -302,7 +291,7 @@ def load_data(
     """Training batches for the SDM U-Net (the official name ``load_data`` is kept).
 
     Reads the split once into memory (validated; every problem reported together), shards it across
-    ranks when torch.distributed is initialised, and returns an infinite :class:`CropBatches`
+    ranks (:func:`guided_diffusion.dist_util.rank_world`: the process group, else the launcher), and returns an infinite :class:`CropBatches`
     iterator yielding ``(x, cond)`` -- see its docstring for shapes. Resume with ``start_step`` or
     ``CropBatches.load_state_dict``.
 
@@ -316,7 +305,7 @@ def load_data(
     samples = read_dataset(
         data_dir, table, split, image_folder, label_folder, min_size=image_size, progress=progress
     )
-    rank, world = dist_rank_world()
+    rank, world = rank_world()
     dataset = TrainCropDataset(samples, image_size, random_flip=random_flip, random_rotate=random_rotate)
     plan = CropPlan(shard_indices(len(samples), rank, world), batch_size, seed, rank, deterministic)
     return CropBatches(dataset, plan, table.num_classes, no_instance, num_workers, start_step, table)

@@ -31,7 +31,9 @@ seeds, file layout, HoVer-Net patches, figure), :mod:`.sampling` (noise, denoise
 
 from __future__ import annotations
 
+from ..dist_util import local_device as default_device  # noqa: F401
 from ..errors import DiffMixError  # noqa: F401
+from ..launcher import launch_rank  # noqa: F401
 from .outputs import (  # noqa: F401
     Job,
     OutputLayout,
@@ -62,9 +64,7 @@ from .settings import (  # noqa: F401
     SAMPLERS,
     SAMPLING_ONLY_MODEL_KEYS,
     SampleConfig,
-    default_device,
     default_run_name,
-    launch_rank,
     load_model_and_diffusion,
     resolve_model_config,
     resolve_precision,

@@ -13,7 +13,9 @@ import numpy as np
 import torch
 
 from .. import __version__, fileio
+from ..dist_util import local_device
 from ..errors import DiffMixError
+from ..launcher import launch_rank
 from .outputs import Job, OutputLayout, hovernet_patch, image_to_tensor, plan_jobs, shard, to_uint8, write_run_figure
 from .sampling import (
     FastGuidedDenoiser,
@@ -26,9 +28,7 @@ from .sampling import (
 )
 from .settings import (
     SampleConfig,
-    default_device,
     default_run_name,
-    launch_rank,
     load_model_and_diffusion,
     resolve_precision,
     start_steps,
@@ -195,10 +195,10 @@ def run_synthesis(
 
     t_start = time.time()
     cfg.validate()
-    env_rank, env_world, local_rank = launch_rank()
+    job = launch_rank()
     if rank is None or world_size is None:
-        rank, world_size = env_rank, env_world
-    device = torch.device(cfg.device) if cfg.device else (device or default_device(local_rank))
+        rank, world_size = job.rank, job.world_size
+    device = torch.device(cfg.device) if cfg.device else (device or local_device(job.local_rank))
     precision = resolve_precision(cfg, model_cfg, device)
 
     if model is None or diffusion is None:

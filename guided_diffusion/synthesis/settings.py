@@ -1,11 +1,10 @@
 """Settings of a synthesis run: the sampling flags, step arithmetic, model config resolution,
-checkpoint loading, and where this process sits among the launcher's ranks."""
+checkpoint loading, and the device of this rank."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any, Dict
 
@@ -174,39 +173,6 @@ def load_model_and_diffusion(model_path: str, model_cfg: Dict[str, Any], device:
     model, diffusion = create_model_and_diffusion(**model_cfg)
     load_model_weights(model, model_path, strict=True)
     return model.to(device).eval(), diffusion
-
-
-def launch_rank() -> tuple:
-    """``(rank, world_size, local_rank)`` from the launcher's environment, no process group needed.
-
-    Sharding needs no collectives, so ranks are read from torchrun (``RANK``/``WORLD_SIZE``/
-    ``LOCAL_RANK``), Open MPI (``OMPI_COMM_WORLD_*``), MPICH/Hydra (``PMI_RANK``/``PMI_SIZE``,
-    ``MPI_LOCALRANKID``) or PMIx (``PMIX_RANK``); a plain ``python`` run is rank 0 of 1.
-    """
-
-    def env(*names):
-        for name in names:
-            value = os.environ.get(name, "")
-            if value.strip():
-                try:
-                    return int(value)
-                except ValueError:
-                    raise DiffMixError(f"environment variable {name}={value!r} is not an integer") from None
-        return None
-
-    world = env("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE") or 1
-    rank = env("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK") or 0
-    local = env("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMIX_LOCAL_RANK")
-    if not (0 <= rank < world):
-        raise DiffMixError(f"launcher rank {rank} is outside its world size {world}")
-    return rank, world, rank if local is None else local
-
-
-def default_device(local_rank: int = 0) -> torch.device:
-    """``cuda:<local_rank mod device count>`` when CUDA is available, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
 
 
 def resolve_precision(cfg: SampleConfig, model_cfg: Dict[str, Any], device: torch.device) -> str:
