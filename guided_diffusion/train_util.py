@@ -61,6 +61,7 @@ import torch.distributed as dist
 
 from . import dist_util, fileio, logger
 from .errors import DiffMixError
+from .precision import autocast_context, check_precision, resolve_precision
 from .checkpoint_folder import (  # noqa: F401  (the loop's checkpoint API, re-exported)
     ema_filename,
     checkpoint_filenames,
@@ -76,7 +77,6 @@ from .checkpoint_folder import (  # noqa: F401  (the loop's checkpoint API, re-e
     remove_stale_temporaries,
 )
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Official MixedPrecisionTrainer started at 2**20; its log2 scale grew by fp16_scale_growth per step.
 INITIAL_LOG_LOSS_SCALE = 20.0
 STATE_FORMAT = "diffmix-train-state"
@@ -98,7 +98,8 @@ class TrainConfig:
     """Training settings: the official ``image_train.py`` flag names and defaults, plus new ones.
 
     ``use_fp16`` is a model setting (:class:`guided_diffusion.config.ModelConfig`) and keeps its
-    official meaning for training: with ``precision auto`` it selects fp16 autocast + loss scaling.
+    official meaning for training: with ``precision auto`` on CUDA it selects fp16 autocast + loss
+    scaling (:mod:`guided_diffusion.precision`).
     """
 
     data_dir: str = _f("", "dataset root holding Train/Images and Train/Labels")
@@ -122,7 +123,7 @@ class TrainConfig:
     seed: int = _f(0, "seed of the initial weights, timesteps, noise, condition dropout and crops")
     grad_clip: float = _f(0.0, "clip the global gradient norm to this value (0: off)")
     keep_checkpoints: int = _f(0, "keep only the newest N complete checkpoints (0: keep all)")
-    precision: str = _f("auto", "fp32, bf16 or fp16 autocast; auto: fp16 if --use_fp16 else fp32")
+    precision: str = _f("auto", "fp32, bf16 or fp16 autocast; auto: fp16 with --use_fp16 on CUDA, else fp32")
     num_workers: int = _f(0, "data-loading worker processes per rank")
     deterministic: bool = _f(False, "deterministic kernels (bitwise-reproducible resume; slower on GPU)")
     progress: bool = _f(True, "show a progress bar on the terminal")
@@ -142,15 +143,6 @@ def parse_ema_rates(ema_rate: Any) -> list[float]:
         if not 0.0 <= r < 1.0:
             raise DiffMixError(f"--ema_rate {ema_rate!r}: every rate must be in [0, 1), got {r}")
     return rates
-
-
-def resolve_precision(precision: str, use_fp16: bool) -> str:
-    """The autocast mode: ``auto`` means fp16 when ``use_fp16`` (the official flag), else fp32."""
-    if precision not in PRECISIONS:
-        raise DiffMixError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        return "fp16" if use_fp16 else "fp32"
-    return precision
 
 
 def validate_train_config(cfg: TrainConfig) -> None:
@@ -174,8 +166,10 @@ def validate_train_config(cfg: TrainConfig) -> None:
         problems.append(f"--grad_clip must be >= 0 (got {cfg.grad_clip})")
     if cfg.fp16_scale_growth <= 0:
         problems.append(f"--fp16_scale_growth must be > 0 (got {cfg.fp16_scale_growth})")
-    if cfg.precision not in PRECISIONS:
-        problems.append(f"--precision must be one of {', '.join(PRECISIONS)} (got {cfg.precision!r})")
+    try:
+        check_precision(cfg.precision)
+    except DiffMixError as err:
+        problems.append(str(err))
     if cfg.schedule_sampler not in ("uniform", "loss-second-moment"):
         problems.append(f"--schedule_sampler must be uniform or loss-second-moment (got {cfg.schedule_sampler!r})")
     try:
@@ -415,13 +409,13 @@ class TrainLoop:
         self.num_classes = num_classes
         self.seed = int(seed)
         self.progress = progress
-        self.precision = resolve_precision(precision, use_fp16)
+        self.device = next(model.parameters()).device
+        self.precision = resolve_precision(precision, use_fp16, self.device)
         self.config = dict(config) if config is not None else None
 
         self.rank = dist_util.get_rank()
         self.world_size = dist_util.get_world_size()
         self.global_batch = self.batch_size * self.world_size
-        self.device = next(model.parameters()).device
         self.log_dir = log_dir or logger.get_dir()
         if not self.log_dir:
             raise DiffMixError("no log folder: pass log_dir or call logger.configure() first")
@@ -445,7 +439,6 @@ class TrainLoop:
             growth_interval=max(1, int(round(1.0 / float(fp16_scale_growth)))),
             enabled=self.precision == "fp16",
         )
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
 
         # This loop's own random stream (timesteps, noise, condition dropout), distinct per rank;
         # the global torch RNG (dropout layers) is re-seeded per rank too.
@@ -659,11 +652,6 @@ class TrainLoop:
         for group in self.opt.param_groups:
             group["lr"] = lr
 
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
-
     def forward_backward(self, batch: torch.Tensor, cond: Mapping[str, Any]) -> None:
         """Accumulate the gradient of the batch-mean (importance-weighted) loss over microbatches.
 
@@ -688,7 +676,7 @@ class TrainLoop:
             last = i + self.microbatch >= n
             sync = contextlib.nullcontext() if (last or not self.use_ddp) else self.ddp_model.no_sync()
             with sync:
-                with self._autocast():
+                with autocast_context(self.precision, self.device):
                     losses = self.diffusion.training_losses(
                         self.ddp_model, x[sl], t[sl], model_kwargs={"y": y[sl]}, noise=noise[sl]
                     )
@@ -824,7 +812,6 @@ def train(model_cfg: Any, train_cfg: TrainConfig, data: Optional[Iterator] = Non
     from .script_util import create_model_and_diffusion
 
     validate_train_config(train_cfg)
-    precision = resolve_precision(train_cfg.precision, bool(getattr(model_cfg, "use_fp16", False)))
     if data is None and not train_cfg.data_dir:
         raise DiffMixError("--data_dir is required (a dataset root holding Train/Images and Train/Labels)")
     if data is None and not fileio.exists(train_cfg.data_dir):
@@ -835,6 +822,7 @@ def train(model_cfg: Any, train_cfg: TrainConfig, data: Optional[Iterator] = Non
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
     info = dist_util.setup_dist()
+    precision = resolve_precision(train_cfg.precision, bool(getattr(model_cfg, "use_fp16", False)), dist_util.dev())
     log_dir = dist_util.broadcast_object(train_cfg.log_dir or logger.default_dir())
     # Cheap checks of the run folder first, before the model and the dataset take their time.
     check_fresh_start(log_dir, train_cfg.resume_checkpoint)

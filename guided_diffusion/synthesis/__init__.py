@@ -34,6 +34,7 @@ from __future__ import annotations
 from ..dist_util import local_device as default_device  # noqa: F401
 from ..errors import DiffMixError  # noqa: F401
 from ..launcher import launch_rank  # noqa: F401
+from ..precision import PRECISIONS, autocast_context  # noqa: F401
 from .outputs import (  # noqa: F401
     Job,
     OutputLayout,
@@ -53,20 +54,18 @@ from .sampling import (  # noqa: F401
     FastGuidedDenoiser,
     PerSampleNoise,
     PlainGuidedDenoiser,
-    autocast_context,
     maybe_compiled,
     sample_batch,
     with_autocast,
 )
 from .settings import (  # noqa: F401
     DEFAULT_TIMESTEP_RESPACING,
-    PRECISIONS,
     SAMPLERS,
     SAMPLING_ONLY_MODEL_KEYS,
     SampleConfig,
     default_run_name,
     load_model_and_diffusion,
     resolve_model_config,
-    resolve_precision,
+    sampling_precision,
     start_steps,
 )

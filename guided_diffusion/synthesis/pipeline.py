@@ -30,7 +30,7 @@ from .settings import (
     SampleConfig,
     default_run_name,
     load_model_and_diffusion,
-    resolve_precision,
+    sampling_precision,
     start_steps,
 )
 
@@ -199,7 +199,7 @@ def run_synthesis(
     if rank is None or world_size is None:
         rank, world_size = job.rank, job.world_size
     device = torch.device(cfg.device) if cfg.device else (device or local_device(job.local_rank))
-    precision = resolve_precision(cfg, model_cfg, device)
+    precision = sampling_precision(cfg, model_cfg, device)
 
     if model is None or diffusion is None:
         model, diffusion = load_model_and_diffusion(cfg.model_path, model_cfg, device)

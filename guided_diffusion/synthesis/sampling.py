@@ -6,13 +6,13 @@ the pipeline needs on top: every sample's noise comes from its own generator.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from ..errors import DiffMixError
+from ..precision import autocast_context
 from .settings import SAMPLERS
 
 
@@ -132,14 +132,6 @@ def sample_batch(
     if sampler == "dpmpp2m":
         return smp.sample_dpmpp_2m(denoiser, x, sched, start, clip=clip)
     raise DiffMixError(f"unknown sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
-
-
-def autocast_context(precision: str, device: torch.device):
-    """``torch.autocast`` for "bf16" / "fp16" on ``device``; a no-op context for "fp32"."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def with_autocast(denoiser: Callable, precision: str, device: torch.device) -> Callable:

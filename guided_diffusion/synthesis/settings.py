@@ -12,9 +12,9 @@ import torch
 
 from .. import fileio
 from ..errors import DiffMixError
+from ..precision import check_precision, resolve_precision
 
 SAMPLERS = ("ddim", "ddpm", "dpmpp2m")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 # Keys of ModelConfig that describe *how to sample*, not the trained network: they come from the
 # sampling flags (default ddim100), never from the training config saved beside the checkpoint.
@@ -65,8 +65,7 @@ class SampleConfig:
     def validate(self) -> None:
         if self.sampler not in SAMPLERS:
             raise DiffMixError(f"--sampler {self.sampler!r}: expected one of {', '.join(SAMPLERS)}")
-        if self.precision not in PRECISIONS:
-            raise DiffMixError(f"--precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+        check_precision(self.precision)
         if not (0 < self.ddim_percent <= 100):
             raise DiffMixError(f"--ddim_percent {self.ddim_percent}: must be in (0, 100] (percent of the steps)")
         if self.s < 1:
@@ -175,12 +174,10 @@ def load_model_and_diffusion(model_path: str, model_cfg: Dict[str, Any], device:
     return model.to(device).eval(), diffusion
 
 
-def resolve_precision(cfg: SampleConfig, model_cfg: Dict[str, Any], device: torch.device) -> str:
-    """The autocast precision to use: ``cfg.precision``, with ``auto`` = fp16 on CUDA when the model
-    was configured ``use_fp16`` (the official meaning), else fp32."""
-    precision = cfg.precision
-    if precision == "auto":
-        precision = "fp16" if (model_cfg.get("use_fp16") and device.type == "cuda") else "fp32"
+def sampling_precision(cfg: SampleConfig, model_cfg: Dict[str, Any], device: torch.device) -> str:
+    """The autocast precision to sample with (the shared policy of :mod:`guided_diffusion.precision`);
+    fp16 sampling is refused on the CPU."""
+    precision = resolve_precision(cfg.precision, bool(model_cfg.get("use_fp16")), device)
     if precision == "fp16" and device.type != "cuda":
         raise DiffMixError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
     return precision
