@@ -162,7 +162,7 @@ class GaussianDiffusion:
         classifier-free guidance on the first C channels."""
         ts = self._scale_timesteps(t)
         s = model_kwargs.get("s")
-        guided = s is not None and float(s) > 1.0
+        guided = samplers.guidance_active(s)
         if "y" not in model_kwargs:
             if guided:
                 raise DiffMixError("guidance scale 's' > 1 needs a condition 'y' in model_kwargs")

@@ -321,6 +321,12 @@ def output_variance(
         frac = (var_values + 1) / 2
         log_variance = frac * max_log + (1 - frac) * min_log
         return torch.exp(log_variance), log_variance
+def guidance_active(s: Optional[float]) -> bool:
+    """The official rule: classifier-free guidance (and its unconditional model call) only when
+    ``s > 1``; otherwise the conditional output is used as it is."""
+    return s is not None and float(s) > 1.0
+
+
     if var_type == "fixed_large":
         variance = np.append(schedule.posterior_variance[1], schedule.betas[1:])
         log_variance = np.log(variance)
@@ -340,11 +346,12 @@ def ancestral_update(
 
 
 def cfg_combine(cond_out: torch.Tensor, uncond_out: torch.Tensor, s: float, eps_channels: int = 3) -> torch.Tensor:
-    """Classifier-free guidance on a model output ``[N, K, H, W]``.
+    """Classifier-free guidance on a model output ``[N, K, H, W]``: the one guidance formula, used by
+    the official-form loop, the plain and the fast denoisers alike.
 
     The first ``eps_channels`` channels become ``uncond + s * (cond - uncond)``; the remaining
     (variance) channels are taken from the conditional output. ``s == 1`` returns ``cond_out``
-    itself (bit-exact "no guidance"). The official sampler applies this only when ``s > 1``.
+    itself (bit-exact "no guidance"). Callers apply it only when :func:`guidance_active`.
     """
     if cond_out.shape != uncond_out.shape:
         raise ValueError(f"cond {tuple(cond_out.shape)} and uncond {tuple(uncond_out.shape)} differ")
