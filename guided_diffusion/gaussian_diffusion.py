@@ -272,8 +272,7 @@ class GaussianDiffusion:
         if noise is not None:
             img = noise
         elif gt is not None and start_index is not None:
-            t = th.full((gt.shape[0],), start_index, dtype=th.long, device=device)
-            img = self.q_sample(gt.to(device), t)
+            img, _ = samplers.partial_start(self, gt.to(device), start_index + 1)
         else:
             img = th.randn(*shape, device=device)
         return device, model_kwargs, img
@@ -341,16 +340,14 @@ class GaussianDiffusion:
     def ddim_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
                                      cond_fn=None, model_kwargs=None, device=None, progress=False,
                                      ddim_percent=1.0, eta=0.0) -> Iterator[dict]:
-        """DiffMix's DDIM loop: ``T = int(num_timesteps * ddim_percent)`` steps, T-1 down to 0.
+        """DiffMix's DDIM loop: ``T = int(num_timesteps * ddim_percent)`` steps (a fraction, the official
+        rounding: :func:`~guided_diffusion.samplers.official_start_steps`), T-1 down to 0.
 
         Start state: ``noise`` if given (taken as the state at step T-1); else
         ``q_sample(model_kwargs["gt"], T-1)`` (the official partial start); else, without ``gt``,
         pure ``randn`` (unconditional-start sampling, an extension of the official code).
         """
-        steps = int(self.num_timesteps * ddim_percent)
-        if not (0 < ddim_percent <= 1) or steps < 1:
-            raise DiffMixError(f"ddim_percent must be in (0, 1] and leave at least one of the "
-                               f"{self.num_timesteps} steps, got {ddim_percent}")
+        steps = samplers.official_start_steps(self.num_timesteps, ddim_percent)
         device, model_kwargs, img = self._start_state(model, shape, noise, model_kwargs, device, steps - 1)
         indices = samplers.progress_iter(list(range(steps))[::-1], progress, "ddim")
         for i in indices:

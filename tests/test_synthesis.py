@@ -264,14 +264,14 @@ def test_dpmpp_2m_approaches_many_step_ddim():
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpmpp2m"])
 def test_loop_matches_pure_samplers(sampler):
     """For one sample the per-sample noise stream is one generator's stream, so the pipeline's loop
-    must equal samplers.sdedit_start + sample_ddim / sample_ddpm / sample_dpmpp_2m exactly."""
+    must equal samplers.partial_start + sample_ddim / sample_ddpm / sample_dpmpp_2m exactly."""
     _, exact_eps, _ = _gaussian_problem()
     sched = _eps_schedule("ddim10")
     ref = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(4)) * 2 - 1
     eta = 0.7 if sampler == "ddim" else 0.0
     ours = syn.sample_batch(exact_eps, sched, ref, 6, syn.PerSampleNoise([123]), sampler=sampler, eta=eta)
     gen = torch.Generator().manual_seed(123)
-    x_t, start = smp.sdedit_start(sched, ref, 0.6, generator=gen)
+    x_t, start = smp.partial_start(sched, ref, smp.start_steps(sched.num_timesteps, 60), generator=gen)
     if sampler == "ddim":
         # sample_ddim draws step noise every step, as our loop does when eta > 0.
         theirs = smp.sample_ddim(exact_eps, x_t, sched, start, eta=eta, generator=gen)

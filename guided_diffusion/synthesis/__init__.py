@@ -35,6 +35,7 @@ from ..dist_util import local_device as default_device  # noqa: F401
 from ..errors import DiffMixError  # noqa: F401
 from ..launcher import launch_rank  # noqa: F401
 from ..precision import PRECISIONS, autocast_context  # noqa: F401
+from ..samplers import start_steps  # noqa: F401
 from .outputs import (  # noqa: F401
     Job,
     OutputLayout,
@@ -67,5 +68,4 @@ from .settings import (  # noqa: F401
     load_model_and_diffusion,
     resolve_model_config,
     sampling_precision,
-    start_steps,
 )

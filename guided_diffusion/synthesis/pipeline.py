@@ -31,7 +31,6 @@ from .settings import (
     default_run_name,
     load_model_and_diffusion,
     sampling_precision,
-    start_steps,
 )
 
 
@@ -225,7 +224,7 @@ def run_synthesis(
 
     sched = smp.as_schedule(diffusion)
     respacing = model_cfg.get("timestep_respacing") or ""
-    steps = start_steps(sched.num_timesteps, cfg.ddim_percent)
+    steps = smp.start_steps(sched.num_timesteps, cfg.ddim_percent)
     pure_noise = float(cfg.ddim_percent) >= 100
     settings = {
         "sampler": cfg.sampler,

@@ -117,14 +117,12 @@ def sample_batch(
         device = reference.device
     elif device is None:
         device = torch.device("cpu")
-    n = reference.shape[0] if reference is not None else shape[0]
     per_sample = tuple(reference.shape[1:]) if reference is not None else tuple(shape[1:])
     start = steps - 1
     if reference is None:
         x = noise.randn(per_sample, device)
     else:
-        t = torch.full((n,), start, dtype=torch.long, device=device)
-        x = smp.q_sample(sched, reference, t, noise.randn(per_sample, device))
+        x, _ = smp.partial_start(sched, reference, steps, noise.randn(per_sample, device))
     draw = lambda like: noise.randn(per_sample, like.device)  # noqa: E731
     if sampler == "ddim":
         return smp.sample_ddim(denoiser, x, sched, start, eta=eta, noise_fn=draw, clip=clip)
@@ -149,7 +147,7 @@ def with_autocast(denoiser: Callable, precision: str, device: torch.device) -> C
 
 
 def maybe_compiled(model: torch.nn.Module, compile_model: bool) -> Optional[Callable]:
-    """``torch.compile(model.guided_forward)`` when asked (None otherwise).
+    """``torch.compile(model.forward_branches)`` when asked (None otherwise).
 
     If compilation fails at the first call (no C++ compiler, an unsupported op), a warning is
     printed and the eager method is used from then on; it computes the same numbers.

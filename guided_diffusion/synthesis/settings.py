@@ -4,7 +4,6 @@ checkpoint loading, and the device of this rank."""
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any, Dict
 
@@ -84,21 +83,6 @@ class SampleConfig:
             raise DiffMixError("--data_dir is required (the real reference images)")
         if not self.results_path:
             raise DiffMixError("--results_path is required")
-
-
-def start_steps(num_steps: int, ddim_percent: float) -> int:
-    """Steps to run for ``ddim_percent`` percent of ``num_steps`` respaced steps (floor, >= 1).
-
-    The official script computes ``int(num_steps * (percent * 0.01))``, whose float rounding drops
-    a step for some values (29 % of 100 -> 28); this computes the exact floor (55 % of 100 -> 55,
-    the paper's setting, agrees with the official script).
-    """
-    steps = math.floor(num_steps * float(ddim_percent) / 100.0 + 1e-9)
-    if steps < 1 or steps > num_steps:
-        raise DiffMixError(
-            f"--ddim_percent {ddim_percent} of {num_steps} steps leaves {steps} steps; need 1..{num_steps}"
-        )
-    return steps
 
 
 def default_run_name(cfg: SampleConfig, timestep_respacing: str) -> str:
