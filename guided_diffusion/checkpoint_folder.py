@@ -117,14 +117,6 @@ def _save_pt(path: str, obj: Any) -> int:
     return _file_size(path) or 0
 
 
-def load_pt(path: str, map_location: Any = "cpu") -> Any:
-    """``torch.load(weights_only=True)`` of a local or remote file, errors naming the file
-    (see :func:`guided_diffusion.checkpoints.load_torch_file`)."""
-    from .checkpoints import load_torch_file
-
-    return load_torch_file(path, map_location=map_location)
-
-
 def write_checkpoint(
     folder: str,
     step: int,

@@ -24,6 +24,7 @@ from typing import Any, Iterable, Optional
 import torch
 import torch.distributed as dist
 
+from .checkpoints import load_state_dict  # noqa: F401  (guided-diffusion's dist_util.load_state_dict name)
 from .errors import DiffMixError
 from .launcher import LaunchRank, launch_rank
 
@@ -202,13 +203,3 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
             return host.to(out.device)
         dist.all_reduce(out)
     return out
-
-
-def load_state_dict(path: str, map_location: Any = "cpu") -> dict:
-    """Read a ``.pt`` state dict safely (``weights_only=True``; local or blobfile paths).
-
-    Kept for scripts written against guided-diffusion's ``dist_util.load_state_dict``.
-    """
-    from .checkpoints import load_torch_file  # lazy: checkpoints is heavier than this module
-
-    return load_torch_file(path, map_location=map_location)

@@ -60,7 +60,9 @@ import torch
 import torch.distributed as dist
 
 from . import dist_util, fileio, logger
+from .checkpoints import load_model_weights, load_state_dict, load_torch_file
 from .errors import DiffMixError
+from .resample import UniformSampler, create_named_schedule_sampler
 from .precision import autocast_context, check_precision, resolve_precision
 from .checkpoint_folder import (  # noqa: F401  (the loop's checkpoint API, re-exported)
     ema_filename,
@@ -71,7 +73,6 @@ from .checkpoint_folder import (  # noqa: F401  (the loop's checkpoint API, re-e
     list_complete_checkpoints,
     find_latest_checkpoint,
     resolve_resume_checkpoint,
-    load_pt,
     write_checkpoint,
     prune_checkpoints,
     remove_stale_temporaries,
@@ -196,7 +197,7 @@ def check_fresh_start(log_dir: str, resume_checkpoint: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Pure pieces: seeds, EMA, condition dropout, timestep sampling
+# Pure pieces: seeds, EMA, condition dropout, loss logging
 # --------------------------------------------------------------------------------------------
 
 
@@ -233,28 +234,6 @@ def drop_condition(
     u = torch.rand(y.shape[0], generator=generator, device=y.device)
     keep = u >= drop_rate
     return y * keep.to(y.dtype).view(-1, *([1] * (y.dim() - 1))), keep
-
-
-def sample_timesteps(
-    sampler: Any, n: int, device: torch.device, generator: Optional[torch.Generator] = None, num_timesteps: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw ``n`` timesteps by importance sampling over ``sampler.weights()``.
-
-    Returns ``(t, weights)``: t long [n] in [0, T), weights float32 [n] = 1 / (T p(t)), so the
-    weighted loss is an unbiased estimate of the uniform-timestep loss. With equal weights (the
-    uniform sampler) this is ``randint`` and all weights are 1. ``generator`` lives on ``device``.
-    """
-    w = np.asarray(sampler.weights(), dtype=np.float64) if sampler is not None else np.ones(num_timesteps)
-    if w.ndim != 1 or len(w) == 0 or not np.all(np.isfinite(w)) or w.sum() <= 0:
-        raise ValueError("timestep sampler returned invalid weights")
-    T = len(w)
-    if np.all(w == w[0]):
-        t = torch.randint(0, T, (n,), generator=generator, device=device)
-        return t, torch.ones(n, dtype=torch.float32, device=device)
-    p = torch.from_numpy(w / w.sum()).to(device)
-    t = torch.multinomial(p, n, replacement=True, generator=generator)
-    weights = (1.0 / (T * p[t])).float()
-    return t, weights
 
 
 def log_loss_dict(num_timesteps: int, ts: torch.Tensor, losses: Mapping[str, torch.Tensor]) -> None:
@@ -347,8 +326,8 @@ class TrainLoop:
         ema_rate: comma-separated rates (or a float). drop_rate: classifier-free condition dropout.
         log_interval, save_interval: in steps. resume_checkpoint: see module docstring.
         use_fp16, fp16_scale_growth: official fp16 flags (fp16 autocast + dynamic loss scaling).
-        schedule_sampler: object with ``weights()`` (uniform when None); loss-aware samplers also get
-            ``update_with_local_losses(t, losses)``.
+        schedule_sampler: a :class:`~guided_diffusion.resample.ScheduleSampler` (uniform when None);
+            loss-aware samplers also get ``update_with_local_losses(t, losses)``.
         num_classes: accepted for compatibility (the condition arrives ready-made).
         max_steps: total steps (0: no limit). log_dir: run folder (default: ``logger.get_dir()``).
         seed: seeds this loop's random stream (timesteps, noise, dropout of the condition).
@@ -405,7 +384,7 @@ class TrainLoop:
         self.max_steps = int(max_steps)
         self.grad_clip = float(grad_clip)
         self.keep_checkpoints = int(keep_checkpoints)
-        self.schedule_sampler = schedule_sampler
+        self.schedule_sampler = schedule_sampler if schedule_sampler is not None else UniformSampler(diffusion)
         self.num_classes = num_classes
         self.seed = int(seed)
         self.progress = progress
@@ -491,8 +470,6 @@ class TrainLoop:
     # ---- resume -------------------------------------------------------------------------------
 
     def _load_checkpoint(self, path: str) -> None:
-        from .checkpoints import load_model_weights, load_state_dict
-
         folder = os.path.dirname(path)
         step = parse_resume_step_from_filename(path)
         name = os.path.basename(path)
@@ -520,7 +497,7 @@ class TrainLoop:
         opt_path = fileio.join(folder, f"opt{step:06d}.pt")
         if fileio.exists(opt_path):
             try:
-                self.opt.load_state_dict(load_pt(opt_path, map_location=self.device))
+                self.opt.load_state_dict(load_torch_file(opt_path, map_location=self.device))
             except (ValueError, KeyError, RuntimeError) as err:
                 raise DiffMixError(f"{opt_path}: optimizer state does not match this model ({err})") from None
             for group in self.opt.param_groups:
@@ -531,7 +508,7 @@ class TrainLoop:
         self.last_saved_step = step
         self.resumed_from = path
         if full:
-            self._load_train_state(load_pt(fileio.join(folder, f"train_state{step:06d}.pt")), folder, step)
+            self._load_train_state(load_torch_file(fileio.join(folder, f"train_state{step:06d}.pt")), folder, step)
         self._retire_newer_checkpoints(folder, step)
 
     def _retire_newer_checkpoints(self, folder: str, step: int) -> None:
@@ -667,9 +644,7 @@ class TrainLoop:
         y = cond["y"].to(self.device)
         n = x.shape[0]
         y, _ = drop_condition(y, self.drop_rate, self.generator)
-        t, weights = sample_timesteps(
-            self.schedule_sampler, n, self.device, self.generator, self.diffusion.num_timesteps
-        )
+        t, weights = self.schedule_sampler.sample(n, self.device, self.generator)
         noise = torch.randn(x.shape, generator=self.generator, device=self.device, dtype=x.dtype)
         for i in range(0, n, self.microbatch):
             sl = slice(i, i + self.microbatch)
@@ -808,7 +783,6 @@ def train(model_cfg: Any, train_cfg: TrainConfig, data: Optional[Iterator] = Non
     (loaded into the model). Only then is the run folder created and the logger configured, so a
     failed start leaves no folder behind; messages before that point reach the terminal only.
     """
-    from .resample import create_named_schedule_sampler
     from .script_util import create_model_and_diffusion
 
     validate_train_config(train_cfg)

@@ -34,6 +34,7 @@ from .stats import (  # noqa: F401
 __getattr__, __dir__ = lazy_attributes(__name__, globals(), {
     "build_condition": "condition",
     "condition_channels": "condition",
+    "image_to_tensor": "condition",
     "instance_edges": "condition",
     "CropBatches": "training",
     "DataState": "training",

@@ -19,7 +19,7 @@ import torch
 from ..dist_util import rank_world
 from ..errors import DiffMixError
 from .classes import ClassTable, resolve_class_table
-from .condition import build_condition
+from .condition import build_condition, image_to_tensor
 from .readers import LabeledImage, read_dataset
 
 # Tags keep the file-order and crop random streams independent although both derive from seed.
@@ -59,11 +59,6 @@ def augment(array: np.ndarray, rot: int, flip_lr: bool, flip_ud: bool) -> np.nda
     if flip_ud:
         out = out[::-1]
     return np.ascontiguousarray(out)
-
-
-def image_to_tensor(image: np.ndarray) -> torch.Tensor:
-    """uint8 [H, W, 3] -> float32 [3, H, W] in [-1, 1] (x / 127.5 - 1, as the official loader)."""
-    return torch.from_numpy(image.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
 
 
 class TrainCropDataset(torch.utils.data.Dataset):

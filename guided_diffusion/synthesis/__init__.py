@@ -31,6 +31,7 @@ seeds, file layout, HoVer-Net patches, figure), :mod:`.sampling` (noise, denoise
 
 from __future__ import annotations
 
+from ..data.condition import image_to_tensor  # noqa: F401
 from ..dist_util import local_device as default_device  # noqa: F401
 from ..errors import DiffMixError  # noqa: F401
 from ..launcher import launch_rank  # noqa: F401
@@ -40,7 +41,6 @@ from .outputs import (  # noqa: F401
     Job,
     OutputLayout,
     hovernet_patch,
-    image_to_tensor,
     label_overlay,
     noise_seed,
     output_name,

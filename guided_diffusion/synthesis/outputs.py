@@ -111,12 +111,6 @@ def to_uint8(sample: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).to("cpu", torch.uint8).numpy()
 
 
-def image_to_tensor(images: Sequence[np.ndarray]) -> torch.Tensor:
-    """uint8 ``[H, W, 3]`` images -> float32 ``[N, 3, H, W]`` in [-1, 1] (``x / 127.5 - 1``, as officially)."""
-    arr = np.stack([np.asarray(im) for im in images]).astype(np.float32)
-    return torch.from_numpy(arr / 127.5 - 1).clamp(-1, 1).permute(0, 3, 1, 2).contiguous()
-
-
 # Class colours (index = merged class; 0 = background is left uncoloured).
 _PALETTE = np.array(
     [[0, 0, 0], [255, 215, 0], [220, 20, 60], [30, 144, 255], [50, 205, 50], [255, 140, 0], [148, 0, 211],

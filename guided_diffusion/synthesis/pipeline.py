@@ -13,10 +13,11 @@ import numpy as np
 import torch
 
 from .. import __version__, fileio
+from ..data.condition import build_condition, image_to_tensor
 from ..dist_util import local_device
 from ..errors import DiffMixError
 from ..launcher import launch_rank
-from .outputs import Job, OutputLayout, hovernet_patch, image_to_tensor, plan_jobs, shard, to_uint8, write_run_figure
+from .outputs import Job, OutputLayout, hovernet_patch, plan_jobs, shard, to_uint8, write_run_figure
 from .sampling import (
     FastGuidedDenoiser,
     PerSampleNoise,
@@ -188,7 +189,6 @@ def run_synthesis(
         device: default device when ``cfg.device`` is empty (else this rank's CUDA device or the CPU).
     """
     from .. import samplers as smp
-    from ..data.condition import build_condition
     from ..data.sampling import sampling_patches
     from tqdm.auto import tqdm
 
@@ -269,7 +269,7 @@ def run_synthesis(
             ps = [j.patch for j in batch]
             y = build_condition(np.stack([p.type_map for p in ps]), np.stack([p.inst_map for p in ps]),
                                 num_classes, no_instance).to(device)
-            reference = None if pure_noise else image_to_tensor([p.image for p in ps]).to(device)
+            reference = None if pure_noise else image_to_tensor(np.stack([p.image for p in ps])).to(device)
             if cfg.channels_last:
                 y = y.contiguous(memory_format=torch.channels_last)
                 if reference is not None:
