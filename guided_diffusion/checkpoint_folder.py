@@ -2,8 +2,9 @@
 
 Per saved step N a run folder holds ``model%06d.pt``, ``ema_<rate>_%06d.pt``, ``opt%06d.pt``,
 ``train_state%06d.pt`` and, written last, the marker ``checkpoint%06d.json`` listing those files
-and their sizes. A checkpoint counts as complete only when its marker is valid, so a killed
-process or a full disk never produces a corrupt ``latest``.
+and their sizes (the protocol of :mod:`guided_diffusion.completion`). A checkpoint counts as
+complete only when its marker is valid, so a killed process or a full disk never produces a
+corrupt ``latest``.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import json
 import os
 import re
 import time
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
 from . import fileio
+from .completion import file_size, write_marked
 from .errors import DiffMixError
 
 _MARKER_RE = re.compile(r"^checkpoint(\d{6,})\.json$")
@@ -49,15 +51,6 @@ def parse_resume_step_from_filename(filename: str) -> int:
     return int(m.group(1)) if m else 0
 
 
-def _file_size(path: str) -> Optional[int]:
-    if fileio.is_remote(path):
-        return None
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return -1
-
-
 def valid_marker(folder: str, name: str) -> Optional[dict[str, Any]]:
     """The marker's content if it parses and every listed file exists with the recorded size."""
     try:
@@ -68,7 +61,7 @@ def valid_marker(folder: str, name: str) -> Optional[dict[str, Any]]:
         return None
     for fname, size in marker["files"].items():
         path = fileio.join(folder, fname)
-        actual = _file_size(path)
+        actual = file_size(path)
         if actual is None:
             if not fileio.exists(path):
                 return None
@@ -111,10 +104,9 @@ def resolve_resume_checkpoint(resume: str, log_dir: str) -> Optional[str]:
     return resume
 
 
-def _save_pt(path: str, obj: Any) -> int:
+def _save_pt(path: str, obj: Any) -> None:
     with fileio.atomic_open(path, "wb") as f:
         torch.save(obj, f)
-    return _file_size(path) or 0
 
 
 def write_checkpoint(
@@ -123,7 +115,8 @@ def write_checkpoint(
     files: Mapping[str, Any],
     extra: Optional[Mapping[str, Any]] = None,
 ) -> None:
-    """Write each ``{name: object}`` atomically, then the completion marker.
+    """Write each ``{name: object}`` atomically, then the completion marker
+    (:func:`guided_diffusion.completion.write_marked`).
 
     An object may be given as a zero-argument callable that builds it: it is called just before
     its file is written, so only one CPU copy (model, one EMA, or the optimizer) exists at a time.
@@ -132,28 +125,22 @@ def write_checkpoint(
     the marker is never written, and :class:`DiffMixError` names the file; earlier checkpoints are
     untouched.
     """
-    written: list[str] = []
-    sizes: dict[str, int] = {}
-    current = folder
-    try:
-        for name, obj in files.items():
-            current = fileio.join(folder, name)
-            sizes[name] = _save_pt(current, obj() if callable(obj) else obj)
-            written.append(current)
-        marker = {"step": step, "complete": True, "files": sizes, "time": time.time(), **(extra or {})}
-        current = fileio.join(folder, marker_filename(step))
-        fileio.write_json(current, marker)
-    except OSError as err:
-        for path in written:
-            with contextlib.suppress(OSError):
-                if not fileio.is_remote(path):
-                    os.remove(path)
+
+    def save(obj: Any) -> Callable[[str], None]:
+        return lambda path: _save_pt(path, obj() if callable(obj) else obj)
+
+    def marker(sizes: dict) -> dict:
+        named = {os.path.basename(p): (0 if n is None else n) for p, n in sizes.items()}
+        return {"step": step, "complete": True, "files": named, "time": time.time(), **(extra or {})}
+
+    def last_complete() -> str:
         prev = [s for s in list_complete_checkpoints(folder) if s != step]
-        last = f"step {prev[-1]}" if prev else "none"
-        raise DiffMixError(
-            f"{current}: cannot write checkpoint of step {step} ({err.strerror or err}); "
-            f"the last complete checkpoint is {last}"
-        ) from None
+        return f"the last complete checkpoint is {f'step {prev[-1]}' if prev else 'none'}"
+
+    write_marked(
+        [(fileio.join(folder, name), save(obj)) for name, obj in files.items()],
+        fileio.join(folder, marker_filename(step)), marker, what=f"checkpoint of step {step}", hint=last_complete,
+    )
 
 
 def prune_checkpoints(folder: str, keep: int) -> list[int]:
@@ -186,3 +173,4 @@ def remove_stale_temporaries(folder: str) -> None:
         if _TMP_RE.match(name):
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(folder, name))
+

@@ -20,12 +20,14 @@ on which stems are selected, or on resuming.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import Optional, Sequence
 
 import numpy as np
 
 from .. import fileio
+from ..completion import is_marked, refuse_changed_settings, write_marked
 from ..data.labels import instance_table, write_label_mat
 from ..errors import DiffMixError
 from . import KINDS
@@ -270,13 +272,12 @@ def run_gradmix(
                                               dilate=dilate, median_radii=radii)
                 png = _png_bytes(image)
             record = _record(files, kind, k, name, seed, settings, edits, source_counts)
-            write_label_mat(
-                fileio.join(dirs["Labels"], name + ".mat"), new_inst, new_type,
-                classes_merged=np.array(1), num_classes=np.array(table.num_classes),
-            )
+            outputs = [(fileio.join(dirs["Labels"], name + ".mat"), functools.partial(
+                write_label_mat, inst_map=new_inst, type_map=new_type,
+                classes_merged=np.array(1), num_classes=np.array(table.num_classes)))]
             if png is not None:
-                fileio.write_bytes(fileio.join(dirs["Images"], name + ".png"), png)
-            fileio.write_json(fileio.join(dirs["Records"], name + ".json"), record)  # last: marks completion
+                outputs.append((fileio.join(dirs["Images"], name + ".png"), functools.partial(fileio.write_bytes, data=png)))
+            write_marked(outputs, fileio.join(dirs["Records"], name + ".json"), record, what=f"GradMix map {name}")
             written.append(name)
 
     summary = {"written": written, "skipped": skipped, "settings": settings}
@@ -320,20 +321,14 @@ def _is_complete(dirs: dict, name: str, kind: str, write_images: bool, settings:
     A complete map made with different settings is an error rather than silently kept or replaced.
     """
     record_path = fileio.join(dirs["Records"], name + ".json")
-    if not fileio.exists(record_path):
-        return False
-    if not fileio.exists(fileio.join(dirs["Labels"], name + ".mat")):
-        return False
-    if write_images and kind == "balance" and not fileio.exists(fileio.join(dirs["Images"], name + ".png")):
+    required = [fileio.join(dirs["Labels"], name + ".mat")]
+    if write_images and kind == "balance":
+        required.append(fileio.join(dirs["Images"], name + ".png"))
+    if not is_marked(record_path, required):
         return False
     old = fileio.read_json(record_path).get("settings", {})
-    relevant = _relevant_settings(kind)
-    diff = sorted(key for key in relevant if old.get(key) != settings.get(key))
-    if diff:
-        raise DiffMixError(
-            f"{record_path}: this map was made with other settings ({', '.join(diff)} differ); "
-            f"use a new out_dir or delete the old outputs"
-        )
+    refuse_changed_settings(record_path, old, settings, _relevant_settings(kind), "this map",
+                            "use a new out_dir or delete the old outputs")
     return True
 
 

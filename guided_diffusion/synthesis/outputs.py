@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .. import fileio
+from ..completion import is_marked
 from ..errors import DiffMixError
 
 
@@ -80,8 +81,8 @@ class OutputLayout:
         return fileio.join(self.root, "records", name + ".json")
 
     def is_complete(self, name: str) -> bool:
-        # The record is written last, so its presence means PNG and .npy are complete too.
-        return fileio.exists(self.record(name))
+        # The record is written last (completion.write_marked): it means PNG and .npy are complete too.
+        return is_marked(self.record(name))
 
     def figure(self, rank: int = 0, world_size: int = 1) -> str:
         return fileio.join(self.root, "figure.png" if world_size == 1 else f"figure_rank{rank}.png")

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .. import __version__, fileio
+from ..completion import refuse_changed_settings, write_marked
 from ..data.condition import build_condition, image_to_tensor
 from ..dist_util import local_device
 from ..errors import DiffMixError
@@ -123,25 +124,11 @@ def _class_table_identity(path: str) -> Optional[str]:
 def _check_resume(layout: OutputLayout, identity: Dict[str, Any]) -> None:
     """Refuse to add to a run folder whose ``run.json`` was written with other output-changing settings."""
     path = layout.run_record()
-    if not fileio.exists(path):
-        return
-    previous = fileio.read_json(path)
-    changed = [k for k in _IDENTITY_KEYS if k in previous and json_equal(previous[k], identity[k]) is False]
-    if changed:
-        detail = ", ".join(f"{k}: {previous[k]!r} -> {identity[k]!r}" for k in changed if k != "model_config")
-        if "model_config" in changed:
-            detail += (", " if detail else "") + "model_config differs"
-        raise DiffMixError(
-            f"{path}: this run folder was made with other settings ({detail}); resuming would mix two runs. "
-            "Use another --results_path or --run_name, or the original settings."
+    if fileio.exists(path):
+        refuse_changed_settings(
+            path, fileio.read_json(path), identity, _IDENTITY_KEYS, "this run folder",
+            "resuming would mix two runs. Use another --results_path or --run_name, or the original settings.",
         )
-
-
-def json_equal(a: Any, b: Any) -> bool:
-    """Equality after a JSON round trip (tuples vs lists, ints vs floats as JSON stores them)."""
-    import json
-
-    return json.loads(json.dumps(a, default=str)) == json.loads(json.dumps(b, default=str))
 
 
 def _check_patches(patches: Sequence[Any], image_size: int, num_classes: int) -> None:
@@ -158,10 +145,12 @@ def _check_patches(patches: Sequence[Any], image_size: int, num_classes: int) ->
 def _write_outputs(layout: OutputLayout, job: Job, image: np.ndarray, cfg: SampleConfig, settings: Dict[str, Any]) -> None:
     """PNG, then the HoVer-Net .npy, then the record (last: it marks the output complete)."""
     p = job.patch
-    fileio.write_png(layout.png(job.name), image)
     npy = hovernet_patch(image, p.inst_map, p.type_map)
-    fileio.write_npy(layout.npy(job.name), npy)
-    fileio.write_json(layout.record(job.name), _record(job, cfg, layout, settings, npy[..., 3], npy[..., 4]))
+    write_marked(
+        [(layout.png(job.name), lambda path: fileio.write_png(path, image)),
+         (layout.npy(job.name), lambda path: fileio.write_npy(path, npy))],
+        layout.record(job.name), _record(job, cfg, layout, settings, npy[..., 3], npy[..., 4]), what=f"output {job.name}",
+    )
 
 
 def run_synthesis(
