@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, Iterator, Optional
 
 import numpy as np
 import torch as th
+from tqdm.auto import tqdm
 
 from . import samplers
 from .errors import DiffMixError
@@ -438,8 +439,6 @@ class GaussianDiffusion:
         vb, xstart_mse, mse = [], [], []
         steps = list(range(self.num_timesteps))[::-1]
         if progress:
-            from tqdm.auto import tqdm
-
             steps = tqdm(steps)
         for i in steps:
             t = th.full((batch,), i, dtype=th.long, device=x_start.device)

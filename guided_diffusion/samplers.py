@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .errors import DiffMixError
 
@@ -485,7 +486,6 @@ def progress_iter(idx: List[int], progress: bool, desc: str):
     """``idx`` itself, or wrapped in a tqdm progress bar when ``progress``."""
     if not progress:
         return idx
-    from tqdm.auto import tqdm
 
     return tqdm(idx, desc=desc)
 

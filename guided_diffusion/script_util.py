@@ -14,6 +14,7 @@ from typing import Any, Iterable, Mapping
 from .config import ModelConfig, str2bool
 from .data.condition import condition_channels
 from .errors import DiffMixError
+from .respace import create_gaussian_diffusion
 from .unet import UNetModel
 
 __all__ = [
@@ -200,8 +201,6 @@ def create_model_and_diffusion(
         spade_hidden=spade_hidden,
     )
     # Imported here: the diffusion modules are independent of the network and heavier to load.
-    from .respace import create_gaussian_diffusion
-
     diffusion = create_gaussian_diffusion(
         steps=diffusion_steps,
         learn_sigma=learn_sigma,

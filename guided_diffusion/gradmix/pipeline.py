@@ -22,13 +22,19 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 from typing import Optional, Sequence
 
 import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
 
 from .. import fileio
 from ..completion import is_marked, refuse_changed_settings, write_marked
+from ..data.classes import resolve_class_table
 from ..data.labels import instance_table, write_label_mat
+from ..data.readers import list_samples, read_label_file, read_rgb, read_samples
+from ..data.stats import write_comparison
 from ..errors import DiffMixError
 from . import KINDS
 from .balance import balance_map, check_classes
@@ -152,11 +158,6 @@ def run_gradmix(
         Summary dict: ``written`` and ``skipped`` map names, ``settings``, and ``counts``
         (class counts, see :func:`class_count_summary`) when ``stats``.
     """
-    from tqdm.auto import tqdm
-
-    from ..data.classes import resolve_class_table
-    from ..data.readers import list_samples
-
     table = resolve_class_table(dataset_mode, class_table, num_classes)
     d_minor, _ = default_classes(table.num_classes)
     minor_p = _parse_classes(minor, "minor") or d_minor
@@ -287,8 +288,6 @@ def run_gradmix(
 
 
 def _label_reader(table):
-    from ..data.readers import read_label_file, read_samples
-
     def read(files):
         if files.is_npy:
             sample = read_samples([files], table, progress=False)[0]
@@ -300,18 +299,12 @@ def _label_reader(table):
 
 def _png_bytes(image: np.ndarray) -> bytes:
     """PNG bytes at zlib level 1: several times faster to encode than the default, ~10% larger."""
-    import io
-
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 
 def _read_image(files) -> np.ndarray:
-    from ..data.readers import read_rgb
-
     return read_rgb(files.image)
 
 
@@ -400,8 +393,6 @@ def save_class_stats(out_dir: str, class_names: Sequence[str], names: Sequence[s
     :func:`~guided_diffusion.data.stats.write_comparison`. Returns :func:`class_count_summary`'s
     dict plus the two paths.
     """
-    from ..data.stats import write_comparison
-
     counts = class_count_summary(out_dir, names, len(class_names))
     csv_path, png_path = write_comparison(
         counts["before"], counts["after"], out_dir, class_names=class_names, prefix="class_counts"

@@ -9,9 +9,12 @@ from typing import Any, List, Optional, Sequence
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
 from .. import fileio
 from ..completion import is_marked
+from ..data.condition import instance_edges
+from ..data.labels import relabel_contiguous
 from ..errors import DiffMixError
 
 
@@ -97,8 +100,6 @@ def hovernet_patch(image: np.ndarray, inst_map: np.ndarray, type_map: np.ndarray
     Instance ids are renumbered contiguously 1..N (0 = background); int32 keeps ids > 255 (the
     official sampler's uint8 concatenation happens to upcast too, but silently).
     """
-    from ..data.labels import relabel_contiguous
-
     if image.shape[:2] != inst_map.shape or inst_map.shape != type_map.shape or image.shape[-1] != 3:
         raise ValueError(f"shapes differ: image {image.shape}, inst {inst_map.shape}, type {type_map.shape}")
     inst = relabel_contiguous(inst_map).astype(np.int32)
@@ -122,8 +123,6 @@ _PALETTE = np.array(
 
 def label_overlay(image: np.ndarray, inst_map: np.ndarray, type_map: np.ndarray, alpha: float = 0.45) -> np.ndarray:
     """uint8 ``[S, S, 3]``: ``image`` with each nucleus tinted by its class and outlined in black."""
-    from ..data.condition import instance_edges
-
     out = image.astype(np.float32).copy()
     colours = _PALETTE[np.asarray(type_map) % len(_PALETTE)]
     fg = np.asarray(inst_map) > 0
@@ -138,8 +137,6 @@ def write_figure(path: str, rows: Sequence[tuple], title: str = "", min_size: in
 
     Patches smaller than ``min_size`` are enlarged (nearest neighbour) so captions stay legible.
     """
-    from PIL import Image, ImageDraw
-
     if not rows:
         return
     s0 = rows[0][0].shape[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import sys
 import time
 from dataclasses import dataclass
@@ -11,10 +12,14 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .. import __version__, fileio
+from .. import samplers as smp
 from ..completion import refuse_changed_settings, write_marked
 from ..data.condition import build_condition, image_to_tensor
+from ..data.readers import list_images
+from ..data.sampling import VIRTUAL_MAP_RE, sampling_patches
 from ..dist_util import local_device
 from ..errors import DiffMixError
 from ..launcher import launch_rank
@@ -59,8 +64,6 @@ def _selection(cfg: SampleConfig):
     if not items:
         return None, None
     if any(p.isdigit() for p in items):
-        from ..data.readers import list_images
-
         folder, images = list_images(cfg.data_dir, cfg.split, "Images")
         ordered = sorted(images)
         bad = [p for p in items if p.isdigit() and int(p) >= len(ordered)]
@@ -68,7 +71,6 @@ def _selection(cfg: SampleConfig):
             raise DiffMixError(f"--idx_img {','.join(bad)}: {folder} holds only {len(ordered)} images "
                                f"(indices 0..{len(ordered) - 1})")
         items = [ordered[int(p)] if p.isdigit() else p for p in items]
-    from ..data.sampling import VIRTUAL_MAP_RE
 
     # A GradMix map name is <image stem>__<kind><k>; image stems may themselves contain "__".
     map_stem = {p: m.group("stem") for p in items if (m := VIRTUAL_MAP_RE.match(p))}
@@ -116,7 +118,6 @@ def _class_table_identity(path: str) -> Optional[str]:
     """The custom class table's content hash: editing the file in place changes the labels too."""
     if not path:
         return None
-    import hashlib
 
     return f"{path} sha256:{hashlib.sha256(fileio.read_bytes(path)).hexdigest()[:16]}"
 
@@ -177,10 +178,6 @@ def run_synthesis(
         rank, world_size: this process's shard (default: :func:`launch_rank`).
         device: default device when ``cfg.device`` is empty (else this rank's CUDA device or the CPU).
     """
-    from .. import samplers as smp
-    from ..data.sampling import sampling_patches
-    from tqdm.auto import tqdm
-
     t_start = time.time()
     cfg.validate()
     job = launch_rank()

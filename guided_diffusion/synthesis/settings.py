@@ -10,8 +10,11 @@ from typing import Any, Dict
 import torch
 
 from .. import fileio
+from ..checkpoints import load_model_weights
+from ..config import CONFIG_NAME, ModelConfig, config_path_for_checkpoint, load_config_for_checkpoint
 from ..errors import DiffMixError
 from ..precision import check_precision, resolve_precision
+from ..script_util import create_model_and_diffusion
 
 SAMPLERS = ("ddim", "ddpm", "dpmpp2m")
 
@@ -108,8 +111,6 @@ def resolve_model_config(model_path: str, explicit: Dict[str, Any], defaults: Di
     Returns:
         ``(settings dict, source)`` where source names the config file or ``"flags"``.
     """
-    from ..config import CONFIG_NAME, ModelConfig, load_config_for_checkpoint
-
     if model_path and not fileio.exists(model_path):
         raise DiffMixError(f"{model_path}: checkpoint not found")
     saved = load_config_for_checkpoint(model_path) if model_path else None
@@ -120,7 +121,6 @@ def resolve_model_config(model_path: str, explicit: Dict[str, Any], defaults: Di
             saved = saved["model"]
         model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
         values.update({k: v for k, v in saved.items() if k in model_keys and k not in SAMPLING_ONLY_MODEL_KEYS})
-        from ..config import config_path_for_checkpoint
 
         source = config_path_for_checkpoint(model_path)
     values.update(explicit)
@@ -141,9 +141,6 @@ def load_model_and_diffusion(model_path: str, model_cfg: Dict[str, Any], device:
     Returns ``(model in eval mode on device, diffusion)``. A missing checkpoint or one that does not
     fit the settings raises :class:`DiffMixError` naming the file.
     """
-    from ..checkpoints import load_model_weights
-    from ..script_util import create_model_and_diffusion
-
     if not model_path:
         raise DiffMixError("--model_path is required (a checkpoint such as ema_0.9999_010000.pt)")
     if not fileio.exists(model_path):
