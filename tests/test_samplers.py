@@ -60,6 +60,9 @@ def test_sample_ddim_equals_ddim_sample_loop(eta, s):
     fast = samplers.sample_ddim(guided(model, y, s), x_T, d, start, eta=eta)
     assert start == 54
     assert torch.equal(official, fast)
+    # Both paths share ddim_update: check them against formulas written out independently too.
+    torch.manual_seed(11)
+    torch.testing.assert_close(fast, _reference_ddim(d, model, gt, y, s, 0.55, eta), rtol=1e-5, atol=1e-5)
 
 
 def _reference_ddim(d, model, gt, y, s, percent, eta):

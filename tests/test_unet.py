@@ -298,7 +298,11 @@ def test_spade_cache_expand_and_cat():
         one = model.spade_cache(torch.zeros(1, 6, 32, 32))
     both = SpadeCache.cat([one.expand(3), one])
     assert both.batch_size == 4
-    assert isinstance(model.spade_blocks()[0], SDMResBlock)
+    # Cache order: the middle block's two SPADE blocks first, then the decoder's, none from the encoder.
+    blocks = model.spade_blocks()
+    assert blocks[:2] == [model.middle_block[0], model.middle_block[2]]
+    assert not any(isinstance(m, SDMResBlock) for m in model.input_blocks.modules())
+    assert [b.cache_index for b in blocks] == list(range(len(blocks)))
     with pytest.raises(ValueError):
         both.expand(2)
 
