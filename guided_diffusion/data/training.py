@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import asdict, dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -304,9 +304,3 @@ def load_data(
     dataset = TrainCropDataset(samples, image_size, random_flip=random_flip, random_rotate=random_rotate)
     plan = CropPlan(shard_indices(len(samples), rank, world), batch_size, seed, rank, deterministic)
     return CropBatches(dataset, plan, table.num_classes, no_instance, num_workers, start_step, table)
-
-
-def iterate_forever(batches: CropBatches) -> Iterator:
-    """A plain generator over ``batches`` (for code that wants a generator object)."""
-    while True:
-        yield next(batches)
