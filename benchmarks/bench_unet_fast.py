@@ -17,6 +17,7 @@ import time
 import torch
 
 from guided_diffusion.script_util import create_model
+from guided_diffusion.synthesis import FastGuidedDenoiser, PlainGuidedDenoiser
 
 
 def timed(variants: dict, repeats: int) -> dict:
@@ -73,21 +74,21 @@ def main() -> None:
     null = torch.zeros(1, c, size, size)
     s = args.scale
 
+    plain_denoiser = PlainGuidedDenoiser(model, y, s)
+
     def plain():
-        cond = model(x, t, y=y)
-        uncond = model(x, t, y=torch.zeros_like(y))
-        return torch.cat([uncond[:, :3] + s * (cond[:, :3] - uncond[:, :3]), cond[:, 3:]], dim=1)
+        return plain_denoiser(x, t)
 
     print(f"model: {size} px, {args.num_channels} ch, num_res_blocks {args.num_res_blocks}, "
           f"attention {args.attention_resolutions}, batch {n}, threads {torch.get_num_threads()}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params")
     with torch.no_grad():
-        cache_cond, cache_null = model.spade_cache(y), model.spade_cache(null)
-        err = (model.guided_forward(x, t, s, cache_cond, cache_null) - plain()).abs().max().item()
+        fast, fast_batched = FastGuidedDenoiser(model, y, s), FastGuidedDenoiser(model, y, s, batched=True)
+        err = (fast(x, t) - plain()).abs().max().item()
         variants = {
             "plain": plain,
-            "fast": lambda: model.guided_forward(x, t, s, cache_cond, cache_null),
-            "fast_batched": lambda: model.guided_forward(x, t, s, cache_cond, cache_null, batched=True),
+            "fast": lambda: fast(x, t),
+            "fast_batched": lambda: fast_batched(x, t),
             "cache": lambda: (model.spade_cache(y), model.spade_cache(null)),
         }
         best = timed(variants, args.repeats)
@@ -104,19 +105,18 @@ def main() -> None:
             model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)  # .to() is in place
             x_cl = x.contiguous(memory_format=torch.channels_last)
             y_cl = y.contiguous(memory_format=torch.channels_last)
-            cc_cl, cn_cl = model_cl.spade_cache(y_cl), model_cl.spade_cache(null.contiguous(memory_format=torch.channels_last))
+            plain_denoiser_cl = PlainGuidedDenoiser(model_cl, y_cl, s)
+            fast_cl = FastGuidedDenoiser(model_cl, y_cl, s)
 
             def plain_cl():
-                cond = model_cl(x_cl, t, y=y_cl)
-                uncond = model_cl(x_cl, t, y=torch.zeros_like(y_cl))
-                return torch.cat([uncond[:, :3] + s * (cond[:, :3] - uncond[:, :3]), cond[:, 3:]], dim=1)
+                return plain_denoiser_cl(x_cl, t)
 
             best_cl = timed(
                 {
                     "plain": plain,
                     "plain_cl": plain_cl,
-                    "fast": lambda: model.guided_forward(x, t, s, cache_cond, cache_null),
-                    "fast_cl": lambda: model_cl.guided_forward(x_cl, t, s, cc_cl, cn_cl),
+                    "fast": lambda: fast(x, t),
+                    "fast_cl": lambda: fast_cl(x_cl, t),
                 },
                 args.repeats,
             )

@@ -21,6 +21,7 @@ import zipfile
 from typing import Any, Mapping, Union
 
 import torch
+import safetensors.torch
 
 from . import fileio
 from .errors import DiffMixError
@@ -52,8 +53,6 @@ def load_state_dict(path: Union[str, os.PathLike], map_location: Any = "cpu") ->
         raise DiffMixError(f"{path}: file not found")
     source = path if local else io.BytesIO(fileio.read_bytes(path))
     if _is_safetensors(path):
-        import safetensors.torch
-
         try:
             if local:
                 sd = safetensors.torch.load_file(path)
@@ -187,8 +186,6 @@ def save_state_dict(path: Union[str, os.PathLike], state_dict: Mapping[str, torc
         raise ValueError(f"state dict entries are not tensors: {bad[:3]}")
     cpu = {k: v.detach().cpu() for k, v in state_dict.items()}
     if _is_safetensors(path):
-        import safetensors.torch
-
         # clone() also breaks storage sharing, which safetensors refuses to write.
         fileio.write_bytes(path, safetensors.torch.save({k: v.contiguous().clone() for k, v in cpu.items()}))
     else:

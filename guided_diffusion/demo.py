@@ -96,7 +96,7 @@ class DemoConfig:
     max_synthesis_maps: Optional[int] = field(default=None, metadata={"help": "label maps to synthesise for (0 = all)"})
     sample_batch_size: Optional[int] = field(default=None, metadata={"help": "patches per sampling batch"})
     log_interval: Optional[int] = field(default=None, metadata={"help": "training log interval"})
-    precision: str = field(default="auto", metadata={"help": "fp32, bf16 or fp16 autocast for training and sampling; auto = bf16 on a GPU, else fp32"})
+    precision: str = field(default="auto", metadata={"help": "fp32, bf16 or fp16 autocast for training and sampling; auto = fp16 on CUDA if the model sets use_fp16, else fp32"})
     figure_dir: str = field(default="", metadata={"help": "also write the README figures (pipeline.png, demo_grid.png) here"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
 
@@ -304,11 +304,7 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
     stages.outputs["gradmix"] = gradmix_dir
 
     # 4. The SDM: the shipped pretrained model, or pre-training + classifier-free fine-tuning here.
-    precision = cfg.precision
-    if precision == "auto":
-        import torch
-
-        precision = "bf16" if torch.cuda.is_available() else "fp32"
+    precision = cfg.precision  # "auto" is resolved by training and sampling (guided_diffusion/precision.py)
     training: List[_Stage] = []
     if pretrained:
         checkpoint = cfg.model_path

@@ -4,7 +4,7 @@ How a run is launched decides how the process group is formed:
 
 - ``torchrun --nproc_per_node N [--nnodes M ...] scripts/image_train.py ...``: torchrun exports
   ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; we join with ``env://``.
-- ``mpiexec -n N python scripts/image_train.py ...``: ranks come from mpi4py (an optional import; the
+- ``mpiexec -n N python scripts/image_train.py ...`` (any launcher of :mod:`guided_diffusion.launcher`): ranks come from mpi4py (an optional import; the
   ``mpich`` PyPI package provides an MPI), rank 0 picks a free TCP port and broadcasts it.
 - a plain ``python ...``: a one-process group over an in-memory store, so code that calls
   ``torch.distributed`` collectives (the loss-aware timestep sampler, the logger) works unchanged.
@@ -24,10 +24,9 @@ from typing import Any, Iterable, Optional
 import torch
 import torch.distributed as dist
 
+from .checkpoints import load_state_dict  # noqa: F401  (guided-diffusion's dist_util.load_state_dict name)
 from .errors import DiffMixError
-
-# Environment variables by which MPI launchers announce the world size (Open MPI, MPICH/Hydra, MVAPICH).
-_MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+from .launcher import LaunchRank, launch_rank
 
 
 @dataclass(frozen=True)
@@ -44,27 +43,14 @@ class DistInfo:
 _INFO: Optional[DistInfo] = None
 
 
-def _env_int(name: str) -> Optional[int]:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise DiffMixError(f"environment variable {name}={value!r} is not an integer") from None
-
-
-def _mpi_world_size() -> int:
-    for name in _MPI_SIZE_VARS:
-        size = _env_int(name)
-        if size is not None:
-            return size
-    return 1
+def _torchrun(job: LaunchRank) -> bool:
+    return job.launcher == "torchrun" and "MASTER_ADDR" in os.environ
 
 
 def under_launcher() -> bool:
     """True when torchrun or an MPI launcher started this process (before any set-up)."""
-    return ("WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ) or _mpi_world_size() > 1
+    job = launch_rank()
+    return _torchrun(job) or job.world_size > 1
 
 
 def _free_port() -> int:
@@ -87,13 +73,13 @@ def setup_dist(backend: Optional[str] = None) -> DistInfo:
     if _INFO is not None and dist.is_initialized():
         return _INFO
     backend = backend or default_backend()
+    job = launch_rank()
     if dist.is_initialized():
         # Someone else (a test harness, a notebook) formed the group; adopt it.
-        local = _env_int("LOCAL_RANK") or 0
-        _INFO = DistInfo(dist.get_rank(), dist.get_world_size(), local, dist.get_backend(), "external")
-    elif _env_int("WORLD_SIZE") is not None and "MASTER_ADDR" in os.environ:
-        _INFO = _setup_torchrun(backend)
-    elif _mpi_world_size() > 1:
+        _INFO = DistInfo(dist.get_rank(), dist.get_world_size(), job.local_rank, dist.get_backend(), "external")
+    elif _torchrun(job):
+        _INFO = _setup_torchrun(backend, job)
+    elif job.world_size > 1:
         _INFO = _setup_mpi(backend)
     else:
         # A one-rank group without any network port: collectives become no-ops.
@@ -104,10 +90,8 @@ def setup_dist(backend: Optional[str] = None) -> DistInfo:
     return _INFO
 
 
-def _setup_torchrun(backend: str) -> DistInfo:
-    rank = _env_int("RANK") or 0
-    world = _env_int("WORLD_SIZE") or 1
-    local = _env_int("LOCAL_RANK") or 0
+def _setup_torchrun(backend: str, job: LaunchRank) -> DistInfo:
+    rank, world, local = job.rank, job.world_size, job.local_rank
     if torch.cuda.is_available() and backend == "nccl":
         # NCCL needs the device pinned before the first collective.
         torch.cuda.set_device(local % torch.cuda.device_count())
@@ -152,7 +136,7 @@ def info() -> DistInfo:
     if _INFO is not None and dist.is_initialized():
         return _INFO
     if dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), _env_int("LOCAL_RANK") or 0, dist.get_backend(), "external")
+        return DistInfo(dist.get_rank(), dist.get_world_size(), launch_rank().local_rank, dist.get_backend(), "external")
     return DistInfo(0, 1, 0, "none", "none")
 
 
@@ -164,15 +148,25 @@ def get_world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def is_main_process() -> bool:
-    return get_rank() == 0
+def rank_world() -> tuple[int, int]:
+    """``(rank, world size)``: the process group's once formed, else the launcher's (for sharding
+    work without a group; collectives still need :func:`setup_dist`)."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    job = launch_rank()
+    return job.rank, job.world_size
+
+
+def local_device(local_rank: int = 0) -> torch.device:
+    """``cuda:<local_rank mod device count>`` when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
 
 
 def dev() -> torch.device:
-    """This rank's device: ``cuda:<local_rank mod device count>`` when CUDA is available, else CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", info().local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
+    """This rank's device (:func:`local_device` of its local rank)."""
+    return local_device(info().local_rank)
 
 
 def barrier() -> None:
@@ -209,13 +203,3 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
             return host.to(out.device)
         dist.all_reduce(out)
     return out
-
-
-def load_state_dict(path: str, map_location: Any = "cpu") -> dict:
-    """Read a ``.pt`` state dict safely (``weights_only=True``; local or blobfile paths).
-
-    Kept for scripts written against guided-diffusion's ``dist_util.load_state_dict``.
-    """
-    from .checkpoints import load_torch_file  # lazy: checkpoints is heavier than this module
-
-    return load_torch_file(path, map_location=map_location)

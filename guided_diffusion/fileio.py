@@ -20,6 +20,9 @@ import numpy as np
 
 from .errors import DiffMixError
 
+# blobfile (remote paths), PIL and scipy.io are imported inside the functions that need them: this
+# module sits under every command, label-only ones included, and most runs use one or none of them.
+
 _REMOTE_PREFIXES = ("gs://", "az://", "https://", "http://")
 
 

@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, Iterator, Optional
 
 import numpy as np
 import torch as th
+from tqdm.auto import tqdm
 
 from . import samplers
 from .errors import DiffMixError
@@ -162,7 +163,7 @@ class GaussianDiffusion:
         classifier-free guidance on the first C channels."""
         ts = self._scale_timesteps(t)
         s = model_kwargs.get("s")
-        guided = s is not None and float(s) > 1.0
+        guided = samplers.guidance_active(s)
         if "y" not in model_kwargs:
             if guided:
                 raise DiffMixError("guidance scale 's' > 1 needs a condition 'y' in model_kwargs")
@@ -272,8 +273,7 @@ class GaussianDiffusion:
         if noise is not None:
             img = noise
         elif gt is not None and start_index is not None:
-            t = th.full((gt.shape[0],), start_index, dtype=th.long, device=device)
-            img = self.q_sample(gt.to(device), t)
+            img, _ = samplers.partial_start(self, gt.to(device), start_index + 1)
         else:
             img = th.randn(*shape, device=device)
         return device, model_kwargs, img
@@ -341,16 +341,14 @@ class GaussianDiffusion:
     def ddim_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
                                      cond_fn=None, model_kwargs=None, device=None, progress=False,
                                      ddim_percent=1.0, eta=0.0) -> Iterator[dict]:
-        """DiffMix's DDIM loop: ``T = int(num_timesteps * ddim_percent)`` steps, T-1 down to 0.
+        """DiffMix's DDIM loop: ``T = int(num_timesteps * ddim_percent)`` steps (a fraction, the official
+        rounding: :func:`~guided_diffusion.samplers.official_start_steps`), T-1 down to 0.
 
         Start state: ``noise`` if given (taken as the state at step T-1); else
         ``q_sample(model_kwargs["gt"], T-1)`` (the official partial start); else, without ``gt``,
         pure ``randn`` (unconditional-start sampling, an extension of the official code).
         """
-        steps = int(self.num_timesteps * ddim_percent)
-        if not (0 < ddim_percent <= 1) or steps < 1:
-            raise DiffMixError(f"ddim_percent must be in (0, 1] and leave at least one of the "
-                               f"{self.num_timesteps} steps, got {ddim_percent}")
+        steps = samplers.official_start_steps(self.num_timesteps, ddim_percent)
         device, model_kwargs, img = self._start_state(model, shape, noise, model_kwargs, device, steps - 1)
         indices = samplers.progress_iter(list(range(steps))[::-1], progress, "ddim")
         for i in indices:
@@ -441,8 +439,6 @@ class GaussianDiffusion:
         vb, xstart_mse, mse = [], [], []
         steps = list(range(self.num_timesteps))[::-1]
         if progress:
-            from tqdm.auto import tqdm
-
             steps = tqdm(steps)
         for i in steps:
             t = th.full((batch,), i, dtype=th.long, device=x_start.device)

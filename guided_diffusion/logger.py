@@ -20,6 +20,8 @@ import sys
 from collections import defaultdict
 from typing import Any, Optional, Sequence
 
+import torch.distributed as dist
+
 from . import fileio
 
 DEBUG, INFO, WARN, ERROR, DISABLED = 10, 20, 30, 40, 50
@@ -36,7 +38,7 @@ def _fmt(value: Any) -> str:
 
 def _terminal_write(text: str) -> None:
     try:
-        from tqdm import tqdm
+        from tqdm import tqdm  # lazy: only terminal writes under a bar need it
 
         tqdm.write(text, file=sys.stdout)
     except ImportError:  # pragma: no cover - tqdm is a dependency
@@ -180,8 +182,6 @@ class Logger:
 
 def _reduce_means(sums: dict[str, float], counts: dict[str, int]) -> tuple[dict[str, float], dict[str, int]]:
     """Sum the per-key (sum, count) pairs over ranks (keys may differ between ranks)."""
-    import torch.distributed as dist
-
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return sums, counts
     gathered: list[Any] = [None] * dist.get_world_size()
@@ -219,8 +219,6 @@ def configure(
     if _CURRENT is not None:
         _CURRENT.close()
     if rank is None:
-        import torch.distributed as dist
-
         rank = dist.get_rank() if dist.is_initialized() else 0
     dir = dir or default_dir()
     if format_strs is None:
@@ -246,7 +244,6 @@ def get_current() -> Logger:
     if _CURRENT is None:
         # Logging before configure() (a run still checking its inputs): messages reach rank 0's
         # terminal, nothing is written to disk; configure() replaces this logger.
-        import torch.distributed as dist
 
         rank = dist.get_rank() if dist.is_initialized() else 0
         _CURRENT = Logger(None, [TerminalFormat()] if rank == 0 else [])

@@ -14,6 +14,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import fileio
+from .data.classes import resolve_class_table
+from .data.labels import relabel_contiguous
+from .data.readers import read_label_file
 
 
 def _pyplot():
@@ -96,9 +99,7 @@ def _real_label_path(record: Dict[str, Any]) -> Optional[str]:
 def plot_pipeline(record: Dict[str, Any], class_table, path: str) -> Optional[str]:
     """One synthesis record drawn as the DiffMix pipeline: real patch + real label -> virtual label
     (GradMix) -> synthetic patch."""
-    from .data.labels import relabel_contiguous
-    from .data.readers import read_label_file
-    from .synthesis import label_overlay
+    from .synthesis import label_overlay  # lazy: synthesis imports torch; the report draws from files
 
     crop = record["crop"]
     x0, y0, h, w = int(crop["x0"]), int(crop["y0"]), int(crop["height"]), int(crop["width"])
@@ -228,8 +229,6 @@ def write_report(out_dir: str, record: Dict[str, Any], summary, figure_dir: str 
     ``figure_dir`` also receives the README figures: ``pipeline.png`` (one patch through the pipeline)
     and ``demo_grid.png`` (real | virtual label | synthetic with the changed nuclei outlined).
     """
-    from .data.classes import resolve_class_table
-
     fig_dir = fileio.join(out_dir, "report")
     fileio.makedirs(fig_dir)
     settings = record["settings"]

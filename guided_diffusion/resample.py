@@ -1,6 +1,6 @@
 """Timestep samplers for training: which t each sample gets, with importance weights.
 
-``sample`` draws t from p(t) proportional to ``weights()`` and returns weights 1 / (T * p(t)), so
+``sample`` (what training calls) draws t from p(t) proportional to ``weights()`` and returns weights 1 / (T * p(t)), so
 the weighted loss is an unbiased estimate of the uniform-t objective. ``loss-second-moment``
 (Nichol & Dhariwal 2021) samples t proportional to sqrt(E[L_t^2]) once every t has a full loss
 history, reducing the variance of the VLB objective.
@@ -38,19 +38,26 @@ class ScheduleSampler(ABC):
     def sample(
         self, batch_size: int, device, generator: Optional[torch.Generator] = None
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Draw timesteps for a batch.
+        """Draw timesteps for a batch by importance sampling over :meth:`weights` (training's draw).
 
-        :param generator: optional ``torch.Generator`` (CPU) for reproducible draws; the global
-            torch RNG otherwise.
+        :param generator: optional ``torch.Generator`` on ``device`` for reproducible draws; the
+            global torch RNG otherwise.
         :return: ``(timesteps, weights)``: long ``[batch_size]`` in [0, T) and float32
-            ``[batch_size]`` importance weights 1 / (T p(t)), both on ``device``.
+            ``[batch_size]`` importance weights 1 / (T p(t)), both on ``device``, so the weighted
+            loss is an unbiased estimate of the uniform-timestep loss. With equal weights (the
+            uniform sampler, or a loss-aware one before warm-up) this is ``randint`` and every
+            weight is 1.
         """
         w = np.asarray(self.weights(), dtype=np.float64)
-        p = w / np.sum(w)
-        probs = torch.from_numpy(p)
-        indices = torch.multinomial(probs, batch_size, replacement=True, generator=generator)
-        weights = 1.0 / (len(p) * probs[indices])
-        return indices.long().to(device), weights.float().to(device)
+        if w.ndim != 1 or len(w) == 0 or not np.all(np.isfinite(w)) or w.sum() <= 0:
+            raise ValueError("timestep sampler returned invalid weights")
+        T = len(w)
+        if np.all(w == w[0]):
+            t = torch.randint(0, T, (batch_size,), generator=generator, device=device)
+            return t, torch.ones(batch_size, dtype=torch.float32, device=device)
+        p = torch.from_numpy(w / w.sum()).to(device)
+        t = torch.multinomial(p, batch_size, replacement=True, generator=generator)
+        return t, (1.0 / (T * p[t])).float()
 
 
 class UniformSampler(ScheduleSampler):

@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .errors import DiffMixError
 
@@ -267,24 +268,6 @@ def ddim_update(
     return mean_pred + _mask(nonzero, x) * sigma * noise
 
 
-def ddim_step(
-    x: torch.Tensor,
-    eps: torch.Tensor,
-    abar_t: Level,
-    abar_prev: Level,
-    eta: float,
-    noise: Optional[torch.Tensor],
-    clip: bool = True,
-    nonzero: Union[bool, torch.Tensor] = True,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """DDIM step from a noise prediction: returns ``(x_prev, pred_xstart)`` (float32, like ``x``);
-    ``pred_xstart`` is clamped to [-1, 1] when ``clip``."""
-    pred_xstart = predict_xstart_from_eps(x, eps, abar_t)
-    if clip:
-        pred_xstart = pred_xstart.clamp(-1, 1)
-    return ddim_update(x, pred_xstart, abar_t, abar_prev, eta, noise, nonzero), pred_xstart
-
-
 def ddim_reverse_update(x: torch.Tensor, pred_xstart: torch.Tensor, abar_t: Level, abar_next: Level) -> torch.Tensor:
     """Deterministic DDIM inversion step x_t -> x_{t+1} (eta = 0): sqrt(abar_next) x_0 +
     sqrt(1 - abar_next) eps, with eps re-derived from ``pred_xstart``."""
@@ -339,12 +322,19 @@ def ancestral_update(
     return mean + _mask(nonzero, mean) * torch.exp(0.5 * log_variance) * noise
 
 
+def guidance_active(s: Optional[float]) -> bool:
+    """The official rule: classifier-free guidance (and its unconditional model call) only when
+    ``s > 1``; otherwise the conditional output is used as it is."""
+    return s is not None and float(s) > 1.0
+
+
 def cfg_combine(cond_out: torch.Tensor, uncond_out: torch.Tensor, s: float, eps_channels: int = 3) -> torch.Tensor:
-    """Classifier-free guidance on a model output ``[N, K, H, W]``.
+    """Classifier-free guidance on a model output ``[N, K, H, W]``: the one guidance formula, used by
+    the official-form loop, the plain and the fast denoisers alike.
 
     The first ``eps_channels`` channels become ``uncond + s * (cond - uncond)``; the remaining
     (variance) channels are taken from the conditional output. ``s == 1`` returns ``cond_out``
-    itself (bit-exact "no guidance"). The official sampler applies this only when ``s > 1``.
+    itself (bit-exact "no guidance"). Callers apply it only when :func:`guidance_active`.
     """
     if cond_out.shape != uncond_out.shape:
         raise ValueError(f"cond {tuple(cond_out.shape)} and uncond {tuple(uncond_out.shape)} differ")
@@ -390,32 +380,56 @@ def dpmpp_2m_update(
 # ---------------------------------------------------------------------------------------------
 
 
-def sdedit_start(
-    diffusion: Any,
+def start_steps(num_steps: int, ddim_percent: float) -> int:
+    """Steps to run for ``ddim_percent`` *percent* of ``num_steps`` respaced steps: the exact floor, >= 1.
+
+    DiffMix's partial start runs the last ``start_steps`` steps from the noised real patch (100 =
+    from pure noise). This is the one rule of the synthesis pipeline and the CLI. The official
+    float product ``int(num_steps * (percent * 0.01))`` drops a step for some values (29 % of 100
+    gives 28); the exact floor gives 29, and agrees with it at the paper's 55 %.
+    Only the official call form keeps the official rounding (:func:`official_start_steps`).
+    """
+    steps = math.floor(num_steps * float(ddim_percent) / 100.0 + 1e-9)
+    if steps < 1 or steps > num_steps:
+        raise DiffMixError(
+            f"--ddim_percent {ddim_percent} of {num_steps} steps leaves {steps} steps; need 1..{num_steps}"
+        )
+    return steps
+
+
+def official_start_steps(num_steps: int, ddim_percent: float) -> int:
+    """``int(num_steps * ddim_percent)`` for a *fraction* in (0, 1]: the official
+    ``ddim_sample_loop(..., ddim_percent=0.55)`` rule, kept bit for bit for code written against
+    the official API (S=100, 0.29 -> 28 steps). New code uses :func:`start_steps`."""
+    steps = int(num_steps * ddim_percent)
+    if not (0 < ddim_percent <= 1) or steps < 1:
+        raise DiffMixError(
+            f"ddim_percent must be in (0, 1] and leave at least one of the {num_steps} steps, got {ddim_percent}"
+        )
+    return steps
+
+
+def partial_start(
+    schedule: Any,
     x0: torch.Tensor,
-    ddim_percent: float,
+    steps: int,
     noise: Optional[torch.Tensor] = None,
     generator: Optional[torch.Generator] = None,
 ) -> Tuple[torch.Tensor, int]:
-    """DiffMix's partial start: noise a reference image up to respaced index ``int(S * p) - 1``.
+    """DiffMix's partial start (SDEdit): noise a reference image to respaced index ``steps - 1``.
 
-    :param diffusion: a diffusion or :class:`Schedule` with ``S`` (respaced) steps.
+    :param schedule: a diffusion or :class:`Schedule` with ``S`` (respaced) steps.
     :param x0: float ``[N, C, H, W]`` reference in [-1, 1].
-    :param ddim_percent: p in (0, 1]; ``int(S * p)`` steps will run (the official rounding,
-        e.g. S=100, p=0.55 -> 55 steps from original t=540 with ddim100).
+    :param steps: how many steps will run, 1..S (:func:`start_steps` of a percent).
     :param noise: optional standard normal ``[N, C, H, W]``; drawn (``generator`` or global RNG,
         like the official ``q_sample``) when None.
     :return: ``(x_T, start_index)``: the noised state and the respaced index it sits at; pass
         ``start_index`` as ``indices`` of :func:`sample_ddim` / :func:`sample_ddpm` /
         :func:`sample_dpmpp_2m`.
     """
-    schedule = as_schedule(diffusion)
-    steps = int(schedule.num_timesteps * ddim_percent)
-    if not (0 < ddim_percent <= 1) or steps < 1:
-        raise DiffMixError(
-            f"ddim_percent must be in (0, 1] and leave at least one of the {schedule.num_timesteps} "
-            f"steps, got {ddim_percent}"
-        )
+    schedule = as_schedule(schedule)
+    if not (1 <= steps <= schedule.num_timesteps):
+        raise ValueError(f"steps {steps} outside 1..{schedule.num_timesteps}")
     start = steps - 1
     if noise is None:
         noise = randn_like(x0, generator)
@@ -427,27 +441,6 @@ def log_snr(abar: Union[float, np.ndarray]) -> Union[float, np.ndarray]:
     """lambda = log(sqrt(abar) / sqrt(1 - abar)), the half log signal-to-noise ratio (float64)."""
     abar = np.asarray(abar, dtype=np.float64)
     return 0.5 * (np.log(abar) - np.log1p(-abar))
-
-
-def lambda_spaced_indices(schedule: Any, num_steps: int, start: Optional[int] = None) -> List[int]:
-    """At most ``num_steps`` respaced indices from ``start`` (default S-1) down to 0, roughly
-    uniform in :func:`log_snr`.
-
-    Multistep solvers such as :func:`sample_dpmpp_2m` assume slowly varying step sizes in lambda;
-    indices evenly spaced in t give a last step whose lambda gap is several times the previous one,
-    which makes the second-order extrapolation overshoot at few steps. Nearest indices are used, so
-    duplicates collapse and fewer than ``num_steps`` may come back; ``start`` and 0 are always kept.
-    """
-    sched = as_schedule(schedule)
-    start = sched.num_timesteps - 1 if start is None else int(start)
-    if num_steps < 1 or not (0 <= start < sched.num_timesteps):
-        raise DiffMixError(f"need num_steps >= 1 and 0 <= start < {sched.num_timesteps}, got {num_steps}, {start}")
-    lam = log_snr(sched.alphas_cumprod[: start + 1])
-    if num_steps == 1:
-        return [start]
-    targets = np.linspace(lam[start], lam[0], num_steps)
-    picked = {int(np.argmin(np.abs(lam - v))) for v in targets} | {start, 0}
-    return sorted(picked, reverse=True)
 
 
 def _index_list(indices: Indices, num_steps: int, consecutive: bool = False) -> List[int]:
@@ -493,7 +486,6 @@ def progress_iter(idx: List[int], progress: bool, desc: str):
     """``idx`` itself, or wrapped in a tqdm progress bar when ``progress``."""
     if not progress:
         return idx
-    from tqdm.auto import tqdm
 
     return tqdm(idx, desc=desc)
 
@@ -520,7 +512,7 @@ def sample_ddim(
 
     :param denoiser: ``(x, t_model) -> output`` (see module docstring).
     :param x_start_state: float ``[N, C, H, W]``, the state at ``indices[0]`` (e.g. from
-        :func:`sdedit_start`, or ``randn`` at index S-1).
+        :func:`partial_start`, or ``randn`` at index S-1).
     :param schedule: respaced diffusion or :class:`Schedule`.
     :param eta: 0 for deterministic DDIM; 1 for DDPM-like noise. Noise is drawn every step even
         when eta = 0, reproducing the official RNG consumption.
@@ -597,9 +589,8 @@ def sample_dpmpp_2m(
     The state moves through the noise levels abar[indices[0]], ..., abar[indices[-1]] and finally to
     clean data (the last step returns the x_0 prediction, as DDIM does). Deterministic: ``generator``
     is accepted for interface symmetry and not used. Being second order it reaches DDIM's many-step
-    result with far fewer steps when the steps are roughly even in log-SNR (see
-    :func:`lambda_spaced_indices`); with few steps evenly spaced in t, the uneven last gap can make
-    it worse than DDIM.
+    result with far fewer steps when the steps are roughly even in log-SNR; with few steps evenly
+    spaced in t, the uneven last gap can make it worse than DDIM.
     """
     del generator  # deterministic solver
     sched = as_schedule(schedule)

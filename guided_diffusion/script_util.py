@@ -12,7 +12,9 @@ import argparse
 from typing import Any, Iterable, Mapping
 
 from .config import ModelConfig, str2bool
+from .data.condition import condition_channels
 from .errors import DiffMixError
+from .respace import create_gaussian_diffusion
 from .unet import UNetModel
 
 __all__ = [
@@ -25,7 +27,6 @@ __all__ = [
     "default_channel_mult",
     "parse_channel_mult",
     "parse_attention_resolutions",
-    "condition_width",
 ]
 
 _DEFAULT_CHANNEL_MULT = {
@@ -83,11 +84,6 @@ def parse_attention_resolutions(attention_resolutions: Any, image_size: int) -> 
     return tuple(image_size // r for r in sizes)
 
 
-def condition_width(num_classes: int, no_instance: bool) -> int:
-    """Channels of the condition: classes (+1 instance-edge channel unless ``no_instance``)."""
-    return num_classes if no_instance else num_classes + 1
-
-
 def create_model(
     image_size: int,
     num_classes: int,
@@ -141,7 +137,7 @@ def create_model(
         attention_resolutions=attention_ds,
         dropout=dropout,
         channel_mult=mult,
-        num_classes=condition_width(num_classes, no_instance),
+        num_classes=condition_channels(num_classes, no_instance),
         use_checkpoint=use_checkpoint,
         use_fp16=use_fp16,
         num_heads=num_heads,
@@ -205,8 +201,6 @@ def create_model_and_diffusion(
         spade_hidden=spade_hidden,
     )
     # Imported here: the diffusion modules are independent of the network and heavier to load.
-    from .respace import create_gaussian_diffusion
-
     diffusion = create_gaussian_diffusion(
         steps=diffusion_steps,
         learn_sigma=learn_sigma,

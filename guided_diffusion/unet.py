@@ -11,8 +11,8 @@ with ``strict=True``:
 Fast guided sampling exploits two facts: the encoder never sees ``y``, and every SPADE
 gamma/beta depends only on ``y`` (not on ``x`` or ``t``). So for classifier-free guidance
 (``model(x, t, y)`` and ``model(x, t, 0)``) :meth:`UNetModel.spade_cache` precomputes all SPADE
-modulations once per condition, and :meth:`UNetModel.guided_forward` runs the encoder once and the
-SPADE-free remainder of the decoder twice. Both paths do the same arithmetic, so their outputs
+modulations once per condition, and :meth:`UNetModel.forward_branches` runs the encoder once and the
+SPADE-free remainder of the decoder twice (the guidance formula itself is the sampler's). Both paths do the same arithmetic, so their outputs
 agree to float rounding.
 
 Precision: parameters stay float32. Where the official code converted the trunk to fp16
@@ -688,36 +688,32 @@ class UNetModel(nn.Module):
         cache = SpadeCache(params)
         return cache.to(dtype) if dtype is not None else cache
 
-    def guided_forward(
+    def forward_branches(
         self,
         x: torch.Tensor,
         timesteps: torch.Tensor,
-        s: float,
         cache_cond: SpadeCache,
         cache_uncond: Optional[SpadeCache] = None,
         batched: bool = False,
-    ) -> torch.Tensor:
-        """Classifier-free guided output, equal to the official two-forward computation.
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The conditional and (with ``cache_uncond``) unconditional outputs, the encoder run once.
 
-        ``out[:, :3] = uncond[:, :3] + s * (cond[:, :3] - uncond[:, :3])`` and the remaining
-        (variance) channels from the conditional output. As officially, guidance applies only
-        when ``s > 1``; otherwise only the conditional branch runs (``cache_uncond`` unused).
-        The encoder runs once; the middle block and decoder run per branch, either one after the
-        other or (``batched=True``) in one call on a doubled batch, which can use a GPU better but
-        keeps a doubled copy of the caches (built on the first call, held by ``cache_cond``).
+        Each equals ``model(x, t, y)`` for the condition its cache was built from. The middle block
+        and decoder run per branch, either one after the other or (``batched=True``) in one call
+        on a doubled batch, which can use a GPU better but keeps a doubled copy of the caches
+        (built on the first call, held by ``cache_cond``). How the two are combined is a sampling
+        rule (:func:`guided_diffusion.samplers.cfg_combine`), not the network's.
 
         Args:
-            x: float [N, in_channels, H, W]; timesteps: [N]; s: guidance scale.
+            x: float [N, in_channels, H, W]; timesteps: [N].
             cache_cond: cache of the condition (batch N or 1); cache_uncond: cache of the
-                null condition (batch 1 or N).
+                null condition (batch 1 or N), or None to run the conditional branch only.
         Returns:
-            float [N, out_channels, H, W] in x's dtype.
+            ``(cond_out, uncond_out or None)``, each float [N, out_channels, H, W] in x's dtype.
         """
         h, hs, emb = self.encode(x, timesteps)
-        if not float(s) > 1:
-            return self.decode(h, hs, emb, cache_cond).to(x.dtype)
         if cache_uncond is None:
-            raise ValueError("guidance with s > 1 needs the null-condition cache cache_uncond")
+            return self.decode(h, hs, emb, cache_cond).to(x.dtype), None
         n = x.shape[0]
         if batched:
             both = cache_cond.paired_with(cache_uncond, n)
@@ -726,31 +722,4 @@ class UNetModel(nn.Module):
         else:
             cond_out = self.decode(h, hs, emb, cache_cond)
             uncond_out = self.decode(h, hs, emb, cache_uncond)
-        k = self.in_channels
-        eps = uncond_out[:, :k] + float(s) * (cond_out[:, :k] - uncond_out[:, :k])
-        return torch.cat([eps, cond_out[:, k:]], dim=1).to(x.dtype)
-
-    def guided_eps(
-        self,
-        x: torch.Tensor,
-        timesteps: torch.Tensor,
-        y: Optional[torch.Tensor] = None,
-        s: float = 1.0,
-        cache_cond: Optional[SpadeCache] = None,
-        cache_uncond: Optional[SpadeCache] = None,
-    ) -> torch.Tensor:
-        """:meth:`guided_forward` that builds missing caches from ``y`` (and a zero null condition).
-
-        Building a cache costs about one decoder pass, so samplers should build the caches once
-        per condition and pass them in; this form is for one-off calls.
-        """
-        if cache_cond is None:
-            if y is None:
-                raise ValueError("give the condition y or cache_cond")
-            cache_cond = self.spade_cache(y)
-        if float(s) > 1 and cache_uncond is None:
-            first = cache_cond.params[0].in_scale
-            ds = self.spade_blocks()[0].in_ds
-            shape = (1, self.num_classes, first.shape[-2] * ds, first.shape[-1] * ds)
-            cache_uncond = self.spade_cache(torch.zeros(shape, dtype=self.dtype, device=x.device))
-        return self.guided_forward(x, timesteps, s, cache_cond, cache_uncond)
+        return cond_out.to(x.dtype), uncond_out.to(x.dtype)

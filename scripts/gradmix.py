@@ -19,7 +19,7 @@ import argparse
 from guided_diffusion.config import HelpFormatter, str2bool
 from guided_diffusion.data.classes import DATASET_MODES
 from guided_diffusion.errors import DiffMixError, run_cli
-from guided_diffusion.gradmix import KINDS, run_gradmix
+from guided_diffusion import gradmix  # its modules load at first use: --help stays fast
 
 
 def _radii(value: str) -> tuple:
@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     what = p.add_argument_group("maps")
     what.add_argument("--num_maps", type=int, default=1, help="maps per source image for each kind in --kinds")
-    what.add_argument("--kinds", default="balance", help=f"comma-separated subset of {','.join(KINDS)}")
+    what.add_argument("--kinds", default="balance", help=f"comma-separated subset of {','.join(gradmix.KINDS)}")
     what.add_argument("--num_balance", type=int, default=None, help="overrides --num_maps for balancing maps")
     what.add_argument("--num_enlarge", type=int, default=None, help="overrides --num_maps for enlarging maps")
     what.add_argument("--seed", type=int, default=0, help="base seed; each map's generator is (seed, stem, kind, k)")
@@ -81,19 +81,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     kinds = [k for k in args.kinds.replace(" ", "").split(",") if k]
-    unknown = [k for k in kinds if k not in KINDS]
+    unknown = [k for k in kinds if k not in gradmix.KINDS]
     if unknown or not kinds:
-        raise DiffMixError(f"--kinds {args.kinds!r}: expected a comma-separated subset of {', '.join(KINDS)}")
+        raise DiffMixError(f"--kinds {args.kinds!r}: expected a comma-separated subset of {', '.join(gradmix.KINDS)}")
     for flag in ("num_maps", "num_balance", "num_enlarge"):
         value = getattr(args, flag)
         if value is not None and value < 0:
             raise DiffMixError(f"--{flag} must be >= 0, got {value}")
-    counts = {k: (args.num_maps if k in kinds else 0) for k in KINDS}
+    counts = {k: (args.num_maps if k in kinds else 0) for k in gradmix.KINDS}
     if args.num_balance is not None:
         counts["balance"] = args.num_balance
     if args.num_enlarge is not None:
         counts["enlarge"] = args.num_enlarge
-    summary = run_gradmix(
+    summary = gradmix.run_gradmix(
         args.data_dir,
         args.dataset_mode,
         args.out_dir,

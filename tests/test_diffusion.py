@@ -338,6 +338,35 @@ def test_calc_bpd_loop_shapes():
     torch.testing.assert_close(out["total_bpd"], out["vb"].sum(1) + out["prior_bpd"])
 
 
+def test_calc_bpd_loop_values_with_an_oracle_model():
+    """A model that knows x_0 returns the exact noise of every x_t and, with learned-range value -1,
+    the exact posterior variance: every KL term vanishes, both MSEs are 0, and the prior and the
+    decoder term have closed forms."""
+    T = 6
+    d = make(T=T, var=gd.ModelVarType.LEARNED_RANGE)
+    x0 = (torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(3)) * 2 - 1).double().float()
+    abar = torch.from_numpy(d.alphas_cumprod)
+
+    def oracle(x, t, **kwargs):
+        a = abar[t].float().view(-1, 1, 1, 1)
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        return torch.cat([eps, -torch.ones_like(eps)], dim=1)  # frac 0: the clipped posterior variance
+
+    out = d.calc_bpd_loop(oracle, x0)
+    assert out["mse"].abs().max() < 1e-8 and out["xstart_mse"].abs().max() < 1e-8
+    # Columns run t = T-1 down to 0, as the official loop stacks them.
+    assert out["vb"][:, :-1].abs().max() < 1e-5  # exact posterior mean and variance: KL = 0
+    # Decoder term at t = 0: -log2 of the discretized Gaussian likelihood of x0 around itself.
+    var0 = float(d.posterior_variance[1])  # the clipped variance at t = 0 borrows entry 1
+    ll = discretized_gaussian_log_likelihood(x0, means=x0, log_scales=0.5 * math.log(var0) * torch.ones_like(x0))
+    torch.testing.assert_close(out["vb"][:, -1], -ll.mean(dim=(1, 2, 3)) / math.log(2.0), rtol=1e-4, atol=1e-6)
+    # Prior: KL(N(sqrt(abar_T) x0, 1 - abar_T) || N(0, 1)) per dimension, in bits, averaged.
+    aT = float(d.alphas_cumprod[-1])
+    kl = 0.5 * (-math.log(1 - aT) + (1 - aT) + aT * x0.double() ** 2 - 1)
+    torch.testing.assert_close(out["prior_bpd"].double(), kl.mean(dim=(1, 2, 3)) / math.log(2.0), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(out["total_bpd"], out["vb"].sum(1) + out["prior_bpd"])
+
+
 # ----------------------------------------------------------------------------- losses.py
 
 

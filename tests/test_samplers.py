@@ -56,10 +56,13 @@ def test_sample_ddim_equals_ddim_sample_loop(eta, s):
     torch.manual_seed(11)
     official = d.ddim_sample_loop(model, gt.shape, model_kwargs={"y": y, "s": s, "gt": gt}, ddim_percent=0.55, eta=eta)
     torch.manual_seed(11)
-    x_T, start = samplers.sdedit_start(d, gt, 0.55)
+    x_T, start = samplers.partial_start(d, gt, samplers.official_start_steps(d.num_timesteps, 0.55))
     fast = samplers.sample_ddim(guided(model, y, s), x_T, d, start, eta=eta)
     assert start == 54
     assert torch.equal(official, fast)
+    # Both paths share ddim_update: check them against formulas written out independently too.
+    torch.manual_seed(11)
+    torch.testing.assert_close(fast, _reference_ddim(d, model, gt, y, s, 0.55, eta), rtol=1e-5, atol=1e-5)
 
 
 def _reference_ddim(d, model, gt, y, s, percent, eta):
@@ -155,6 +158,14 @@ def _ode_solution(x_T, a_T, a_0, mu, s):
     return mu + math.sqrt(a_0) * s**2 * (x - math.sqrt(a_0) * mu) / (a_0 * s**2 + 1 - a_0)
 
 
+def _lambda_spaced(sched, num_steps, start):
+    """At most ``num_steps`` indices from ``start`` down to 0, near-uniform in log-SNR (nearest
+    indices; duplicates collapse): the step sizes a multistep solver assumes."""
+    lam = samplers.log_snr(sched.alphas_cumprod[: start + 1])
+    targets = np.linspace(lam[start], lam[0], num_steps)
+    return sorted({int(np.argmin(np.abs(lam - v))) for v in targets} | {start, 0}, reverse=True)
+
+
 def test_dpmpp_2m_beats_ddim_and_converges():
     mu, s = 0.2, 0.5
     sched = create_gaussian_diffusion(steps=1000)  # respaced index = original timestep
@@ -169,10 +180,10 @@ def test_dpmpp_2m_beats_ddim_and_converges():
     def err(sample_fn, idx):
         return (run(sample_fn, idx) - exact).abs().max().item()
 
-    coarse = samplers.lambda_spaced_indices(sched, 10, start=start)
+    coarse = _lambda_spaced(sched, 10, start)
     assert coarse[0] == start and coarse[-1] == 0 and len(coarse) <= 10
     assert err(samplers.sample_dpmpp_2m, coarse) < err(samplers.sample_ddim, coarse) / 5
-    fine = samplers.lambda_spaced_indices(sched, 60, start=start)
+    fine = _lambda_spaced(sched, 60, start)
     dpm_fine = run(samplers.sample_dpmpp_2m, fine)
     assert (dpm_fine - exact).abs().max() < err(samplers.sample_ddim, fine) / 5
     # Many steps: DPM-Solver++ with 60 steps lands on DDIM's 991-step result.
@@ -184,11 +195,11 @@ def test_dpmpp_2m_beats_ddim_and_converges():
 # ----------------------------------------------------------------------------- partial start
 
 
-def test_sdedit_start_and_step_counts():
+def test_partial_start_and_step_counts():
     d = create_gaussian_diffusion(steps=1000, timestep_respacing="ddim100")
     gt, _ = inputs()
     noise = torch.randn_like(gt)
-    x_T, start = samplers.sdedit_start(d, gt, 0.55, noise=noise)
+    x_T, start = samplers.partial_start(d, gt, samplers.start_steps(100, 55), noise=noise)
     assert start == 54
     a = d.alphas_cumprod[54]
     torch.testing.assert_close(x_T, math.sqrt(a) * gt + math.sqrt(1 - a) * noise, rtol=1e-5, atol=1e-6)
@@ -201,10 +212,15 @@ def test_sdedit_start_and_step_counts():
 
         out = fn(den, x_T, d, start)
         assert seen == list(range(540, -1, -10)) and len(seen) == 55 and out.shape == gt.shape
-    assert samplers.sdedit_start(d, gt, 0.29, noise=noise)[1] == 27  # int(100 * 0.29) = 28 steps
+    # Two rules, each in one place: the official call form's fraction with int(), and the percent rule.
+    assert samplers.official_start_steps(100, 0.29) == 28  # int(100 * 0.29) = 28 steps
+    assert samplers.start_steps(100, 29) == 29
+    assert samplers.official_start_steps(100, 0.55) == samplers.start_steps(100, 55) == 55
     for bad in (0.0, 0.001, 1.2):
         with pytest.raises(DiffMixError, match="ddim_percent"):
-            samplers.sdedit_start(d, gt, bad)
+            samplers.official_start_steps(100, bad)
+    with pytest.raises(ValueError, match="steps 0 outside"):
+        samplers.partial_start(d, gt, 0)
 
 
 def test_generator_determinism_leaves_global_rng_alone():
@@ -214,7 +230,7 @@ def test_generator_determinism_leaves_global_rng_alone():
 
     def run(seed):
         g = torch.Generator().manual_seed(seed)
-        x_T, start = samplers.sdedit_start(d, gt, 0.5, generator=g)
+        x_T, start = samplers.partial_start(d, gt, 10, generator=g)
         return samplers.sample_ddim(den, x_T, d, start, eta=1.0, generator=g)
 
     state = torch.get_rng_state()
@@ -241,7 +257,8 @@ def test_step_functions_roundtrip():
     x_t = math.sqrt(a_t) * x0 + math.sqrt(1 - a_t) * e
     torch.testing.assert_close(samplers.predict_xstart_from_eps(x_t, e, a_t), x0, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(samplers.predict_eps_from_xstart(x_t, x0, a_t), e, rtol=1e-5, atol=1e-5)
-    x_prev, pred = samplers.ddim_step(x_t, e, a_t, a_prev, 0.0, None, clip=False)
+    pred = samplers.predict_xstart_from_eps(x_t, e, a_t)
+    x_prev = samplers.ddim_update(x_t, pred, a_t, a_prev, 0.0, None)
     torch.testing.assert_close(x_prev, math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * e, rtol=1e-5, atol=1e-5)
     back = samplers.ddim_reverse_update(x_prev, pred, a_prev, a_t)
     torch.testing.assert_close(back, x_t, rtol=1e-5, atol=1e-5)

@@ -264,14 +264,14 @@ def test_dpmpp_2m_approaches_many_step_ddim():
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpmpp2m"])
 def test_loop_matches_pure_samplers(sampler):
     """For one sample the per-sample noise stream is one generator's stream, so the pipeline's loop
-    must equal samplers.sdedit_start + sample_ddim / sample_ddpm / sample_dpmpp_2m exactly."""
+    must equal samplers.partial_start + sample_ddim / sample_ddpm / sample_dpmpp_2m exactly."""
     _, exact_eps, _ = _gaussian_problem()
     sched = _eps_schedule("ddim10")
     ref = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(4)) * 2 - 1
     eta = 0.7 if sampler == "ddim" else 0.0
     ours = syn.sample_batch(exact_eps, sched, ref, 6, syn.PerSampleNoise([123]), sampler=sampler, eta=eta)
     gen = torch.Generator().manual_seed(123)
-    x_t, start = smp.sdedit_start(sched, ref, 0.6, generator=gen)
+    x_t, start = smp.partial_start(sched, ref, smp.start_steps(sched.num_timesteps, 60), generator=gen)
     if sampler == "ddim":
         # sample_ddim draws step noise every step, as our loop does when eta > 0.
         theirs = smp.sample_ddim(exact_eps, x_t, sched, start, eta=eta, generator=gen)
@@ -420,23 +420,6 @@ def test_official_checkpoint_without_config_works_from_flags(setup, tmp_path, ca
     run_main(argv + flags)
     _, npy, rec = load_outputs(tmp_path / "out" / "s1.5_ddim10_p50", f"{setup['stem']}_000")
     assert rec["model_config_source"] == "flags" and npy.shape == (32, 32, 5)
-
-
-def test_launcher_ranks(monkeypatch):
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
-                 "OMPI_COMM_WORLD_LOCAL_RANK", "PMI_RANK", "PMI_SIZE", "PMIX_RANK", "PMIX_SIZE", "MPI_LOCALRANKID"):
-        monkeypatch.delenv(name, raising=False)
-    assert syn.launch_rank() == (0, 1, 0)
-    monkeypatch.setenv("PMI_RANK", "2")
-    monkeypatch.setenv("PMI_SIZE", "4")
-    assert syn.launch_rank() == (2, 4, 2)  # mpiexec (MPICH) without a local rank: assume one node
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("WORLD_SIZE", "3")
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    assert syn.launch_rank() == (1, 3, 0)  # torchrun's variables win
-    monkeypatch.setenv("RANK", "x")
-    with pytest.raises(syn.DiffMixError, match="RANK"):
-        syn.launch_rank()
 
 
 def test_idx_img_map_names_with_double_underscore_stems():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import sys
 
 import pytest
 
@@ -61,7 +62,7 @@ def test_log_dir_comes_from_openai_logdir(tmp_path, monkeypatch):
 
 def test_single_process_setup_and_mpi_without_mpi4py(monkeypatch):
     dist_util.cleanup()
-    for var in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"):
+    for var in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE", "PMIX_SIZE"):
         monkeypatch.delenv(var, raising=False)
     try:
         info = dist_util.setup_dist()
@@ -70,10 +71,10 @@ def test_single_process_setup_and_mpi_without_mpi4py(monkeypatch):
         assert dist_util.dev().type in ("cpu", "cuda")
     finally:
         dist_util.cleanup()
-    # mpi4py is optional: without it, an mpiexec launch must say how to get it.
-    try:
-        import mpi4py  # noqa: F401
-    except ImportError:
-        monkeypatch.setenv("PMI_SIZE", "2")
-        with pytest.raises(DiffMixError, match="mpi4py"):
-            dist_util.setup_dist()
+    # mpi4py is optional: without it, an mpiexec launch must say how to get it. Made missing here
+    # (a None entry in sys.modules fails the import) so the check runs whether or not it is installed.
+    monkeypatch.setitem(sys.modules, "mpi4py", None)
+    monkeypatch.setenv("PMI_SIZE", "2")
+    with pytest.raises(DiffMixError, match="mpi4py"):
+        dist_util.setup_dist()
+    assert not dist_util.dist.is_initialized()

@@ -13,7 +13,8 @@ import torch
 
 from guided_diffusion import train_util as tu
 from guided_diffusion.errors import DiffMixError
-from guided_diffusion.resample import LossSecondMomentResampler, UniformSampler
+from guided_diffusion.checkpoints import load_torch_file
+from guided_diffusion.resample import LossSecondMomentResampler, ScheduleSampler, UniformSampler
 from train_helpers import MicroDenoiser, SeededBatches, micro_diffusion, one_thread, quiet_logger, state_equal
 
 
@@ -68,14 +69,14 @@ def test_drop_condition_frequency_and_content():
 
 def test_sample_timesteps_uniform_and_importance():
     g = torch.Generator().manual_seed(0)
-    t, w = tu.sample_timesteps(UniformSampler(micro_diffusion()), 500, torch.device("cpu"), g)
+    t, w = UniformSampler(micro_diffusion()).sample(500, torch.device("cpu"), g)
     assert t.dtype == torch.long and 0 <= t.min() and t.max() < 50 and torch.all(w == 1)
 
-    class Skewed:
+    class Skewed(ScheduleSampler):
         def weights(self):
             return np.array([1.0, 3.0])
 
-    t, w = tu.sample_timesteps(Skewed(), 40000, torch.device("cpu"), g)
+    t, w = Skewed().sample(40000, torch.device("cpu"), g)
     assert abs((t == 1).float().mean().item() - 0.75) < 0.01
     # Importance weights 1 / (T p(t)): 1/(2*0.25) = 2 and 1/(2*0.75) = 2/3; their mean is ~1.
     assert torch.allclose(w[t == 0], torch.tensor(2.0)) and torch.allclose(w[t == 1], torch.tensor(2 / 3))
@@ -142,7 +143,7 @@ def test_ema_follows_the_weights_in_the_loop(tmp_path):
 
 def _final_state(folder, step):
     names = tu.checkpoint_filenames(step, [0.9, 0.5])
-    return {n.replace(f"{step:06d}", ""): tu.load_pt(os.path.join(folder, n)) for n in names}
+    return {n.replace(f"{step:06d}", ""): load_torch_file(os.path.join(folder, n)) for n in names}
 
 
 def test_resume_continues_bitwise(tmp_path):

@@ -152,7 +152,8 @@ def test_image_train_flags_cover_both_configs_and_parse_the_official_recipe():
     model_cfg = dataclass_from_args(ModelConfig, args)
     assert (train_cfg.lr, train_cfg.drop_rate, train_cfg.batch_size, train_cfg.gpu) == (2e-5, 0.2, 16, "3")
     assert model_cfg.use_fp16 and model_cfg.num_channels == 256 and model_cfg.use_checkpoint
-    assert tu.resolve_precision(train_cfg.precision, model_cfg.use_fp16) == "fp16"
+    assert tu.resolve_precision(train_cfg.precision, model_cfg.use_fp16, "cuda") == "fp16"  # the paper's GPU run
+    assert tu.resolve_precision(train_cfg.precision, model_cfg.use_fp16, "cpu") == "fp32"  # one "auto" everywhere
 
 
 def test_image_train_reports_user_errors_without_traceback(tmp_path):

@@ -11,6 +11,7 @@ import torch
 from guided_diffusion.errors import DiffMixError
 from guided_diffusion.nn import GroupNorm32, timestep_embedding
 from guided_diffusion.script_util import create_model
+from guided_diffusion.synthesis import FastGuidedDenoiser, PlainGuidedDenoiser
 from guided_diffusion.unet import SDMResBlock, SPADEGroupNorm, SpadeCache, UNetModel, qkv_attention
 
 MODEL_KEYS = [
@@ -239,14 +240,16 @@ def test_fast_guided_path_equals_two_full_forwards():
     x, t, y = torch.randn(2, 3, 64, 64), torch.tensor([40, 640]), label_condition()
     with torch.no_grad():
         ref = official_guided(model, x, t, y, 1.5)
-        cache_cond = model.spade_cache(y)
-        cache_null = model.spade_cache(torch.zeros(1, 6, 64, 64))  # batch 1, broadcast
-        one_by_one = model.guided_forward(x, t, 1.5, cache_cond, cache_null)
-        batched = model.guided_forward(x, t, 1.5, cache_cond, cache_null, batched=True)
+        fast = FastGuidedDenoiser(model, y, 1.5)  # null cache at batch 1, broadcast
+        one_by_one = fast(x, t)
+        batched = FastGuidedDenoiser(model, y, 1.5, batched=True)(x, t)
+        cond_only, none = model.forward_branches(x, t, fast.cache_cond)
     assert ref.abs().max() > 0.1  # non-trivial outputs
     assert (one_by_one - ref).abs().max() < 1e-4
     assert (batched - ref).abs().max() < 1e-4
-    assert len(cache_cond) == len(model.spade_blocks()) == 2 + 8 + 3  # middle, decoder, up blocks
+    assert none is None and (cond_only - model(x, t, y=y)).abs().max() < 1e-4
+    assert fast.cache_uncond.batch_size == 1
+    assert len(fast.cache_cond) == 2 + 8 + 3  # middle, decoder, up blocks
 
 
 def test_encode_decode_equals_forward_and_hs_is_reusable():
@@ -269,20 +272,24 @@ def test_scale_one_runs_only_the_conditional_branch(monkeypatch):
     decode = model.decode
     monkeypatch.setattr(model, "decode", lambda *a, **k: calls.append(1) or decode(*a, **k))
     with torch.no_grad():
-        cache = model.spade_cache(y)
-        out = model.guided_forward(x, t, 1.0, cache, None)
+        fast = FastGuidedDenoiser(model, y, 1.0)
+        out = fast(x, t)
         ref = model(x, t, y=y)
-    assert len(calls) == 2  # one in guided_forward, one in the reference forward
+    assert fast.cache_uncond is None
+    assert len(calls) == 2  # one in the fast denoiser, one in the reference forward
     assert (out - ref).abs().max() < 1e-4
 
 
-def test_guided_eps_builds_caches():
+def test_plain_guided_denoiser_is_the_official_combination():
     model = small_model(use_new_attention_order=True)
     x, t, y = torch.randn(2, 3, 32, 32), torch.tensor([11, 311]), label_condition(size=32)
     with torch.no_grad():
         ref = official_guided(model, x, t, y, 2.0)
-        out = model.guided_eps(x, t, y=y, s=2.0)
-    assert (out - ref).abs().max() < 1e-4
+        out = PlainGuidedDenoiser(model, y, 2.0)(x, t)
+        fast = FastGuidedDenoiser(model, y, 2.0)(x, t)
+    assert ref.abs().max() > 0.1
+    assert torch.equal(out, ref)  # the same two forwards and the same formula: bit-identical
+    assert (fast - ref).abs().max() < 1e-4
 
 
 def test_spade_cache_expand_and_cat():
@@ -291,7 +298,11 @@ def test_spade_cache_expand_and_cat():
         one = model.spade_cache(torch.zeros(1, 6, 32, 32))
     both = SpadeCache.cat([one.expand(3), one])
     assert both.batch_size == 4
-    assert isinstance(model.spade_blocks()[0], SDMResBlock)
+    # Cache order: the middle block's two SPADE blocks first, then the decoder's, none from the encoder.
+    blocks = model.spade_blocks()
+    assert blocks[:2] == [model.middle_block[0], model.middle_block[2]]
+    assert not any(isinstance(m, SDMResBlock) for m in model.input_blocks.modules())
+    assert [b.cache_index for b in blocks] == list(range(len(blocks)))
     with pytest.raises(ValueError):
         both.expand(2)
 
@@ -310,5 +321,5 @@ def test_spade_hidden_width_is_a_model_setting():
     x, t, y = torch.randn(2, 3, 32, 32), torch.tensor([40, 640]), label_condition(size=32)
     with torch.no_grad():
         ref = official_guided(narrow, x, t, y, 1.5)
-        fast = narrow.guided_forward(x, t, 1.5, narrow.spade_cache(y), narrow.spade_cache(torch.zeros(1, 6, 32, 32)))
+        fast = FastGuidedDenoiser(narrow, y, 1.5)(x, t)
     assert ref.abs().max() > 0.1 and (fast - ref).abs().max() < 1e-4

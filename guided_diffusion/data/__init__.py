@@ -1,7 +1,13 @@
-"""Data layer: readers, class tables, validation, pipelines, condition builder, toy data, stats."""
+"""Data layer: readers, class tables, validation, pipelines, condition builder, toy data, stats.
 
+The label-only parts (readers, class tables, label maps, patches, statistics, toy data) import
+without torch, so GradMix, dataset statistics and evaluation start fast. The names that need torch
+(the condition builder and the training pipeline) or scipy.ndimage (toy data) are resolved on first
+access (PEP 562).
+"""
+
+from ..lazy import lazy_attributes
 from .classes import CONSEP, GLYSAC, ClassTable, identity_table, load_class_table, resolve_class_table  # noqa: F401
-from .condition import build_condition, condition_channels, instance_edges  # noqa: F401
 from .labels import instance_table, relabel_contiguous, write_label_mat  # noqa: F401
 from .readers import (  # noqa: F401
     LabeledImage,
@@ -23,5 +29,18 @@ from .stats import (  # noqa: F401
     write_comparison,
     write_statistics,
 )
-from .toy import ToyConfig, make_toy_dataset, make_toy_tile  # noqa: F401
-from .training import CropBatches, DataState, TrainCropDataset, load_data  # noqa: F401
+
+# Names whose modules import torch (condition, training) or scipy.ndimage (toy): loaded on first use.
+__getattr__, __dir__ = lazy_attributes(__name__, globals(), {
+    "build_condition": "condition",
+    "condition_channels": "condition",
+    "image_to_tensor": "condition",
+    "instance_edges": "condition",
+    "CropBatches": "training",
+    "DataState": "training",
+    "TrainCropDataset": "training",
+    "load_data": "training",
+    "ToyConfig": "toy",
+    "make_toy_dataset": "toy",
+    "make_toy_tile": "toy",
+})

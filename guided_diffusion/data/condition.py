@@ -1,7 +1,8 @@
-"""The semantic condition fed to the SDM U-Net: one-hot classes plus the instance-edge channel.
+"""What the SDM U-Net is fed from data: the condition (one-hot classes plus the instance-edge
+channel) and the image tensor.
 
-This single function is used by training, sampling and the demo alike, so the model always sees
-the layout it was trained on.
+These single functions are used by training, sampling and the demo alike, so the model always sees
+the layout and value range it was trained on.
 """
 
 from __future__ import annotations
@@ -77,3 +78,13 @@ def build_condition(
 def condition_channels(num_classes: int, no_instance: bool = False) -> int:
     """Width of the condition tensor: ``num_classes`` (+1 edge channel unless ``no_instance``)."""
     return num_classes + (0 if no_instance else 1)
+
+
+def image_to_tensor(image) -> torch.Tensor:
+    """uint8 ``[H, W, 3]`` or ``[N, H, W, 3]`` -> float32 ``[3, H, W]`` or ``[N, 3, H, W]`` in [-1, 1]
+    (``x / 127.5 - 1``, as the official loader; exact at 0 and 255)."""
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8 or arr.ndim not in (3, 4) or arr.shape[-1] != 3:
+        raise ValueError(f"expected uint8 [H, W, 3] or [N, H, W, 3] images, got {arr.dtype} {arr.shape}")
+    x = torch.from_numpy(arr.astype(np.float32) / 127.5 - 1.0)
+    return x.movedim(-1, -3).contiguous()

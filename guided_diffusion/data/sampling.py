@@ -176,7 +176,7 @@ def sampling_patches(
     Every image and label file is read once; all problems (unreadable files, bad label maps, size
     mismatches, images smaller than ``image_size``) are reported together.
     """
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # lazy: label-only commands import this module
 
     table = resolve_class_table(dataset_mode, class_table, num_classes)
     jobs = _jobs(data_dir, split, image_folder, label_folder, label_dir, stems, dataset_mode)

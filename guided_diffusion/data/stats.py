@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import posixpath
 from dataclasses import dataclass, field
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -18,6 +19,7 @@ from .. import fileio
 from ..errors import DiffMixError
 from .classes import ClassTable, resolve_class_table
 from .labels import instance_table
+from .readers import find_folder, is_dir, list_samples, read_label_file, read_samples
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
@@ -111,8 +113,6 @@ def label_statistics(
 
     Give ``class_table`` (needed for paths), or ``num_classes`` / ``class_names`` for arrays.
     """
-    from .readers import read_label_file
-
     if class_table is not None:
         names = list(class_table.names)
     elif class_names is not None:
@@ -141,10 +141,6 @@ def label_dir_statistics(label_dir: str, class_table: ClassTable) -> LabelStats:
     maps: a ``.mat`` without its ``Records/<name>.json`` is an unfinished map (an interrupted or
     failed run) and is left out; the names left out are in the result's ``incomplete``.
     """
-    import posixpath
-
-    from .readers import find_folder, is_dir
-
     if not is_dir(label_dir):
         raise DiffMixError(f"{label_dir}: label folder not found")
     folder = find_folder(label_dir, "Labels") or label_dir
@@ -176,8 +172,6 @@ def dataset_statistics(
     progress: bool = True,
 ) -> LabelStats:
     """Statistics of a dataset split (labels merged with the dataset's class table)."""
-    from .readers import list_samples, read_samples
-
     table = resolve_class_table(dataset_mode, class_table, num_classes)
     files = list_samples(data_dir, split, image_folder, label_folder, dataset_mode=dataset_mode)
     stats = _empty(table.names)
@@ -195,7 +189,7 @@ def _csv_bytes(rows: List[dict]) -> bytes:
 
 
 def _png_bytes(fig) -> bytes:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: matplotlib takes ~1 s to import; only figures need it
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")

@@ -21,15 +21,20 @@ visible pixels (placements that would hide more than ``max_overlap`` of a nucleu
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
+from PIL import Image
 from scipy import ndimage
+from tqdm.auto import tqdm
 
 from .. import fileio
 from ..errors import DiffMixError
-from .labels import write_label_mat
+from .classes import CONSEP
+from .labels import instance_table, write_label_mat
+from .readers import is_dir
 
 # Optical density of one unit of stain in R, G, B (Ruifrok & Johnston 2001), decadic.
 _H_OD = np.array([0.650, 0.704, 0.286], np.float32)
@@ -63,8 +68,6 @@ class ToyConfig:
 def smooth_noise(shape: Tuple[int, int], cell: float, rng: np.random.Generator, aniso: float = 1.0) -> np.ndarray:
     """Smooth noise float32 [H, W], roughly unit variance: Gaussian noise on a coarse grid (one
     value per ``cell`` pixels, ``cell * aniso`` along y) upsampled bicubically (PIL: fast)."""
-    from PIL import Image
-
     h, w = shape
     gy = max(2, int(np.ceil(h / (cell * aniso))) + 1)
     gx = max(2, int(np.ceil(w / cell)) + 1)
@@ -213,8 +216,6 @@ def make_toy_tile(
 
 def _settings_record(num_train, num_test, size, seed, config: ToyConfig) -> dict:
     """The JSON record of a toy dataset (without writing anything), in its JSON form."""
-    import json
-
     jobs = {"Train": num_train, "Test": num_test}
     files = {split: [f"toy_{split.lower()}_{i:03d}" for i in range(n)] for split, n in jobs.items() if n}
     record = {
@@ -242,8 +243,6 @@ def _check_root(root: str, record: dict) -> Optional[dict]:
     describes (same settings, every file present), None when ``root`` holds no dataset yet.
     Anything else raises: writing into it would silently mix tiles of two settings.
     """
-    from .readers import is_dir
-
     json_path = fileio.join(root, "toy_dataset.json")
     busy = [s + "/" for s in ("Train", "Test") if is_dir(fileio.join(root, s)) and fileio.listdir(fileio.join(root, s))]
     if not fileio.exists(json_path):
@@ -291,8 +290,6 @@ def make_toy_dataset(
     toy dataset made with exactly these settings, which is kept as it is (a no-op returning its
     record), so a finished run can be repeated safely.
     """
-    from tqdm.auto import tqdm
-
     if num_train < 0 or num_test < 0:
         raise DiffMixError(f"num_train ({num_train}) and num_test ({num_test}) must be >= 0")
     record = _settings_record(num_train, num_test, size, seed, config)
@@ -312,9 +309,6 @@ def make_toy_dataset(
 
 def class_shares(type_maps: Sequence[np.ndarray], inst_maps: Sequence[np.ndarray]) -> np.ndarray:
     """Share of nuclei per merged toy class (other, inflammatory, epithelial, spindle) -> float [4]."""
-    from .classes import CONSEP
-    from .labels import instance_table
-
     counts = np.zeros(5, np.int64)
     for t, i in zip(type_maps, inst_maps):
         _, raw, _ = instance_table(i, t)

@@ -11,31 +11,20 @@ from __future__ import annotations
 
 import functools
 from dataclasses import asdict, dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
+from ..dist_util import rank_world
 from ..errors import DiffMixError
 from .classes import ClassTable, resolve_class_table
-from .condition import build_condition
+from .condition import build_condition, image_to_tensor
 from .readers import LabeledImage, read_dataset
 
 # Tags keep the file-order and crop random streams independent although both derive from seed.
 _TAG_ORDER = 1
 _TAG_CROP = 2
-
-
-def dist_rank_world() -> Tuple[int, int]:
-    """(rank, world size) of torch.distributed when initialised, else (0, 1)."""
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-    except (ImportError, RuntimeError):
-        pass
-    return 0, 1
 
 
 @dataclass
@@ -70,11 +59,6 @@ def augment(array: np.ndarray, rot: int, flip_lr: bool, flip_ud: bool) -> np.nda
     if flip_ud:
         out = out[::-1]
     return np.ascontiguousarray(out)
-
-
-def image_to_tensor(image: np.ndarray) -> torch.Tensor:
-    """uint8 [H, W, 3] -> float32 [3, H, W] in [-1, 1] (x / 127.5 - 1, as the official loader)."""
-    return torch.from_numpy(image.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
 
 
 class TrainCropDataset(torch.utils.data.Dataset):
@@ -302,7 +286,7 @@ def load_data(
     """Training batches for the SDM U-Net (the official name ``load_data`` is kept).
 
     Reads the split once into memory (validated; every problem reported together), shards it across
-    ranks when torch.distributed is initialised, and returns an infinite :class:`CropBatches`
+    ranks (:func:`guided_diffusion.dist_util.rank_world`: the process group, else the launcher), and returns an infinite :class:`CropBatches`
     iterator yielding ``(x, cond)`` -- see its docstring for shapes. Resume with ``start_step`` or
     ``CropBatches.load_state_dict``.
 
@@ -318,13 +302,7 @@ def load_data(
         data_dir, table, split, image_folder, label_folder, min_size=image_size, progress=progress,
         dataset_mode=dataset_mode,
     )
-    rank, world = dist_rank_world()
+    rank, world = rank_world()
     dataset = TrainCropDataset(samples, image_size, random_flip=random_flip, random_rotate=random_rotate)
     plan = CropPlan(shard_indices(len(samples), rank, world), batch_size, seed, rank, deterministic)
     return CropBatches(dataset, plan, table.num_classes, no_instance, num_workers, start_step, table)
-
-
-def iterate_forever(batches: CropBatches) -> Iterator:
-    """A plain generator over ``batches`` (for code that wants a generator object)."""
-    while True:
-        yield next(batches)

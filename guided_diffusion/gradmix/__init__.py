@@ -10,12 +10,25 @@ Public API:
 * :func:`map_rng` -- the per-map random generator derived from (seed, stem, kind, k).
 
 Modules: ``nuclei`` (per-nucleus geometry), ``donors``, ``balance``, ``enlarge``, ``image``,
-``pipeline``.
+``pipeline``. They load on first use (scipy takes a second to import), so ``gradmix.py --help``
+starts at once.
 """
 
-from .balance import balance_map, check_classes  # noqa: F401
-from .donors import DonorBank, collect_donors  # noqa: F401
-from .enlarge import enlarge_map  # noqa: F401
-from .image import compose_gradmix_image  # noqa: F401
-from .nuclei import NucleusTable, nucleus_table  # noqa: F401
-from .pipeline import KINDS, default_classes, map_name, map_rng, run_gradmix  # noqa: F401
+from ..lazy import lazy_attributes
+
+KINDS = ("balance", "enlarge")
+
+__getattr__, __dir__ = lazy_attributes(__name__, globals(), {
+    "balance_map": "balance",
+    "check_classes": "balance",
+    "DonorBank": "donors",
+    "collect_donors": "donors",
+    "enlarge_map": "enlarge",
+    "compose_gradmix_image": "image",
+    "NucleusTable": "nuclei",
+    "nucleus_table": "nuclei",
+    "default_classes": "pipeline",
+    "map_name": "pipeline",
+    "map_rng": "pipeline",
+    "run_gradmix": "pipeline",
+})

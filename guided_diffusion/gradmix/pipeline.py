@@ -20,21 +20,29 @@ on which stems are selected, or on resuming.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import io
 from typing import Optional, Sequence
 
 import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
 
 from .. import fileio
+from ..completion import is_marked, refuse_changed_settings, write_marked
+from ..data.classes import resolve_class_table
 from ..data.labels import instance_table, write_label_mat
+from ..data.readers import list_samples, read_sample_labels, sample_image
+from ..data.stats import write_comparison
 from ..errors import DiffMixError
+from . import KINDS
 from .balance import balance_map, check_classes
 from .donors import collect_donors
 from .enlarge import enlarge_map
 from .image import OFFICIAL_MEDIAN_RADII, compose_gradmix_image
 from .nuclei import class_counts
 
-KINDS = ("balance", "enlarge")
 _KIND_CODES = {"balance": 1, "enlarge": 2}
 RECORD_VERSION = 1
 
@@ -151,11 +159,6 @@ def run_gradmix(
         Summary dict: ``written`` and ``skipped`` map names, ``settings``, and ``counts``
         (class counts, see :func:`class_count_summary`) when ``stats``.
     """
-    from tqdm.auto import tqdm
-
-    from ..data.classes import resolve_class_table
-    from ..data.readers import list_samples
-
     table = resolve_class_table(dataset_mode, class_table, num_classes)
     d_minor, _ = default_classes(table.num_classes)
     minor_p = _parse_classes(minor, "minor") or table.minor or d_minor
@@ -271,13 +274,12 @@ def run_gradmix(
                                               dilate=dilate, median_radii=radii)
                 png = _png_bytes(image)
             record = _record(files, kind, k, name, seed, settings, edits, source_counts)
-            write_label_mat(
-                fileio.join(dirs["Labels"], name + ".mat"), new_inst, new_type,
-                classes_merged=np.array(1), num_classes=np.array(table.num_classes),
-            )
+            outputs = [(fileio.join(dirs["Labels"], name + ".mat"), functools.partial(
+                write_label_mat, inst_map=new_inst, type_map=new_type,
+                classes_merged=np.array(1), num_classes=np.array(table.num_classes)))]
             if png is not None:
-                fileio.write_bytes(fileio.join(dirs["Images"], name + ".png"), png)
-            fileio.write_json(fileio.join(dirs["Records"], name + ".json"), record)  # last: marks completion
+                outputs.append((fileio.join(dirs["Images"], name + ".png"), functools.partial(fileio.write_bytes, data=png)))
+            write_marked(outputs, fileio.join(dirs["Records"], name + ".json"), record, what=f"GradMix map {name}")
             written.append(name)
 
     summary = {"written": written, "skipped": skipped, "settings": settings}
@@ -287,25 +289,17 @@ def run_gradmix(
 
 
 def _label_reader(table):
-    from ..data.readers import read_sample_labels
-
     return lambda files: read_sample_labels(files, table)
 
 
 def _png_bytes(image: np.ndarray) -> bytes:
     """PNG bytes at zlib level 1: several times faster to encode than the default, ~10% larger."""
-    import io
-
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 
 def _read_image(files) -> np.ndarray:
-    from ..data.readers import sample_image
-
     return sample_image(files)
 
 
@@ -315,20 +309,14 @@ def _is_complete(dirs: dict, name: str, kind: str, write_images: bool, settings:
     A complete map made with different settings is an error rather than silently kept or replaced.
     """
     record_path = fileio.join(dirs["Records"], name + ".json")
-    if not fileio.exists(record_path):
-        return False
-    if not fileio.exists(fileio.join(dirs["Labels"], name + ".mat")):
-        return False
-    if write_images and kind == "balance" and not fileio.exists(fileio.join(dirs["Images"], name + ".png")):
+    required = [fileio.join(dirs["Labels"], name + ".mat")]
+    if write_images and kind == "balance":
+        required.append(fileio.join(dirs["Images"], name + ".png"))
+    if not is_marked(record_path, required):
         return False
     old = fileio.read_json(record_path).get("settings", {})
-    relevant = _relevant_settings(kind)
-    diff = sorted(key for key in relevant if old.get(key) != settings.get(key))
-    if diff:
-        raise DiffMixError(
-            f"{record_path}: this map was made with other settings ({', '.join(diff)} differ); "
-            f"use a new out_dir or delete the old outputs"
-        )
+    refuse_changed_settings(record_path, old, settings, _relevant_settings(kind), "this map",
+                            "use a new out_dir or delete the old outputs")
     return True
 
 
@@ -400,8 +388,6 @@ def save_class_stats(out_dir: str, class_names: Sequence[str], names: Sequence[s
     :func:`~guided_diffusion.data.stats.write_comparison`. Returns :func:`class_count_summary`'s
     dict plus the two paths.
     """
-    from ..data.stats import write_comparison
-
     counts = class_count_summary(out_dir, names, len(class_names))
     csv_path, png_path = write_comparison(
         counts["before"], counts["after"], out_dir, class_names=class_names, prefix="class_counts"

@@ -31,12 +31,16 @@ seeds, file layout, HoVer-Net patches, figure), :mod:`.sampling` (noise, denoise
 
 from __future__ import annotations
 
+from ..data.condition import image_to_tensor  # noqa: F401
+from ..dist_util import local_device as default_device  # noqa: F401
 from ..errors import DiffMixError  # noqa: F401
+from ..launcher import launch_rank  # noqa: F401
+from ..precision import PRECISIONS, autocast_context  # noqa: F401
+from ..samplers import start_steps  # noqa: F401
 from .outputs import (  # noqa: F401
     Job,
     OutputLayout,
     hovernet_patch,
-    image_to_tensor,
     label_overlay,
     noise_seed,
     output_name,
@@ -51,22 +55,17 @@ from .sampling import (  # noqa: F401
     FastGuidedDenoiser,
     PerSampleNoise,
     PlainGuidedDenoiser,
-    autocast_context,
     maybe_compiled,
     sample_batch,
     with_autocast,
 )
 from .settings import (  # noqa: F401
     DEFAULT_TIMESTEP_RESPACING,
-    PRECISIONS,
     SAMPLERS,
     SAMPLING_ONLY_MODEL_KEYS,
     SampleConfig,
-    default_device,
     default_run_name,
-    launch_rank,
     load_model_and_diffusion,
     resolve_model_config,
-    resolve_precision,
-    start_steps,
+    sampling_precision,
 )

@@ -9,8 +9,12 @@ from typing import Any, List, Optional, Sequence
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
 from .. import fileio
+from ..completion import is_marked
+from ..data.condition import instance_edges
+from ..data.labels import relabel_contiguous
 from ..errors import DiffMixError
 
 
@@ -80,8 +84,8 @@ class OutputLayout:
         return fileio.join(self.root, "records", name + ".json")
 
     def is_complete(self, name: str) -> bool:
-        # The record is written last, so its presence means PNG and .npy are complete too.
-        return fileio.exists(self.record(name))
+        # The record is written last (completion.write_marked): it means PNG and .npy are complete too.
+        return is_marked(self.record(name))
 
     def figure(self, rank: int = 0, world_size: int = 1) -> str:
         return fileio.join(self.root, "figure.png" if world_size == 1 else f"figure_rank{rank}.png")
@@ -96,8 +100,6 @@ def hovernet_patch(image: np.ndarray, inst_map: np.ndarray, type_map: np.ndarray
     Instance ids are renumbered contiguously 1..N (0 = background); int32 keeps ids > 255 (the
     official sampler's uint8 concatenation happens to upcast too, but silently).
     """
-    from ..data.labels import relabel_contiguous
-
     if image.shape[:2] != inst_map.shape or inst_map.shape != type_map.shape or image.shape[-1] != 3:
         raise ValueError(f"shapes differ: image {image.shape}, inst {inst_map.shape}, type {type_map.shape}")
     inst = relabel_contiguous(inst_map).astype(np.int32)
@@ -111,12 +113,6 @@ def to_uint8(sample: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).to("cpu", torch.uint8).numpy()
 
 
-def image_to_tensor(images: Sequence[np.ndarray]) -> torch.Tensor:
-    """uint8 ``[H, W, 3]`` images -> float32 ``[N, 3, H, W]`` in [-1, 1] (``x / 127.5 - 1``, as officially)."""
-    arr = np.stack([np.asarray(im) for im in images]).astype(np.float32)
-    return torch.from_numpy(arr / 127.5 - 1).clamp(-1, 1).permute(0, 3, 1, 2).contiguous()
-
-
 # Class colours (index = merged class; 0 = background is left uncoloured).
 _PALETTE = np.array(
     [[0, 0, 0], [255, 215, 0], [220, 20, 60], [30, 144, 255], [50, 205, 50], [255, 140, 0], [148, 0, 211],
@@ -127,8 +123,6 @@ _PALETTE = np.array(
 
 def label_overlay(image: np.ndarray, inst_map: np.ndarray, type_map: np.ndarray, alpha: float = 0.45) -> np.ndarray:
     """uint8 ``[S, S, 3]``: ``image`` with each nucleus tinted by its class and outlined in black."""
-    from ..data.condition import instance_edges
-
     out = image.astype(np.float32).copy()
     colours = _PALETTE[np.asarray(type_map) % len(_PALETTE)]
     fg = np.asarray(inst_map) > 0
@@ -143,8 +137,6 @@ def write_figure(path: str, rows: Sequence[tuple], title: str = "", min_size: in
 
     Patches smaller than ``min_size`` are enlarged (nearest neighbour) so captions stay legible.
     """
-    from PIL import Image, ImageDraw
-
     if not rows:
         return
     s0 = rows[0][0].shape[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import sys
 import time
 from dataclasses import dataclass
@@ -11,10 +12,18 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .. import __version__, fileio
+from .. import samplers as smp
+from ..completion import refuse_changed_settings, write_marked
+from ..data.condition import build_condition, image_to_tensor
+from ..data.readers import image_sources
+from ..data.sampling import VIRTUAL_MAP_RE, sampling_patches
+from ..dist_util import local_device
 from ..errors import DiffMixError
-from .outputs import Job, OutputLayout, hovernet_patch, image_to_tensor, plan_jobs, shard, to_uint8, write_run_figure
+from ..launcher import launch_rank
+from .outputs import Job, OutputLayout, hovernet_patch, plan_jobs, shard, to_uint8, write_run_figure
 from .sampling import (
     FastGuidedDenoiser,
     PerSampleNoise,
@@ -26,12 +35,9 @@ from .sampling import (
 )
 from .settings import (
     SampleConfig,
-    default_device,
     default_run_name,
-    launch_rank,
     load_model_and_diffusion,
-    resolve_precision,
-    start_steps,
+    sampling_precision,
 )
 
 
@@ -59,8 +65,6 @@ def _selection(cfg: SampleConfig):
     if not items:
         return None, None
     if any(p.isdigit() for p in items):
-        from ..data.readers import image_sources
-
         folder, images = image_sources(cfg.data_dir, cfg.split, "Images", cfg.dataset_mode)
         ordered = sorted(images)
         bad = [p for p in items if p.isdigit() and int(p) >= len(ordered)]
@@ -68,7 +72,6 @@ def _selection(cfg: SampleConfig):
             raise DiffMixError(f"--idx_img {','.join(bad)}: {folder} holds only {len(ordered)} images "
                                f"(indices 0..{len(ordered) - 1})")
         items = [ordered[int(p)] if p.isdigit() else p for p in items]
-    from ..data.sampling import VIRTUAL_MAP_RE
 
     # A GradMix map name is <image stem>__<kind><k>; image stems may themselves contain "__".
     map_stem = {p: m.group("stem") for p in items if (m := VIRTUAL_MAP_RE.match(p))}
@@ -116,7 +119,6 @@ def _class_table_identity(path: str) -> Optional[str]:
     """The custom class table's content hash: editing the file in place changes the labels too."""
     if not path:
         return None
-    import hashlib
 
     return f"{path} sha256:{hashlib.sha256(fileio.read_bytes(path)).hexdigest()[:16]}"
 
@@ -124,25 +126,11 @@ def _class_table_identity(path: str) -> Optional[str]:
 def _check_resume(layout: OutputLayout, identity: Dict[str, Any]) -> None:
     """Refuse to add to a run folder whose ``run.json`` was written with other output-changing settings."""
     path = layout.run_record()
-    if not fileio.exists(path):
-        return
-    previous = fileio.read_json(path)
-    changed = [k for k in _IDENTITY_KEYS if k in previous and json_equal(previous[k], identity[k]) is False]
-    if changed:
-        detail = ", ".join(f"{k}: {previous[k]!r} -> {identity[k]!r}" for k in changed if k != "model_config")
-        if "model_config" in changed:
-            detail += (", " if detail else "") + "model_config differs"
-        raise DiffMixError(
-            f"{path}: this run folder was made with other settings ({detail}); resuming would mix two runs. "
-            "Use another --results_path or --run_name, or the original settings."
+    if fileio.exists(path):
+        refuse_changed_settings(
+            path, fileio.read_json(path), identity, _IDENTITY_KEYS, "this run folder",
+            "resuming would mix two runs. Use another --results_path or --run_name, or the original settings.",
         )
-
-
-def json_equal(a: Any, b: Any) -> bool:
-    """Equality after a JSON round trip (tuples vs lists, ints vs floats as JSON stores them)."""
-    import json
-
-    return json.loads(json.dumps(a, default=str)) == json.loads(json.dumps(b, default=str))
 
 
 def _check_patches(patches: Sequence[Any], image_size: int, num_classes: int) -> None:
@@ -159,10 +147,12 @@ def _check_patches(patches: Sequence[Any], image_size: int, num_classes: int) ->
 def _write_outputs(layout: OutputLayout, job: Job, image: np.ndarray, cfg: SampleConfig, settings: Dict[str, Any]) -> None:
     """PNG, then the HoVer-Net .npy, then the record (last: it marks the output complete)."""
     p = job.patch
-    fileio.write_png(layout.png(job.name), image)
     npy = hovernet_patch(image, p.inst_map, p.type_map)
-    fileio.write_npy(layout.npy(job.name), npy)
-    fileio.write_json(layout.record(job.name), _record(job, cfg, layout, settings, npy[..., 3], npy[..., 4]))
+    write_marked(
+        [(layout.png(job.name), lambda path: fileio.write_png(path, image)),
+         (layout.npy(job.name), lambda path: fileio.write_npy(path, npy))],
+        layout.record(job.name), _record(job, cfg, layout, settings, npy[..., 3], npy[..., 4]), what=f"output {job.name}",
+    )
 
 
 def run_synthesis(
@@ -189,18 +179,13 @@ def run_synthesis(
         rank, world_size: this process's shard (default: :func:`launch_rank`).
         device: default device when ``cfg.device`` is empty (else this rank's CUDA device or the CPU).
     """
-    from .. import samplers as smp
-    from ..data.condition import build_condition
-    from ..data.sampling import sampling_patches
-    from tqdm.auto import tqdm
-
     t_start = time.time()
     cfg.validate()
-    env_rank, env_world, local_rank = launch_rank()
+    job = launch_rank()
     if rank is None or world_size is None:
-        rank, world_size = env_rank, env_world
-    device = torch.device(cfg.device) if cfg.device else (device or default_device(local_rank))
-    precision = resolve_precision(cfg, model_cfg, device)
+        rank, world_size = job.rank, job.world_size
+    device = torch.device(cfg.device) if cfg.device else (device or local_device(job.local_rank))
+    precision = sampling_precision(cfg, model_cfg, device)
 
     if model is None or diffusion is None:
         model, diffusion = load_model_and_diffusion(cfg.model_path, model_cfg, device)
@@ -226,7 +211,7 @@ def run_synthesis(
 
     sched = smp.as_schedule(diffusion)
     respacing = model_cfg.get("timestep_respacing") or ""
-    steps = start_steps(sched.num_timesteps, cfg.ddim_percent)
+    steps = smp.start_steps(sched.num_timesteps, cfg.ddim_percent)
     pure_noise = float(cfg.ddim_percent) >= 100
     settings = {
         "sampler": cfg.sampler,
@@ -271,7 +256,7 @@ def run_synthesis(
             ps = [j.patch for j in batch]
             y = build_condition(np.stack([p.type_map for p in ps]), np.stack([p.inst_map for p in ps]),
                                 num_classes, no_instance).to(device)
-            reference = None if pure_noise else image_to_tensor([p.image for p in ps]).to(device)
+            reference = None if pure_noise else image_to_tensor(np.stack([p.image for p in ps])).to(device)
             if cfg.channels_last:
                 y = y.contiguous(memory_format=torch.channels_last)
                 if reference is not None:

@@ -6,13 +6,14 @@ the pipeline needs on top: every sample's noise comes from its own generator.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from .. import samplers as smp
 from ..errors import DiffMixError
+from ..precision import autocast_context
 from .settings import SAMPLERS
 
 
@@ -36,8 +37,8 @@ def _null_condition(y: torch.Tensor) -> torch.Tensor:
 
 
 class PlainGuidedDenoiser:
-    """The official guided model call: ``model(x, t, y)`` and, when ``s > 1``, ``model(x, t, 0)``;
-    eps channels ``uncond + s * (cond - uncond)``, variance channels from the conditional output.
+    """The official guided model call: ``model(x, t, y)`` and, when guidance is active (``s > 1``),
+    ``model(x, t, 0)``, combined by :func:`~guided_diffusion.samplers.cfg_combine`.
 
     ``y``: float ``[N, cond_ch, H, W]``. Returns float32 ``[N, out_ch, H, W]``.
     """
@@ -47,32 +48,34 @@ class PlainGuidedDenoiser:
         self.y_null = torch.zeros_like(y)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        from ..samplers import cfg_combine
-
         out = self.model(x, t, y=self.y).float()
-        if self.s > 1:
-            uncond = self.model(x, t, y=self.y_null).float()
-            out = cfg_combine(out, uncond, self.s, eps_channels=x.shape[1])
+        if smp.guidance_active(self.s):
+            out = smp.cfg_combine(out, self.model(x, t, y=self.y_null).float(), self.s, eps_channels=x.shape[1])
         return out
 
 
 class FastGuidedDenoiser:
     """Same output as :class:`PlainGuidedDenoiser`, computed with the model's fast path.
 
-    Every SPADE gamma/beta is computed once here (for ``y`` and, with ``s > 1``, for the all-zero
-    null map at batch 1) and reused at every step; each step runs the encoder once and the middle
-    block + decoder once per branch (``batched``: both branches in one doubled batch).
+    Every SPADE gamma/beta is computed once here (for ``y`` and, with guidance active, for the
+    all-zero null map at batch 1) and reused at every step; each step runs the encoder once and the
+    middle block + decoder once per branch (``batched``: both branches in one doubled batch), then
+    the same :func:`~guided_diffusion.samplers.cfg_combine` as the plain path.
+    ``forward`` replaces ``model.forward_branches`` (e.g. its compiled form).
     """
 
     def __init__(self, model: torch.nn.Module, y: torch.Tensor, s: float, batched: bool = False, forward: Optional[Callable] = None):
         self.model, self.s, self.batched = model, float(s), batched
-        self.forward = forward or model.guided_forward
+        self.forward = forward or model.forward_branches
         with torch.no_grad():
             self.cache_cond = model.spade_cache(y)
-            self.cache_uncond = model.spade_cache(_null_condition(y)) if self.s > 1 else None
+            self.cache_uncond = model.spade_cache(_null_condition(y)) if smp.guidance_active(self.s) else None
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.forward(x, t, self.s, self.cache_cond, self.cache_uncond, batched=self.batched).float()
+        cond, uncond = self.forward(x, t, self.cache_cond, self.cache_uncond, batched=self.batched)
+        if uncond is None:
+            return cond.float()
+        return smp.cfg_combine(cond.float(), uncond.float(), self.s, eps_channels=x.shape[1])
 
 
 @torch.no_grad()
@@ -107,8 +110,6 @@ def sample_batch(
     The loops are those of :mod:`guided_diffusion.samplers`, fed with per-sample noise. For DDIM with
     eta = 0 it equals ``diffusion.ddim_sample_loop`` given the same start state.
     """
-    from .. import samplers as smp
-
     sched = smp.as_schedule(schedule)
     if not (1 <= steps <= sched.num_timesteps):
         raise ValueError(f"steps {steps} outside 1..{sched.num_timesteps}")
@@ -116,14 +117,12 @@ def sample_batch(
         device = reference.device
     elif device is None:
         device = torch.device("cpu")
-    n = reference.shape[0] if reference is not None else shape[0]
     per_sample = tuple(reference.shape[1:]) if reference is not None else tuple(shape[1:])
     start = steps - 1
     if reference is None:
         x = noise.randn(per_sample, device)
     else:
-        t = torch.full((n,), start, dtype=torch.long, device=device)
-        x = smp.q_sample(sched, reference, t, noise.randn(per_sample, device))
+        x, _ = smp.partial_start(sched, reference, steps, noise.randn(per_sample, device))
     draw = lambda like: noise.randn(per_sample, like.device)  # noqa: E731
     if sampler == "ddim":
         return smp.sample_ddim(denoiser, x, sched, start, eta=eta, noise_fn=draw, clip=clip)
@@ -132,14 +131,6 @@ def sample_batch(
     if sampler == "dpmpp2m":
         return smp.sample_dpmpp_2m(denoiser, x, sched, start, clip=clip)
     raise DiffMixError(f"unknown sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
-
-
-def autocast_context(precision: str, device: torch.device):
-    """``torch.autocast`` for "bf16" / "fp16" on ``device``; a no-op context for "fp32"."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def with_autocast(denoiser: Callable, precision: str, device: torch.device) -> Callable:
@@ -156,14 +147,14 @@ def with_autocast(denoiser: Callable, precision: str, device: torch.device) -> C
 
 
 def maybe_compiled(model: torch.nn.Module, compile_model: bool) -> Optional[Callable]:
-    """``torch.compile(model.guided_forward)`` when asked (None otherwise).
+    """``torch.compile(model.forward_branches)`` when asked (None otherwise).
 
     If compilation fails at the first call (no C++ compiler, an unsupported op), a warning is
     printed and the eager method is used from then on; it computes the same numbers.
     """
     if not compile_model:
         return None
-    eager = model.guided_forward
+    eager = model.forward_branches
     state = {"fn": torch.compile(eager), "compiled": True}
 
     def forward(*args, **kwargs):

@@ -1,21 +1,22 @@
 """Settings of a synthesis run: the sampling flags, step arithmetic, model config resolution,
-checkpoint loading, and where this process sits among the launcher's ranks."""
+checkpoint loading, and the device of this rank."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
 from dataclasses import dataclass, field
 from typing import Any, Dict
 
 import torch
 
 from .. import fileio
+from ..checkpoints import load_model_weights
+from ..config import CONFIG_NAME, ModelConfig, config_path_for_checkpoint, load_config_for_checkpoint
 from ..errors import DiffMixError
+from ..precision import check_precision, resolve_precision
+from ..script_util import create_model_and_diffusion
 
 SAMPLERS = ("ddim", "ddpm", "dpmpp2m")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 # Keys of ModelConfig that describe *how to sample*, not the trained network: they come from the
 # sampling flags (default ddim100), never from the training config saved beside the checkpoint.
@@ -67,8 +68,7 @@ class SampleConfig:
     def validate(self) -> None:
         if self.sampler not in SAMPLERS:
             raise DiffMixError(f"--sampler {self.sampler!r}: expected one of {', '.join(SAMPLERS)}")
-        if self.precision not in PRECISIONS:
-            raise DiffMixError(f"--precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+        check_precision(self.precision)
         if not (0 < self.ddim_percent <= 100):
             raise DiffMixError(f"--ddim_percent {self.ddim_percent}: must be in (0, 100] (percent of the steps)")
         if self.s < 1:
@@ -95,21 +95,6 @@ class SampleConfig:
             raise DiffMixError("--results_path is required")
 
 
-def start_steps(num_steps: int, ddim_percent: float) -> int:
-    """Steps to run for ``ddim_percent`` percent of ``num_steps`` respaced steps (floor, >= 1).
-
-    The official script computes ``int(num_steps * (percent * 0.01))``, whose float rounding drops
-    a step for some values (29 % of 100 -> 28); this computes the exact floor (55 % of 100 -> 55,
-    the paper's setting, agrees with the official script).
-    """
-    steps = math.floor(num_steps * float(ddim_percent) / 100.0 + 1e-9)
-    if steps < 1 or steps > num_steps:
-        raise DiffMixError(
-            f"--ddim_percent {ddim_percent} of {num_steps} steps leaves {steps} steps; need 1..{num_steps}"
-        )
-    return steps
-
-
 def default_run_name(cfg: SampleConfig, timestep_respacing: str) -> str:
     """The official run folder name ``s<s>_<respacing>_p<percent>``, plus the sampler/eta if not the defaults."""
     pct = int(cfg.ddim_percent) if float(cfg.ddim_percent).is_integer() else cfg.ddim_percent
@@ -133,8 +118,6 @@ def resolve_model_config(model_path: str, explicit: Dict[str, Any], defaults: Di
     Returns:
         ``(settings dict, source)`` where source names the config file or ``"flags"``.
     """
-    from ..config import CONFIG_NAME, ModelConfig, load_config_for_checkpoint
-
     if model_path and not fileio.exists(model_path):
         raise DiffMixError(f"{model_path}: checkpoint not found")
     saved = load_config_for_checkpoint(model_path) if model_path else None
@@ -145,7 +128,6 @@ def resolve_model_config(model_path: str, explicit: Dict[str, Any], defaults: Di
             saved = saved["model"]
         model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
         values.update({k: v for k, v in saved.items() if k in model_keys and k not in SAMPLING_ONLY_MODEL_KEYS})
-        from ..config import config_path_for_checkpoint
 
         source = config_path_for_checkpoint(model_path)
     values.update(explicit)
@@ -166,9 +148,6 @@ def load_model_and_diffusion(model_path: str, model_cfg: Dict[str, Any], device:
     Returns ``(model in eval mode on device, diffusion)``. A missing checkpoint or one that does not
     fit the settings raises :class:`DiffMixError` naming the file.
     """
-    from ..checkpoints import load_model_weights
-    from ..script_util import create_model_and_diffusion
-
     if not model_path:
         raise DiffMixError("--model_path is required (a checkpoint such as ema_0.9999_010000.pt)")
     if not fileio.exists(model_path):
@@ -183,45 +162,10 @@ def load_model_and_diffusion(model_path: str, model_cfg: Dict[str, Any], device:
     return model.to(device).eval(), diffusion
 
 
-def launch_rank() -> tuple:
-    """``(rank, world_size, local_rank)`` from the launcher's environment, no process group needed.
-
-    Sharding needs no collectives, so ranks are read from torchrun (``RANK``/``WORLD_SIZE``/
-    ``LOCAL_RANK``), Open MPI (``OMPI_COMM_WORLD_*``), MPICH/Hydra (``PMI_RANK``/``PMI_SIZE``,
-    ``MPI_LOCALRANKID``) or PMIx (``PMIX_RANK``); a plain ``python`` run is rank 0 of 1.
-    """
-
-    def env(*names):
-        for name in names:
-            value = os.environ.get(name, "")
-            if value.strip():
-                try:
-                    return int(value)
-                except ValueError:
-                    raise DiffMixError(f"environment variable {name}={value!r} is not an integer") from None
-        return None
-
-    world = env("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE") or 1
-    rank = env("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK") or 0
-    local = env("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMIX_LOCAL_RANK")
-    if not (0 <= rank < world):
-        raise DiffMixError(f"launcher rank {rank} is outside its world size {world}")
-    return rank, world, rank if local is None else local
-
-
-def default_device(local_rank: int = 0) -> torch.device:
-    """``cuda:<local_rank mod device count>`` when CUDA is available, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
-def resolve_precision(cfg: SampleConfig, model_cfg: Dict[str, Any], device: torch.device) -> str:
-    """The autocast precision to use: ``cfg.precision``, with ``auto`` = fp16 on CUDA when the model
-    was configured ``use_fp16`` (the official meaning), else fp32."""
-    precision = cfg.precision
-    if precision == "auto":
-        precision = "fp16" if (model_cfg.get("use_fp16") and device.type == "cuda") else "fp32"
+def sampling_precision(cfg: SampleConfig, model_cfg: Dict[str, Any], device: torch.device) -> str:
+    """The autocast precision to sample with (the shared policy of :mod:`guided_diffusion.precision`);
+    fp16 sampling is refused on the CPU."""
+    precision = resolve_precision(cfg.precision, bool(model_cfg.get("use_fp16")), device)
     if precision == "fp16" and device.type != "cuda":
         raise DiffMixError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
     return precision

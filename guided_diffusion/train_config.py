@@ -1,0 +1,109 @@
+"""Training settings: the flags of ``scripts/image_train.py`` (official names first), their
+validation, and the flat settings written to ``config.json`` beside the checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .errors import DiffMixError
+from .precision import check_precision
+
+
+def _f(default: Any, help: str) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Training settings: the official ``image_train.py`` flag names and defaults, plus new ones.
+
+    ``use_fp16`` is a model setting (:class:`guided_diffusion.config.ModelConfig`) and keeps its
+    official meaning for training: with ``precision auto`` on CUDA it selects fp16 autocast + loss
+    scaling (:mod:`guided_diffusion.precision`).
+    """
+
+    data_dir: str = _f("", "dataset root holding Train/Images and Train/Labels")
+    dataset_mode: str = _f("", "consep, glysac or custom")
+    schedule_sampler: str = _f("uniform", "timestep sampler: uniform or loss-second-moment")
+    lr: float = _f(1e-4, "AdamW learning rate")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    lr_anneal_steps: int = _f(0, "anneal lr linearly to 0 over this many steps, then stop (0: constant lr)")
+    batch_size: int = _f(1, "images per step on each rank")
+    microbatch: int = _f(-1, "split each batch into chunks of this size, accumulating gradients (-1: off)")
+    ema_rate: str = _f("0.9999", "comma-separated EMA rates, one ema_<rate>_NNNNNN.pt per rate")
+    drop_rate: float = _f(0.0, "probability of replacing a sample's whole condition by zeros (classifier-free)")
+    log_interval: int = _f(10, "write progress.csv / log.txt every this many steps")
+    save_interval: int = _f(10000, "save a checkpoint every this many steps (and at the end)")
+    resume_checkpoint: str = _f("", "'latest', a checkpoint folder, or a model/ema .pt file ('' to start fresh)")
+    fp16_scale_growth: float = _f(1e-3, "fp16 loss-scale growth in log2 per step (doubles every 1/x steps)")
+    is_train: bool = _f(True, "read the Train split (False: the Test split)")
+    gpu: str = _f("", "deprecated; select GPUs with CUDA_VISIBLE_DEVICES or the launcher (see image_train.py)")
+    max_steps: int = _f(0, "stop after this many steps in total, counting resumed ones (0: no limit)")
+    log_dir: str = _f("", "run folder (default: $OPENAI_LOGDIR, else runs/train-<time>)")
+    seed: int = _f(0, "seed of the initial weights, timesteps, noise, condition dropout and crops")
+    grad_clip: float = _f(0.0, "clip the global gradient norm to this value (0: off)")
+    keep_checkpoints: int = _f(0, "keep only the newest N complete checkpoints (0: keep all)")
+    precision: str = _f("auto", "fp32, bf16 or fp16 autocast; auto: fp16 with --use_fp16 on CUDA, else fp32")
+    num_workers: int = _f(0, "data-loading worker processes per rank")
+    deterministic: bool = _f(False, "deterministic kernels (bitwise-reproducible resume; slower on GPU)")
+    progress: bool = _f(True, "show a progress bar on the terminal")
+
+
+def parse_ema_rates(ema_rate: Any) -> list[float]:
+    """``"0.9999,0.999"`` -> ``[0.9999, 0.999]``; each rate must lie in [0, 1)."""
+    if isinstance(ema_rate, (int, float)):
+        rates = [float(ema_rate)]
+    else:
+        parts = [p.strip() for p in str(ema_rate).split(",") if p.strip()]
+        try:
+            rates = [float(p) for p in parts]
+        except ValueError:
+            raise DiffMixError(f"--ema_rate {ema_rate!r}: expected comma-separated numbers such as 0.9999") from None
+    for r in rates:
+        if not 0.0 <= r < 1.0:
+            raise DiffMixError(f"--ema_rate {ema_rate!r}: every rate must be in [0, 1), got {r}")
+    return rates
+
+
+def validate_train_config(cfg: TrainConfig) -> None:
+    """Raise :class:`DiffMixError` for settings that cannot work (checked before any heavy work)."""
+    problems = []
+    if cfg.batch_size < 1:
+        problems.append(f"--batch_size must be >= 1 (got {cfg.batch_size})")
+    if cfg.microbatch == 0 or cfg.microbatch < -1:
+        problems.append(f"--microbatch must be -1 (off) or >= 1 (got {cfg.microbatch})")
+    if not 0.0 <= cfg.drop_rate <= 1.0:
+        problems.append(f"--drop_rate must be in [0, 1] (got {cfg.drop_rate})")
+    if cfg.lr <= 0:
+        problems.append(f"--lr must be > 0 (got {cfg.lr})")
+    for name in ("log_interval", "save_interval"):
+        if getattr(cfg, name) < 1:
+            problems.append(f"--{name} must be >= 1 (got {getattr(cfg, name)})")
+    for name in ("lr_anneal_steps", "max_steps", "keep_checkpoints", "num_workers"):
+        if getattr(cfg, name) < 0:
+            problems.append(f"--{name} must be >= 0 (got {getattr(cfg, name)})")
+    if cfg.grad_clip < 0:
+        problems.append(f"--grad_clip must be >= 0 (got {cfg.grad_clip})")
+    if cfg.fp16_scale_growth <= 0:
+        problems.append(f"--fp16_scale_growth must be > 0 (got {cfg.fp16_scale_growth})")
+    try:
+        check_precision(cfg.precision)
+    except DiffMixError as err:
+        problems.append(str(err))
+    if cfg.schedule_sampler not in ("uniform", "loss-second-moment"):
+        problems.append(f"--schedule_sampler must be uniform or loss-second-moment (got {cfg.schedule_sampler!r})")
+    try:
+        parse_ema_rates(cfg.ema_rate)
+    except DiffMixError as err:
+        problems.append(str(err))
+    if problems:
+        raise DiffMixError("invalid training settings:\n  " + "\n  ".join(problems))
+
+
+def flat_config(model_cfg: Any, train_cfg: TrainConfig, **extra: Any) -> dict[str, Any]:
+    """The settings written to config.json: model fields, then train fields, then ``extra``."""
+    out = dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dataclasses.asdict(model_cfg))
+    out.update(dataclasses.asdict(train_cfg))
+    out.update(extra)
+    return out
