@@ -33,7 +33,7 @@ from ..data.readers import (
 )
 from ..data.training import CropPlan, TrainCropDataset
 from ..errors import DiffMixError
-from ..train_util import derive_seed
+from ..train_state import derive_seed
 from .targets import hovernet_targets
 
 _TAG_REAL, _TAG_SYNTH = 11, 12

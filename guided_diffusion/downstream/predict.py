@@ -23,7 +23,7 @@ import torch
 from .. import fileio
 from ..data.labels import relabel_contiguous, write_label_mat
 from ..data.readers import list_images, read_rgb
-from ..data.training import image_to_tensor
+from ..data.condition import image_to_tensor
 from ..errors import DiffMixError
 from .nets import HOVERNET_SIZE, NetConfig, check_input_size
 from .targets import HV, NC, NP
