@@ -1,11 +1,18 @@
 """Class tables: how raw nucleus type ids of a dataset are merged into the classes the model sees.
 
-Merging happens in exactly one place: :func:`guided_diffusion.data.readers.read_label_file`
-applies :meth:`ClassTable.merge` when it reads a *raw* label file. Label maps that this project
-writes after merging (GradMix outputs) carry the ``.mat`` keys ``classes_merged`` (= 1) and
-``num_classes`` (= N); for those the table is not applied again, the values are only checked
-against ``0..N-1`` (the official DiffMix sampler merges such maps a second time, which silently
-relabels classes).
+Merging happens in exactly one place: :func:`guided_diffusion.data.readers.merge_types`, which
+every label-file reader of the package (training, synthesis, GradMix, statistics, evaluation)
+goes through. Label maps that this project writes after merging (GradMix outputs) carry the
+``.mat`` keys ``classes_merged`` (= 1) and ``num_classes`` (= N); for those the table is not
+applied again, the values are only checked against ``0..N-1`` (the official DiffMix sampler
+merges such maps a second time, which silently relabels classes).
+
+Whole datasets may also come already merged (many public CoNSeP copies carry the 4 merged
+classes 1..4). ``labels_merged`` (``auto``/``yes``/``no``, the ``--labels_merged`` flag) says how
+to read them; ``auto`` decides per dataset from the type values present
+(:func:`guided_diffusion.data.readers.resolve_labels_form`, rule in :meth:`ClassTable.looks_merged`).
+A table for already-merged data is :meth:`ClassTable.as_merged`: the identity over the merged
+classes, with the same names.
 
 Merged class 0 is always background. ``num_classes`` counts background, as the model does.
 """
@@ -21,6 +28,12 @@ from .. import fileio
 from ..errors import DiffMixError
 
 DATASET_MODES = ("consep", "glysac", "custom")
+LABELS_MERGED = ("auto", "yes", "no")
+LABELS_MERGED_HELP = (
+    "are the label files' type ids already the merged classes? auto (default): decided per dataset "
+    "from the ids present (consep: raw 1..7, merged 1..4; glysac: raw 1..10, merged 1..3), with a "
+    "notice when it decides merged; yes: read them as merged; no: merge them with the class table"
+)
 
 
 @dataclass(frozen=True)
@@ -33,12 +46,14 @@ class ClassTable:
         lut: ``lut[raw] = merged`` for every valid raw id ``0..len(lut)-1``; -1 marks a raw id
             that is not part of the table (reading it is a validation error). ``lut[0] == 0``.
         names: ``num_classes`` class names, index 0 = "background".
+        labels_merged: True for the form that reads already-merged labels (:meth:`as_merged`).
     """
 
     name: str
     num_classes: int
     lut: tuple
     names: tuple
+    labels_merged: bool = False
 
     def __post_init__(self):
         if self.num_classes < 2:
@@ -78,19 +93,52 @@ class ClassTable:
         return lut[np.asarray(type_map).astype(np.int64, copy=False)]
 
     def describe_unknown(self, unknown: Sequence[int]) -> str:
+        if self.labels_merged:
+            return (
+                f"type values {list(unknown)} outside 0..{self.num_classes - 1}: the labels are read as "
+                f"already-merged {self.name} classes (--labels_merged); raw ids need --labels_merged no"
+            )
         return (
             f"type values {list(unknown)} are not in the {self.name} class table "
             f"(raw ids accepted: {self.raw_ids})"
         )
 
+    @property
+    def is_identity(self) -> bool:
+        return self.lut == tuple(range(self.num_classes))
+
+    def as_merged(self) -> "ClassTable":
+        """The table that reads labels already holding this table's merged classes (identity, same names)."""
+        if self.labels_merged:
+            return self
+        return ClassTable(self.name, self.num_classes, tuple(range(self.num_classes)), self.names, True)
+
+    def looks_merged(self, values: Sequence[int]) -> Optional[bool]:
+        """Whether type ids ``values`` found in a whole dataset are this table's merged classes.
+
+        Returns False when some id is >= num_classes (only raw ids go that high), True when every
+        id is a merged class but merging would change some of them (CoNSeP: 4 present, none of
+        5..7; GLySAC: 2 present, none of 4..10 -- a raw dataset without any of its upper ids is
+        implausible), None when both readings give the same classes (nothing to decide).
+        """
+        nonzero = sorted({int(v) for v in values if int(v) != 0})
+        if any(v >= self.num_classes for v in nonzero):
+            return False
+        if all(v < len(self.lut) and self.lut[v] == v for v in nonzero):
+            return None
+        return True
+
     def to_json(self) -> dict:
         """The mapping-file form (see :func:`load_class_table`)."""
-        return {
+        out = {
             "name": self.name,
             "num_classes": self.num_classes,
             "map": {str(r): int(m) for r, m in enumerate(self.lut) if m != -1},
             "names": list(self.names),
         }
+        if self.labels_merged:
+            out["labels_merged"] = True
+        return out
 
 
 def _table(name: str, groups: Mapping[int, Sequence[int]], names: Sequence[str]) -> ClassTable:

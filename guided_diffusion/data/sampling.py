@@ -32,6 +32,7 @@ from .readers import (
     list_images,
     list_samples,
     read_rgb,
+    resolve_labels_form,
 )
 
 VIRTUAL_MAP_RE = re.compile(r"^(?P<stem>.+)__(?P<kind>balance|enlarge)(?P<k>\d{3,})$")
@@ -161,6 +162,7 @@ def sampling_patches(
     image_folder: str = "Images",
     label_folder: str = "Labels",
     progress: bool = True,
+    labels_merged: str = "auto",
 ) -> List[Patch]:
     """Every grid patch of every label map, in (source stem, map name, row-major grid) order.
 
@@ -171,6 +173,8 @@ def sampling_patches(
         stride: grid stride (default ``image_size``); the last row/column is snapped to the edge.
         split: "Train" by default (see module docstring).
         stems: keep only maps whose source image has one of these stems.
+        labels_merged: "auto", "yes" or "no" for label maps without a ``classes_merged`` mark
+            (see :func:`guided_diffusion.data.readers.resolve_labels_form`).
 
     Every image and label file is read once; all problems (unreadable files, bad label maps, size
     mismatches, images smaller than ``image_size``) are reported together.
@@ -179,6 +183,7 @@ def sampling_patches(
 
     table = resolve_class_table(dataset_mode, class_table, num_classes)
     jobs = _jobs(data_dir, split, image_folder, label_folder, label_dir, stems)
+    table = resolve_labels_form(table, [j[3] for j in jobs], labels_merged, f"label maps of {label_dir or data_dir}")
     image_paths = sorted({j[2] for j in jobs})
 
     def read_image(path):

@@ -298,6 +298,7 @@ def load_data(
     label_folder: str = "Labels",
     start_step: int = 0,
     progress: bool = True,
+    labels_merged: str = "auto",
 ) -> CropBatches:
     """Training batches for the SDM U-Net (the official name ``load_data`` is kept).
 
@@ -309,12 +310,14 @@ def load_data(
     Args:
         dataset_mode: "consep", "glysac" or "custom" (custom takes ``class_table`` or ``num_classes``).
         image_folder, label_folder: folder names inside the split (defaults: Images, Labels).
+        labels_merged: "auto", "yes" or "no" (see :func:`guided_diffusion.data.readers.resolve_labels_form`).
     """
     if batch_size < 1 or image_size < 1:
         raise DiffMixError(f"batch_size ({batch_size}) and image_size ({image_size}) must be positive")
     table = resolve_class_table(dataset_mode, class_table, num_classes)
     samples = read_dataset(
-        data_dir, table, split, image_folder, label_folder, min_size=image_size, progress=progress
+        data_dir, table, split, image_folder, label_folder, min_size=image_size, progress=progress,
+        labels_merged=labels_merged,
     )
     rank, world = dist_rank_world()
     dataset = TrainCropDataset(samples, image_size, random_flip=random_flip, random_rotate=random_rotate)
