@@ -140,6 +140,9 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
 
     cfg = cfg.resolved()
     out = cfg.out_dir
+    if cfg.data_dir and not fileio.exists(cfg.data_dir):  # before the output folder is made
+        raise DiffMixError(f"{cfg.data_dir}: --data_dir not found")
+    fileio.check_output_dir(out, "--out_dir")
     fileio.makedirs(out)
     stages = _Stages()
     t_all = time.time()

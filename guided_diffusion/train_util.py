@@ -59,8 +59,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import dist_util, fileio, logger
+from . import dist_util, fileio, logger, runlock
 from .errors import DiffMixError
+from .data.classes import LABELS_MERGED, LABELS_MERGED_HELP
 from .checkpoint_folder import (  # noqa: F401  (the loop's checkpoint API, re-exported)
     ema_filename,
     checkpoint_filenames,
@@ -72,6 +73,8 @@ from .checkpoint_folder import (  # noqa: F401  (the loop's checkpoint API, re-e
     resolve_resume_checkpoint,
     load_pt,
     write_checkpoint,
+    checkpoint_bytes,
+    disk_use_notice,
     prune_checkpoints,
     remove_stale_temporaries,
 )
@@ -103,6 +106,7 @@ class TrainConfig:
 
     data_dir: str = _f("", "dataset root holding Train/Images and Train/Labels")
     dataset_mode: str = _f("", "consep, glysac or custom")
+    labels_merged: str = _f("auto", LABELS_MERGED_HELP)
     schedule_sampler: str = _f("uniform", "timestep sampler: uniform or loss-second-moment")
     lr: float = _f(1e-4, "AdamW learning rate")
     weight_decay: float = _f(0.0, "AdamW weight decay")
@@ -176,12 +180,16 @@ def validate_train_config(cfg: TrainConfig) -> None:
         problems.append(f"--fp16_scale_growth must be > 0 (got {cfg.fp16_scale_growth})")
     if cfg.precision not in PRECISIONS:
         problems.append(f"--precision must be one of {', '.join(PRECISIONS)} (got {cfg.precision!r})")
+    if cfg.labels_merged not in LABELS_MERGED:
+        problems.append(f"--labels_merged must be one of {', '.join(LABELS_MERGED)} (got {cfg.labels_merged!r})")
     if cfg.schedule_sampler not in ("uniform", "loss-second-moment"):
         problems.append(f"--schedule_sampler must be uniform or loss-second-moment (got {cfg.schedule_sampler!r})")
     try:
         parse_ema_rates(cfg.ema_rate)
     except DiffMixError as err:
         problems.append(str(err))
+    if len(problems) == 1:
+        raise DiffMixError(f"invalid training setting: {problems[0]}")
     if problems:
         raise DiffMixError("invalid training settings:\n  " + "\n  ".join(problems))
 
@@ -774,7 +782,8 @@ class TrainLoop:
             files[f"opt{step:06d}.pt"] = lambda: _to_cpu(self.opt.state_dict())
             files[f"train_state{step:06d}.pt"] = state
             try:
-                write_checkpoint(self.log_dir, step, files, {"seed": self.seed, "world_size": self.world_size})
+                write_checkpoint(self.log_dir, step, files, {"seed": self.seed, "world_size": self.world_size},
+                                 expected_bytes=checkpoint_bytes(sum(p.numel() for p in self.params), len(self.ema_rates)))
                 logger.log(f"saved checkpoint of step {step} to {self.log_dir}")
                 for s in prune_checkpoints(self.log_dir, self.keep_checkpoints):
                     logger.log(f"removed checkpoint of step {s} (--keep_checkpoints {self.keep_checkpoints})")
@@ -837,6 +846,7 @@ def train(model_cfg: Any, train_cfg: TrainConfig, data: Optional[Iterator] = Non
     info = dist_util.setup_dist()
     log_dir = dist_util.broadcast_object(train_cfg.log_dir or logger.default_dir())
     # Cheap checks of the run folder first, before the model and the dataset take their time.
+    runlock.acquire_on_rank0(log_dir, "training", info.rank, dist_util.broadcast_object, "--log_dir", check_only=True)
     check_fresh_start(log_dir, train_cfg.resume_checkpoint)
     resume_path = resolve_resume_checkpoint(train_cfg.resume_checkpoint, log_dir)
     resume_step = parse_resume_step_from_filename(resume_path) if resume_path else None
@@ -861,6 +871,7 @@ def train(model_cfg: Any, train_cfg: TrainConfig, data: Optional[Iterator] = Non
             split="Train" if train_cfg.is_train else "Test",
             num_workers=train_cfg.num_workers,
             progress=info.rank == 0,
+            labels_merged=train_cfg.labels_merged,
         )
         data_classes = getattr(data, "num_classes", model_cfg.num_classes)
         if data_classes != model_cfg.num_classes:
@@ -898,6 +909,7 @@ def train(model_cfg: Any, train_cfg: TrainConfig, data: Optional[Iterator] = Non
     )
 
     # Everything checked: from here on the run folder is written.
+    run_lock = runlock.acquire_on_rank0(log_dir, "training", info.rank, dist_util.broadcast_object, "--log_dir")
     logger.configure(log_dir, resume_step=resume_step)
     loop.prepare_folder()
     logger.log(
@@ -908,9 +920,15 @@ def train(model_cfg: Any, train_cfg: TrainConfig, data: Optional[Iterator] = Non
         logger.log(f"resumed from {loop.resumed_from} at step {loop.step}")
     n_params = sum(p.numel() for p in model.parameters())
     logger.log(f"model: {n_params / 1e6:.2f} M parameters; global batch {train_cfg.batch_size * info.world_size}")
+    if info.rank == 0 and (notice := disk_use_notice(log_dir, checkpoint_bytes(n_params, len(loop.ema_rates)),
+                                                     train_cfg.keep_checkpoints, loop.end_step or 0,
+                                                     train_cfg.save_interval, loop.step)):
+        logger.log(notice)
     if loop.end_step is None:
         logger.log("no --max_steps or --lr_anneal_steps: training runs until interrupted")
     logger.log("training...")
     loop.run_loop()
     logger.log(f"done at step {loop.step}; checkpoints in {log_dir}")
+    if run_lock is not None:
+        run_lock.release()
     return loop

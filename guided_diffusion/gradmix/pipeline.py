@@ -27,7 +27,7 @@ import numpy as np
 
 from .. import fileio
 from ..data.labels import instance_table, write_label_mat
-from ..errors import DiffMixError
+from ..errors import DiffMixError, describe_os_error
 from .balance import balance_map, check_classes
 from .donors import collect_donors
 from .enlarge import enlarge_map
@@ -126,6 +126,7 @@ def run_gradmix(
     progress: bool = True,
     verbose: bool = True,
     cache_mb: float = 1024,
+    labels_merged: str = "auto",
 ) -> dict:
     """Write ``num_balance`` balancing and ``num_enlarge`` enlarging maps per image of a split.
 
@@ -145,6 +146,8 @@ def run_gradmix(
         stats: save class counts before/after (CSV + PNG in ``out_dir``; printed when ``verbose``).
         progress: show progress bars.
         cache_mb: label maps read for the donor bank are kept up to this size for the edits.
+        labels_merged: "auto", "yes" or "no": are the dataset's type ids already the merged
+            classes (see :func:`guided_diffusion.data.readers.resolve_labels_form`)?
 
     Returns:
         Summary dict: ``written`` and ``skipped`` map names, ``settings``, and ``counts``
@@ -153,7 +156,7 @@ def run_gradmix(
     from tqdm.auto import tqdm
 
     from ..data.classes import resolve_class_table
-    from ..data.readers import list_samples
+    from ..data.readers import list_samples, resolve_labels_form
 
     table = resolve_class_table(dataset_mode, class_table, num_classes)
     d_minor, _ = default_classes(table.num_classes)
@@ -180,9 +183,13 @@ def run_gradmix(
     if len(radii) != 3 or min(radii) < 0:
         raise DiffMixError(f"median_radii needs three non-negative values, got {list(median_radii)}")
 
+    samples = list_samples(data_dir, split, image_folder, label_folder)
+    table = resolve_labels_form(table, [s.label for s in samples], labels_merged, what=f"dataset {data_dir}",
+                                notice=verbose)
     settings = {
         "dataset_mode": str(dataset_mode).lower(),
         "class_table": table.name,
+        "labels_merged": table.labels_merged,
         "num_classes": table.num_classes,
         "class_names": list(table.names),
         "split": split,
@@ -199,7 +206,6 @@ def run_gradmix(
         "median_radii": list(radii),
         "overlap_rule": "reject",
     }
-    samples = list_samples(data_dir, split, image_folder, label_folder)
     wanted = samples
     if stems is not None:
         have = {s.stem for s in samples}
@@ -237,6 +243,14 @@ def run_gradmix(
             by_stem = {s.stem: s for s in samples}
             bank = collect_donors(label_maps(), minor=minor_t, margin=margin,
                                   image_loader=lambda stem: _read_image(by_stem[stem]))
+            absent = [c for c in minor_t if not np.any(bank.classes == c)]
+            if absent:
+                # Balancing maps would silently equal their sources for these classes.
+                raise DiffMixError(
+                    f"{data_dir}: --minor {','.join(map(str, absent))}: no nucleus of class "
+                    f"{', '.join(f'{c} ({table.names[c]})' for c in absent)} lies {margin:g} px or more from "
+                    f"the border in split {split}, so there is no donor to balance with; nothing written"
+                )
         fileio.makedirs(dirs["Labels"])
         fileio.makedirs(dirs["Records"])
         if write_images:
@@ -270,13 +284,18 @@ def run_gradmix(
                                               dilate=dilate, median_radii=radii)
                 png = _png_bytes(image)
             record = _record(files, kind, k, name, seed, settings, edits, source_counts)
-            write_label_mat(
-                fileio.join(dirs["Labels"], name + ".mat"), new_inst, new_type,
-                classes_merged=np.array(1), num_classes=np.array(table.num_classes),
-            )
-            if png is not None:
-                fileio.write_bytes(fileio.join(dirs["Images"], name + ".png"), png)
-            fileio.write_json(fileio.join(dirs["Records"], name + ".json"), record)  # last: marks completion
+            try:
+                write_label_mat(
+                    fileio.join(dirs["Labels"], name + ".mat"), new_inst, new_type,
+                    classes_merged=np.array(1), num_classes=np.array(table.num_classes),
+                )
+                if png is not None:
+                    fileio.write_bytes(fileio.join(dirs["Images"], name + ".png"), png)
+                fileio.write_json(fileio.join(dirs["Records"], name + ".json"), record)  # last: marks completion
+            except OSError as err:
+                kept = (f"kept: {len(written) + len(skipped)} complete maps in {out_dir} ({name} has no record, so "
+                        "it counts as not written; rerun the same command to continue)")
+                raise DiffMixError(describe_os_error(err, kept)) from None
             written.append(name)
 
     summary = {"written": written, "skipped": skipped, "settings": settings}

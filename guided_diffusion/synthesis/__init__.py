@@ -67,6 +67,7 @@ from .settings import (  # noqa: F401
     launch_rank,
     load_model_and_diffusion,
     resolve_model_config,
+    resolve_model_path,
     resolve_precision,
     start_steps,
 )

@@ -12,8 +12,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .. import __version__, fileio
-from ..errors import DiffMixError
+from .. import __version__, fileio, runlock
+from ..errors import DiffMixError, describe_os_error
 from .outputs import Job, OutputLayout, hovernet_patch, image_to_tensor, plan_jobs, shard, to_uint8, write_run_figure
 from .sampling import (
     FastGuidedDenoiser,
@@ -215,7 +215,7 @@ def run_synthesis(
             data_dir=cfg.data_dir, dataset_mode=cfg.dataset_mode, image_size=image_size,
             label_dir=cfg.label_dir or None, stride=cfg.stride or None, split=cfg.split,
             class_table=cfg.class_table or None, num_classes=num_classes, stems=stems,
-            progress=cfg.progress and rank == 0,
+            progress=cfg.progress and rank == 0, labels_merged=cfg.labels_merged,
         )
         if keep is not None:
             patches = [p for p in patches if keep(p)]
@@ -251,6 +251,7 @@ def run_synthesis(
     _check_resume(layout, identity)
     jobs = plan_jobs(patches, cfg.samples_per_map, cfg.num_samples, cfg.seed)
     mine = shard(jobs, rank, world_size)
+    run_lock = runlock.acquire(layout.root, "synthesis", rank, "--results_path")
     if rank == 0:
         fileio.write_json(layout.run_record(), {
             **identity, "settings": dataclasses.asdict(cfg), "total_outputs": len(jobs), "world_size": world_size,
@@ -286,11 +287,18 @@ def run_synthesis(
                 clip=cfg.clip_denoised, shape=(len(batch), 3, image_size, image_size), device=device,
             )
             for job, image in zip(batch, to_uint8(sample)):
-                _write_outputs(layout, job, image, cfg, settings)
+                try:
+                    _write_outputs(layout, job, image, cfg, settings)
+                except OSError as err:
+                    kept = (f"kept: {len(written) + len(skipped)} complete patches of this rank in {layout.root} "
+                            "(rerun the same command to continue)")
+                    raise DiffMixError(describe_os_error(err, kept)) from None
                 written.append(job.name)
             bar.update(len(batch))
     finally:
         bar.close()
+        if run_lock is not None:
+            run_lock.release()
 
     figure = None
     if cfg.figure_rows:

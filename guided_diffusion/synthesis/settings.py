@@ -12,6 +12,7 @@ from typing import Any, Dict
 import torch
 
 from .. import fileio
+from ..data.classes import LABELS_MERGED, LABELS_MERGED_HELP
 from ..errors import DiffMixError
 
 SAMPLERS = ("ddim", "ddpm", "dpmpp2m")
@@ -35,6 +36,7 @@ class SampleConfig:
 
     data_dir: str = field(default="", metadata={"help": "dataset root or split folder with Images/ and Labels/ (real reference images)"})
     dataset_mode: str = field(default="consep", metadata={"help": "consep, glysac or custom"})
+    labels_merged: str = field(default="auto", metadata={"help": LABELS_MERGED_HELP})
     split: str = field(default="Train", metadata={"help": "split used when data_dir is a dataset root"})
     label_dir: str = field(default="", metadata={"help": "GradMix output folder (<stem>__balance000.mat ...); '' = the dataset's own labels"})
     class_table: str = field(default="", metadata={"help": "custom mode: class mapping JSON ('' = identity over num_classes)"})
@@ -64,6 +66,8 @@ class SampleConfig:
     use_ddim: bool = field(default=False, metadata={"help": "official flag, ignored (use --sampler)"})
 
     def validate(self) -> None:
+        if self.labels_merged not in LABELS_MERGED:
+            raise DiffMixError(f"--labels_merged {self.labels_merged!r}: expected one of {', '.join(LABELS_MERGED)}")
         if self.sampler not in SAMPLERS:
             raise DiffMixError(f"--sampler {self.sampler!r}: expected one of {', '.join(SAMPLERS)}")
         if self.precision not in PRECISIONS:
@@ -112,6 +116,24 @@ def default_run_name(cfg: SampleConfig, timestep_respacing: str) -> str:
     if cfg.eta:
         name += f"_eta{cfg.eta}"
     return name
+
+
+def resolve_model_path(model_path: str) -> str:
+    """``--model_path`` as a checkpoint file: a training run folder gives its newest complete
+    checkpoint's EMA weights (named on stderr). Raises DiffMixError when it is missing."""
+    import sys
+
+    if not model_path:
+        raise DiffMixError("--model_path is required: a checkpoint (e.g. ema_0.9999_010000.pt) or a training run folder")
+    if fileio.is_remote(model_path) or not os.path.isdir(model_path):
+        if not fileio.exists(model_path):
+            raise DiffMixError(f"{model_path}: checkpoint not found (--model_path)")
+        return model_path
+    from ..checkpoint_folder import newest_ema_checkpoint
+
+    path, why = newest_ema_checkpoint(model_path)
+    print(f"--model_path {model_path} is a training run folder: using {path} ({why})", file=sys.stderr)
+    return path
 
 
 def resolve_model_config(model_path: str, explicit: Dict[str, Any], defaults: Dict[str, Any]) -> tuple:
