@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_helpers import write_image, write_mat
+from data_helpers import write_mat
 from guided_diffusion import fileio
 from guided_diffusion.checkpoints import save_state_dict
 from guided_diffusion.config import ModelConfig, save_config

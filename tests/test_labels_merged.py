@@ -53,7 +53,8 @@ def class_counts(samples, num_classes):
 
 
 RAW_CONSEP = [[1, 2, 3, 4, 5], [6, 7, 2, 2]]  # raw ids: 5..7 present
-MERGED_CONSEP = [[1, 2, 3, 4, 4], [4, 4, 2, 2]]  # the same kind of data, merged: 4 = spindle
+# The same kind of data, merged: 4 = spindle; 35 spindle nuclei (>= MERGED_EVIDENCE) and no 5..7.
+MERGED_CONSEP = [[1, 2, 3] + [4] * 20, [4] * 15 + [2, 2]]
 
 
 def test_raw_consep_is_merged_once(tmp_path, capsys):
@@ -67,13 +68,13 @@ def test_raw_consep_is_merged_once(tmp_path, capsys):
 def test_merged_consep_auto_reads_as_merged_with_one_line_notice(tmp_path, capsys):
     root = write_dataset(tmp_path / "merged", MERGED_CONSEP)
     samples = read_dataset(root, CONSEP, progress=False)
-    assert class_counts(samples, 5) == [0, 1, 3, 1, 4]  # spindle kept as spindle
+    assert class_counts(samples, 5) == [0, 1, 3, 1, 35]  # spindle kept as spindle
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("note:") and "already-merged consep" in err[0]
     assert "--labels_merged no" in err[0]
     # "no" forces the raw reading: merged 4 (spindle) becomes 3 (epithelial) -- the old silent bug.
     forced = read_dataset(root, CONSEP, progress=False, labels_merged="no")
-    assert class_counts(forced, 5) == [0, 1, 3, 5, 0]
+    assert class_counts(forced, 5) == [0, 1, 3, 36, 0]
     # "yes" on raw data: ids 5..7 do not fit the merged classes, an error naming the file and flag.
     raw = write_dataset(tmp_path / "raw", RAW_CONSEP)
     with pytest.raises(DiffMixError, match=r"img0\.mat.*\[5\].*--labels_merged"):
@@ -84,20 +85,25 @@ def test_merged_consep_auto_reads_as_merged_with_one_line_notice(tmp_path, capsy
 
 def test_glysac_raw_and_merged(tmp_path, capsys):
     raw = write_dataset(tmp_path / "raw", [[1, 2, 3, 4, 9, 10], [5, 8]])
-    merged = write_dataset(tmp_path / "merged", [[1, 2, 3, 2], [2, 3]])
+    merged = write_dataset(tmp_path / "merged", [[1, 3] + [2] * 20, [2] * 12 + [3]])
     assert class_counts(read_dataset(raw, GLYSAC, progress=False), 4) == [0, 4, 2, 2]  # {1,2,9,10} {4,5} {3,8}
     assert capsys.readouterr().err == ""
     # Merged GLySAC: 2 = epithelial; read as raw, 2 would become 1 (other).
-    assert class_counts(read_dataset(merged, GLYSAC, progress=False), 4) == [0, 1, 3, 2]
+    assert class_counts(read_dataset(merged, GLYSAC, progress=False), 4) == [0, 1, 32, 2]
     assert "already-merged glysac" in capsys.readouterr().err
-    assert class_counts(read_dataset(merged, GLYSAC, progress=False, labels_merged="no"), 4) == [0, 4, 0, 2]
+    assert class_counts(read_dataset(merged, GLYSAC, progress=False, labels_merged="no"), 4) == [0, 33, 0, 2]
 
 
-def test_form_rule_and_undecidable_cases(tmp_path):
+def test_form_rule_and_undecidable_cases(tmp_path, capsys):
     # Ids where both readings agree (CoNSeP 1..3) need no decision: the raw table is kept.
-    assert CONSEP.looks_merged([0, 1, 2, 3]) is None
-    assert CONSEP.looks_merged([1, 4]) is True and CONSEP.looks_merged([4, 5]) is False
-    assert GLYSAC.looks_merged([1, 3]) is None and GLYSAC.looks_merged([2]) is True
+    assert CONSEP.label_form({0: 9, 1: 5, 2: 5, 3: 5}) == "same"
+    assert CONSEP.label_form({1: 3, 4: 30}) == "merged" and CONSEP.label_form({4: 300, 5: 1}) == "raw"
+    assert CONSEP.label_form({1: 3, 4: 29}) == "unsure"
+    assert GLYSAC.label_form({1: 9, 3: 9}) == "same" and GLYSAC.label_form({2: 40}) == "merged"
+    # Too few nuclei to tell (a tiny raw subset without 5..7 looks merged): read as raw, with a note.
+    few = write_dataset(tmp_path / "few", [[1, 3, 4, 4]])
+    assert class_counts(read_dataset(few, CONSEP, progress=False), 5) == [0, 1, 0, 3, 0]
+    assert "too few nuclei" in capsys.readouterr().err
     root = write_dataset(tmp_path / "low", [[1, 2, 3]])
     paths = [os.path.join(root, "Train", "Labels", "img0.mat")]
     assert resolve_labels_form(CONSEP, paths) is CONSEP
@@ -119,13 +125,13 @@ def test_marked_gradmix_maps_do_not_vote(tmp_path):
 def test_statistics_of_merged_dataset(tmp_path, capsys):
     root = write_dataset(tmp_path / "merged", MERGED_CONSEP)
     stats = dataset_statistics(data_dir=root, dataset_mode="consep", progress=False)
-    assert stats.counts[4] == 4 and stats.counts[3] == 1
+    assert stats.counts[4] == 35 and stats.counts[3] == 1
 
 
 def test_evaluation_ground_truth_already_merged(tmp_path, capsys):
     # An already-merged ground truth (no classes_merged mark) against the same predictions scores 1.
     true_dir, pred_dir = tmp_path / "true", tmp_path / "pred"
-    inst, tmap = nuclei([1, 2, 3, 4, 4, 4])
+    inst, tmap = nuclei([1, 2, 3] + [4] * 30)
     write_mat(str(true_dir / "a.mat"), inst_map=inst, type_map=tmap)
     write_mat(str(pred_dir / "a.mat"), inst_map=inst, type_map=tmap)
     res = evaluate_folders(str(true_dir), str(pred_dir), progress=False, class_table=CONSEP)
@@ -144,7 +150,7 @@ def test_dataset_stats_cli_flag(tmp_path, capsys):
     cli.main(["--data_dir", root, "--dataset_mode", "consep", "--out_dir", str(tmp_path / "s1")])
     out = capsys.readouterr()
     spindle = [line for line in out.out.splitlines() if line.startswith("spindle")][0]
-    assert spindle.split()[1] == "4" and "note:" in out.err
+    assert spindle.split()[1] == "35" and "note:" in out.err
     cli.main(["--data_dir", root, "--dataset_mode", "consep", "--labels_merged", "no", "--out_dir", str(tmp_path / "s2")])
     spindle = [line for line in capsys.readouterr().out.splitlines() if line.startswith("spindle")][0]
     assert spindle.split()[1] == "0"

@@ -3,7 +3,6 @@ incomplete checkpoints, run-folder locks, a run folder as --model_path, torchrun
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil

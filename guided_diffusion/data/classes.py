@@ -10,7 +10,7 @@ merges such maps a second time, which silently relabels classes).
 Whole datasets may also come already merged (many public CoNSeP copies carry the 4 merged
 classes 1..4). ``labels_merged`` (``auto``/``yes``/``no``, the ``--labels_merged`` flag) says how
 to read them; ``auto`` decides per dataset from the type values present
-(:func:`guided_diffusion.data.readers.resolve_labels_form`, rule in :meth:`ClassTable.looks_merged`).
+(:func:`guided_diffusion.data.readers.resolve_labels_form`, rule in :meth:`ClassTable.label_form`).
 A table for already-merged data is :meth:`ClassTable.as_merged`: the identity over the merged
 classes, with the same names.
 
@@ -29,6 +29,9 @@ from ..errors import DiffMixError
 
 DATASET_MODES = ("consep", "glysac", "custom")
 LABELS_MERGED = ("auto", "yes", "no")
+# Nuclei with ids that merging would change (CoNSeP 4, GLySAC 2) needed before "auto" reads a
+# dataset without any raw-only ids as already merged; fewer cannot tell the forms apart.
+MERGED_EVIDENCE = 30
 LABELS_MERGED_HELP = (
     "are the label files' type ids already the merged classes? auto (default): decided per dataset "
     "from the ids present (consep: raw 1..7, merged 1..4; glysac: raw 1..10, merged 1..3), with a "
@@ -113,20 +116,23 @@ class ClassTable:
             return self
         return ClassTable(self.name, self.num_classes, tuple(range(self.num_classes)), self.names, True)
 
-    def looks_merged(self, values: Sequence[int]) -> Optional[bool]:
-        """Whether type ids ``values`` found in a whole dataset are this table's merged classes.
+    def label_form(self, counts: Mapping[int, int]) -> str:
+        """Which form nuclei type ids found in a whole dataset are: ``counts`` maps id -> nuclei.
 
-        Returns False when some id is >= num_classes (only raw ids go that high), True when every
-        id is a merged class but merging would change some of them (CoNSeP: 4 present, none of
-        5..7; GLySAC: 2 present, none of 4..10 -- a raw dataset without any of its upper ids is
-        implausible), None when both readings give the same classes (nothing to decide).
+        Returns ``"raw"`` when some id is >= num_classes (only raw ids go that high); ``"same"``
+        when merging changes none of the ids present (both readings agree); ``"merged"`` when
+        every id is a merged class, merging would change some (CoNSeP: 4 present, none of 5..7;
+        GLySAC: 2 present, none of 4..10) and those ids hold at least :data:`MERGED_EVIDENCE`
+        nuclei (a raw dataset with that many of them but none of its upper ids is implausible:
+        spindle cells, 5..7, are a third of raw CoNSeP's nuclei); ``"unsure"`` below that.
         """
-        nonzero = sorted({int(v) for v in values if int(v) != 0})
-        if any(v >= self.num_classes for v in nonzero):
-            return False
-        if all(v < len(self.lut) and self.lut[v] == v for v in nonzero):
-            return None
-        return True
+        present = {int(v): int(n) for v, n in counts.items() if int(v) != 0 and n}
+        if any(v >= self.num_classes for v in present):
+            return "raw"
+        changed = sum(n for v, n in present.items() if not (v < len(self.lut) and self.lut[v] == v))
+        if not changed:
+            return "same"
+        return "merged" if changed >= MERGED_EVIDENCE else "unsure"
 
     def to_json(self) -> dict:
         """The mapping-file form (see :func:`load_class_table`)."""

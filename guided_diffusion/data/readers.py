@@ -530,21 +530,29 @@ def check_npy_sample(path: str, table: ClassTable):
     return image, inst, types, [f"{path}: {p}" for p in problems]
 
 
-def dataset_type_values(label_paths: Sequence[str], stop_at: Optional[int] = None) -> set:
-    """Type ids present in the unmarked label files of a dataset (marked GradMix maps and
-    unreadable files are skipped: the real read reports those). Stops early once an id
-    >= ``stop_at`` is seen (that alone decides the form)."""
-    values: set = set()
+def dataset_type_counts(label_paths: Sequence[str], stop_at: Optional[int] = None) -> dict:
+    """Nuclei per type id in the unmarked label files of a dataset: ``{id: count}`` (a nucleus
+    counts once per id among its pixels). Marked GradMix maps and unreadable files are skipped
+    (the real read reports those). Stops early once an id >= ``stop_at`` is seen (that alone
+    decides the form)."""
+    counts: dict = {}
     for path in label_paths:
         label, _ = read_label_arrays(path, require_types=False, instance_keys=True)
         if label is None or label.marked_merged is not None:
             continue
-        types = label.type_map if label.type_map is not None else label.inst_type
-        if types is not None and types.size:
-            values.update(int(v) for v in np.unique(types))
-            if stop_at is not None and max(values) >= stop_at:
-                break
-    return values
+        if label.type_map is not None:
+            fg = label.inst_map > 0
+            pairs = np.unique(np.stack([label.inst_map[fg], label.type_map[fg]]), axis=1)
+            ids, n = np.unique(pairs[1], return_counts=True)
+        elif label.inst_type is not None:
+            ids, n = np.unique(label.inst_type, return_counts=True)
+        else:
+            continue
+        for v, k in zip(ids.tolist(), n.tolist()):
+            counts[v] = counts.get(v, 0) + k
+        if stop_at is not None and counts and max(counts) >= stop_at:
+            break
+    return counts
 
 
 def resolve_labels_form(
@@ -557,9 +565,10 @@ def resolve_labels_form(
     Args:
         label_paths: the dataset's label files (``.mat`` / ``.npy``).
         labels_merged: ``"no"`` (merge with ``table``), ``"yes"`` (already merged) or ``"auto"``:
-            for the CoNSeP and GLySAC tables, decided from the ids present
-            (:meth:`ClassTable.looks_merged`), with a one-line notice on stderr when it decides
-            "merged"; other tables (custom mappings) are taken as raw.
+            for the CoNSeP and GLySAC tables, decided from the nuclei per id
+            (:meth:`ClassTable.label_form`), with a one-line notice on stderr when it decides
+            "merged" or cannot tell (too few nuclei; then read as raw); other tables (custom
+            mappings) are taken as raw.
         what: names the dataset in the notice.
     """
     from .classes import CONSEP, GLYSAC, LABELS_MERGED
@@ -573,20 +582,23 @@ def resolve_labels_form(
         return table.as_merged()
     if table not in (CONSEP, GLYSAC):
         return table
-    values = dataset_type_values(label_paths, stop_at=table.num_classes)
-    if not table.looks_merged(values):
+    counts = dataset_type_counts(label_paths, stop_at=table.num_classes)
+    form = table.label_form(counts)
+    if form in ("raw", "same"):
         return table
     raw_only = [r for r in table.raw_ids if r >= table.num_classes]
+    found = f"type ids {sorted(v for v in counts if v)} and none of the raw {table.name} ids {raw_only[0]}..{raw_only[-1]}"
     if notice:
         import sys
 
-        print(
-            f"note: {what}: type ids {sorted(v for v in values if v)} and none of the raw {table.name} ids "
-            f"{raw_only[0]}..{raw_only[-1]}: reading the labels as already-merged {table.name} classes "
-            "(--labels_merged auto; pass --labels_merged no to merge them)",
-            file=sys.stderr,
-        )
-    return table.as_merged()
+        if form == "merged":
+            line = (f"reading the labels as already-merged {table.name} classes (--labels_merged auto; "
+                    "pass --labels_merged no to merge them)")
+        else:
+            line = ("too few nuclei to tell whether they are already merged: reading them as raw ids "
+                    "(pass --labels_merged yes if they are merged)")
+        print(f"note: {what}: {found}: {line}", file=sys.stderr)
+    return table.as_merged() if form == "merged" else table
 
 
 def _read_one(files: SampleFiles, table: ClassTable, min_size: Optional[int]):
