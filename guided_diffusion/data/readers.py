@@ -535,23 +535,31 @@ def dataset_type_counts(label_paths: Sequence[str], stop_at: Optional[int] = Non
     counts once per id among its pixels). Marked GradMix maps and unreadable files are skipped
     (the real read reports those). Stops early once an id >= ``stop_at`` is seen (that alone
     decides the form)."""
-    counts: dict = {}
-    for path in label_paths:
+    def one(path):
         label, _ = read_label_arrays(path, require_types=False, instance_keys=True)
         if label is None or label.marked_merged is not None:
-            continue
+            return {}
         if label.type_map is not None:
             fg = label.inst_map > 0
-            pairs = np.unique(np.stack([label.inst_map[fg], label.type_map[fg]]), axis=1)
-            ids, n = np.unique(pairs[1], return_counts=True)
+            width = int(label.type_map.max()) + 1 if label.type_map.size else 1
+            pairs = np.unique(label.inst_map[fg].astype(np.int64) * width + label.type_map[fg])
+            ids, n = np.unique(pairs % width, return_counts=True)
         elif label.inst_type is not None:
             ids, n = np.unique(label.inst_type, return_counts=True)
         else:
-            continue
-        for v, k in zip(ids.tolist(), n.tolist()):
-            counts[v] = counts.get(v, 0) + k
-        if stop_at is not None and counts and max(counts) >= stop_at:
-            break
+            return {}
+        return dict(zip(ids.tolist(), n.tolist()))
+
+    counts: dict = {}
+    pool = ThreadPoolExecutor(max_workers=max(1, min(4, len(label_paths))))
+    try:
+        for found in pool.map(one, label_paths):
+            for v, k in found.items():
+                counts[v] = counts.get(v, 0) + k
+            if stop_at is not None and counts and max(counts) >= stop_at:
+                break
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # a raw dataset is decided by its first files
     return counts
 
 
