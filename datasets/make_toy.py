@@ -40,6 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    fileio.check_output_dir(args.root, "--root")
     try:
         probs = tuple(float(x) for x in args.class_probs.split(","))
     except ValueError:

@@ -15,6 +15,8 @@ import functools
 import json
 import os
 import re
+import shutil
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -88,10 +90,106 @@ def list_complete_checkpoints(folder: str) -> list[int]:
     return sorted(steps)
 
 
+def incomplete_checkpoints(folder: str, after: int = -1) -> dict[int, str]:
+    """Checkpoint steps > ``after`` with files in ``folder`` but no valid marker: ``{step: why}``."""
+    if not folder or fileio.is_remote(folder) or not os.path.isdir(folder):
+        return {}
+    complete = set(list_complete_checkpoints(folder))
+    found: dict[int, str] = {}
+    for name in os.listdir(folder):
+        m = _MARKER_RE.match(name) or re.match(r"^(?:model|ema_.+_|opt|train_state)(\d{6,})\.pt$", name)
+        step = int(m.group(1)) if m else -1
+        if step > after and step not in complete:
+            marker = marker_filename(step)
+            found[step] = (
+                f"{marker} lists files that are missing or of another size"
+                if os.path.exists(os.path.join(folder, marker))
+                else f"no completion marker {marker} (the run stopped while saving it)"
+            )
+    return dict(sorted(found.items()))
+
+
+_reported_incomplete: set = set()
+
+
 def find_latest_checkpoint(folder: str) -> Optional[str]:
-    """Path of the newest complete checkpoint's ``model%06d.pt`` in ``folder``, or None."""
+    """Path of the newest complete checkpoint's ``model%06d.pt`` in ``folder``, or None.
+
+    Newer checkpoints without a valid completion marker are skipped, each named once on stderr.
+    """
     steps = list_complete_checkpoints(folder)
+    for step, why in incomplete_checkpoints(folder, steps[-1] if steps else -1).items():
+        if (folder, step) not in _reported_incomplete:
+            _reported_incomplete.add((folder, step))
+            print(f"note: {folder}: skipping the checkpoint of step {step}: {why}", file=sys.stderr)
     return fileio.join(folder, f"model{steps[-1]:06d}.pt") if steps else None
+
+
+def newest_ema_checkpoint(folder: str) -> tuple[str, str]:
+    """The file to sample with from a training run folder: ``(path, why)``.
+
+    The newest complete checkpoint's EMA weights (the highest rate when there are several, e.g.
+    0.9999 over 0.999), else its model weights.
+    """
+    steps = list_complete_checkpoints(folder)
+    if not steps:
+        raise DiffMixError(f"{folder}: a training run folder without a complete checkpoint (no valid checkpoint*.json)")
+    find_latest_checkpoint(folder)  # names skipped newer ones
+    marker = valid_marker(folder, marker_filename(steps[-1])) or {}
+    emas = sorted((n for n in marker.get("files", {}) if n.startswith("ema_")), key=lambda n: float(n.split("_")[1]))
+    name = emas[-1] if emas else f"model{steps[-1]:06d}.pt"
+    return fileio.join(folder, name), f"the newest complete checkpoint (step {steps[-1]}), {'EMA' if emas else 'model'} weights"
+
+
+def checkpoint_bytes(num_params: int, num_ema: int) -> int:
+    """Approximate size of one checkpoint: float32 model + EMAs + Adam's two moments."""
+    return 4 * int(num_params) * (3 + int(num_ema)) + (1 << 20)
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def disk_use_notice(folder: str, per_checkpoint: int, keep: int, max_steps: int, save_interval: int,
+                    start_step: int = 0) -> Optional[str]:
+    """A warning when the checkpoints this run will keep exceed the free space of ``folder`` (else None)."""
+    if fileio.is_remote(folder) or not os.path.isdir(folder):
+        return None
+    free = shutil.disk_usage(folder).free
+    if max_steps:
+        saves = max(0, (max_steps - start_step) // max(1, save_interval)) + 1
+        count = min(saves, keep) if keep else saves
+        total = count * per_checkpoint
+        if total <= free:
+            return None
+        return (f"warning: {folder}: the {count} checkpoints this run keeps take about {_gb(total)} "
+                f"({_gb(per_checkpoint)} each) but only {_gb(free)} is free; lower --keep_checkpoints")
+    if keep and keep * per_checkpoint <= free:
+        return None
+    bound = f"--keep_checkpoints {keep} needs {_gb(keep * per_checkpoint)}" if keep else "no --keep_checkpoints: every save is kept"
+    return (f"warning: {folder}: no --max_steps and {bound} (about {_gb(per_checkpoint)} per checkpoint every "
+            f"{save_interval} steps) with {_gb(free)} free; the run stops cleanly when the next one does not fit")
+
+
+def check_free_space(folder: str, step: int, need: Optional[int]) -> None:
+    """Refuse to start writing the checkpoint of ``step`` when ``need`` bytes (default: the size of
+    the newest complete checkpoint) do not fit on the disk of ``folder``."""
+    if fileio.is_remote(folder):
+        return
+    steps = list_complete_checkpoints(folder)
+    if need is None and steps:
+        marker = valid_marker(folder, marker_filename(steps[-1])) or {}
+        need = sum(int(v) for v in marker.get("files", {}).values())
+    if not need:
+        return
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        last = f"step {steps[-1]}" if steps else "none"
+        raise DiffMixError(
+            f"{folder}: not enough disk space for the checkpoint of step {step} (needs about {_gb(need)}, "
+            f"{_gb(free)} free); stopped before writing it. The last complete checkpoint is {last}; free space "
+            "or pass --keep_checkpoints N, then resume with --resume_checkpoint latest"
+        )
 
 
 def resolve_resume_checkpoint(resume: str, log_dir: str) -> Optional[str]:
@@ -120,6 +218,7 @@ def write_checkpoint(
     step: int,
     files: Mapping[str, Any],
     extra: Optional[Mapping[str, Any]] = None,
+    expected_bytes: Optional[int] = None,
 ) -> None:
     """Write each ``{name: object}`` atomically, then the completion marker
     (:func:`guided_diffusion.completion.write_marked`).
@@ -129,8 +228,10 @@ def write_checkpoint(
 
     On a write error (full disk, lost mount) the files already written for this step are removed,
     the marker is never written, and :class:`DiffMixError` names the file; earlier checkpoints are
-    untouched.
+    untouched. Before anything is written, free space is checked against ``expected_bytes`` (default:
+    the newest complete checkpoint's size, see :func:`check_free_space`).
     """
+    check_free_space(folder, step, expected_bytes)
 
     def save(obj: Any) -> Callable[[str], None]:
         return lambda path: _save_pt(path, obj() if callable(obj) else obj)
@@ -218,11 +319,8 @@ class ResumePlan:
 
 
 def plan_resume(resume_checkpoint: str, log_dir: str) -> ResumePlan:
-    """:func:`check_fresh_start`, then :func:`resolve_resume_checkpoint` (cheap: folder listings).
-
-    Issue-14 hook: a message when ``latest`` passes over a checkpoint without a valid marker
-    belongs in :func:`resolve_resume_checkpoint` / :func:`find_latest_checkpoint`.
-    """
+    """:func:`check_fresh_start`, then :func:`resolve_resume_checkpoint` (cheap: folder listings;
+    :func:`find_latest_checkpoint` names each newer checkpoint it skips)."""
     check_fresh_start(log_dir, resume_checkpoint)
     return ResumePlan(resume_checkpoint, resolve_resume_checkpoint(resume_checkpoint, log_dir))
 
@@ -328,8 +426,8 @@ def rank_state(loop: Any) -> dict[str, Any]:
 def save_checkpoint(loop: Any) -> None:
     """Write the loop's checkpoint of its current step (rank 0), then prune; a collective call.
 
-    Issue-14 hook: a free-space check belongs right before :func:`write_checkpoint` here (rank 0;
-    its error travels to every rank through the broadcast below).
+    :func:`write_checkpoint` checks the free space first (rank 0); its error travels to every rank
+    through the broadcast below.
     """
     ranks = [None] * loop.world_size
     mine = rank_state(loop)
@@ -361,7 +459,8 @@ def save_checkpoint(loop: Any) -> None:
         files[f"opt{step:06d}.pt"] = lambda: _to_cpu(loop.opt.state_dict())
         files[f"train_state{step:06d}.pt"] = state
         try:
-            write_checkpoint(loop.log_dir, step, files, {"seed": loop.seed, "world_size": loop.world_size})
+            write_checkpoint(loop.log_dir, step, files, {"seed": loop.seed, "world_size": loop.world_size},
+                             expected_bytes=checkpoint_bytes(sum(p.numel() for p in loop.params), len(loop.ema_rates)))
             logger.log(f"saved checkpoint of step {step} to {loop.log_dir}")
             for s in prune_checkpoints(loop.log_dir, loop.keep_checkpoints):
                 logger.log(f"removed checkpoint of step {s} (--keep_checkpoints {loop.keep_checkpoints})")

@@ -17,6 +17,7 @@ import os
 import pickle
 import re
 import struct
+import warnings
 import zipfile
 from typing import Any, Mapping, Union
 
@@ -98,7 +99,10 @@ def load_torch_file(path: Union[str, os.PathLike], map_location: Any = "cpu", so
         else:
             source = path
     try:
-        return torch.load(source, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns (several lines) before failing on a plain pickle of protocol > 2.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(source, map_location=map_location, weights_only=True)
     except MemoryError:
         raise
     except Exception as err:  # the weights-only unpickler and the zip reader raise many types
@@ -133,6 +137,9 @@ def _short_load_reason(err: BaseException, head: bytes) -> str:
         # Neither torch's zip container nor a protocol-2+ pickle: torch's own error (a KeyError on
         # the first byte for text) says nothing useful.
         return f"neither a zip archive nor a pickle stream (starts with {head!r})"
+    if head.startswith(b"\x80") and (head[1:2] > b"\x02" or "magic number" in str(err)):
+        # A pickle stream that is not torch's legacy format (which opens with its magic number).
+        return f"a plain Python pickle (protocol {head[1]}, e.g. from pickle.dump), not a file written by torch.save"
     if isinstance(err, (EOFError, IndexError, struct.error)):
         # The unpickler ran off the end of its data.
         return "truncated or corrupt pickle stream"

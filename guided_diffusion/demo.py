@@ -247,7 +247,7 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
         if load_config_for_checkpoint(cfg.model_path) is None:
             raise DiffMixError(f"{cfg.model_path}: no config.json beside the model")
     if cfg.data_dir and not fileio.exists(cfg.data_dir):
-        raise DiffMixError(f"--data_dir {cfg.data_dir}: not found")
+        raise DiffMixError(f"{cfg.data_dir}: --data_dir not found")
     table = resolve_class_table(cfg.dataset_mode, None, cfg.num_classes or None)
     # The fixed CoNSeP/GLySAC tables are looked up by mode; only custom data passes its table on.
     table_arg = table if cfg.dataset_mode == "custom" else None
@@ -260,6 +260,7 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
             "data check", read_samples, list_samples(cfg.data_dir, "Train", dataset_mode=cfg.dataset_mode), table, min_size=image_size,
             what=f"dataset {cfg.data_dir}", progress=False,
         )
+    fileio.check_output_dir(out, "--out_dir")
     fileio.makedirs(out)
 
     # 1. Data: the real dataset, or the procedural toy dataset in the CoNSeP layout.

@@ -104,10 +104,42 @@ def atomic_open(path: str, mode: str = "wb") -> Iterator[Any]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        if err.filename is None:  # a write on the open file: name the destination
+            raise OSError(err.errno, err.strerror, path) from None
+        raise
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def check_output_dir(path: str, flag: str) -> None:
+    """Refuse an output folder that cannot be written, before any long work starts.
+
+    ``path`` may not exist yet (it is created later); then its nearest existing parent must be a
+    writable folder. Remote paths are not checked (permissions are the store's).
+
+    Raises:
+        DiffMixError naming ``path`` and ``flag``: an existing file, a parent that is a file, or a
+        folder this process may not write (permissions, read-only file system).
+    """
+    if is_remote(path):
+        return
+    if not str(path):
+        raise DiffMixError(f"{flag} is empty: give an output folder")
+    full = os.path.abspath(path)
+    if os.path.exists(full) and not os.path.isdir(full):
+        raise DiffMixError(f"{path}: {flag} is an existing file, not a folder")
+    probe = full
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise DiffMixError(f"{path}: {flag} cannot be created: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise DiffMixError(f"{path}: {flag} is not writable ({probe}: permission denied or read-only)")
 
 
 def write_bytes(path: str, data: bytes) -> None:
@@ -138,18 +170,34 @@ def _json_default(obj: Any) -> Any:
 
 
 def read_image(path: str) -> np.ndarray:
-    """Read an RGB image (png, tif/tiff, jpg) as uint8 [H, W, 3] (alpha dropped, grey expanded)."""
+    """Read an RGB image (png, tif/tiff, jpg) as uint8 [H, W, 3] (alpha dropped, grey expanded).
+
+    16-bit images keep their high byte (value >> 8), as Pillow itself reads 16-bit RGB PNGs;
+    32-bit integer or float images are refused (their value range is not defined).
+    """
     from PIL import Image, UnidentifiedImageError
 
     data = read_bytes(path)
+    if not data:
+        raise DiffMixError(f"{path}: not a readable image (empty file, 0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            arr = np.asarray(im.convert("RGB") if im.mode != "RGB" else im)
-    except (UnidentifiedImageError, OSError, ValueError) as err:
+            if im.mode.startswith("I;16"):
+                # convert("RGB") would clip 16-bit values at 255 (an all-white image).
+                grey = (np.asarray(im).astype(np.uint16) >> 8).astype(np.uint8)
+                arr = np.repeat(grey[..., None], 3, axis=2)
+            elif im.mode in ("I", "F"):
+                raise DiffMixError(
+                    f"{path}: a 32-bit {'float' if im.mode == 'F' else 'integer'} image; "
+                    "save it as 8-bit (or 16-bit) RGB"
+                )
+            else:
+                arr = np.asarray(im.convert("RGB") if im.mode != "RGB" else im)
+    except UnidentifiedImageError:
+        raise DiffMixError(f"{path}: not a readable image (unknown or corrupt image format)") from None
+    except (OSError, ValueError) as err:
         raise DiffMixError(f"{path}: not a readable image ({err})") from None
-    if arr.dtype != np.uint8:
-        arr = np.clip(arr, 0, 255).astype(np.uint8)
     return np.ascontiguousarray(arr)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from . import fileio
 from .data.classes import resolve_class_table
 from .data.labels import relabel_contiguous
-from .data.readers import read_label_file
+from .data.readers import read_label_file, resolve_labels_form
 
 
 def _pyplot():
@@ -108,7 +108,8 @@ def plot_pipeline(record: Dict[str, Any], class_table, path: str) -> Optional[st
     panels = [("real patch", real)]
     real_label = _real_label_path(record)
     if real_label and fileio.exists(real_label):
-        inst, types = read_label_file(real_label, class_table)
+        # The figure's one label file decides its own form (a merged dataset must not be merged again).
+        inst, types = read_label_file(real_label, resolve_labels_form(class_table, [real_label], notice=False))
         inst = relabel_contiguous(inst[y0 : y0 + h, x0 : x0 + w])
         panels.append(("real label map", label_overlay(real, inst, types[y0 : y0 + h, x0 : x0 + w])))
     panels += [

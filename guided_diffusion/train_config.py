@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from .data.classes import LABELS_MERGED, LABELS_MERGED_HELP
 from .errors import DiffMixError
 from .precision import check_precision
 
@@ -24,7 +25,8 @@ class TrainConfig:
     """
 
     data_dir: str = _f("", "dataset root holding Train/Images and Train/Labels")
-    dataset_mode: str = _f("", "consep, glysac or custom")
+    dataset_mode: str = _f("", "consep, glysac, custom, pannuke, conic or lizard")
+    labels_merged: str = _f("auto", LABELS_MERGED_HELP)
     schedule_sampler: str = _f("uniform", "timestep sampler: uniform or loss-second-moment")
     lr: float = _f(1e-4, "AdamW learning rate")
     weight_decay: float = _f(0.0, "AdamW weight decay")
@@ -91,12 +93,16 @@ def validate_train_config(cfg: TrainConfig) -> None:
         check_precision(cfg.precision)
     except DiffMixError as err:
         problems.append(str(err))
+    if cfg.labels_merged not in LABELS_MERGED:
+        problems.append(f"--labels_merged must be one of {', '.join(LABELS_MERGED)} (got {cfg.labels_merged!r})")
     if cfg.schedule_sampler not in ("uniform", "loss-second-moment"):
         problems.append(f"--schedule_sampler must be uniform or loss-second-moment (got {cfg.schedule_sampler!r})")
     try:
         parse_ema_rates(cfg.ema_rate)
     except DiffMixError as err:
         problems.append(str(err))
+    if len(problems) == 1:
+        raise DiffMixError(f"invalid training setting: {problems[0]}")
     if problems:
         raise DiffMixError("invalid training settings:\n  " + "\n  ".join(problems))
 

@@ -20,7 +20,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from . import dist_util, fileio, logger
+from . import dist_util, fileio, logger, runlock
 from .checkpoint_folder import (  # noqa: F401  (the loop's checkpoint API, re-exported)
     ResumePlan,
     check_fresh_start,
@@ -31,6 +31,8 @@ from .checkpoint_folder import (  # noqa: F401  (the loop's checkpoint API, re-e
     marker_filename,
     parse_resume_step_from_filename,
     plan_resume,
+    checkpoint_bytes,
+    disk_use_notice,
     prune_checkpoints,
     remove_stale_temporaries,
     resolve_resume_checkpoint,
@@ -78,6 +80,7 @@ def train(model_cfg: Any, train_cfg: TrainConfig, data: Optional[Iterator] = Non
     precision = resolve_precision(train_cfg.precision, bool(getattr(model_cfg, "use_fp16", False)), dist_util.dev())
     log_dir = dist_util.broadcast_object(train_cfg.log_dir or logger.default_dir())
     # Cheap checks of the run folder first, before the model and the dataset take their time.
+    runlock.acquire_on_rank0(log_dir, "training", info.rank, dist_util.broadcast_object, "--log_dir", check_only=True)
     resume = plan_resume(train_cfg.resume_checkpoint, log_dir)
 
     # Same seed on every rank, so all ranks build identical weights (also broadcast by the loop).
@@ -98,6 +101,7 @@ def train(model_cfg: Any, train_cfg: TrainConfig, data: Optional[Iterator] = Non
             split="Train" if train_cfg.is_train else "Test",
             num_workers=train_cfg.num_workers,
             progress=info.rank == 0,
+            labels_merged=train_cfg.labels_merged,
         )
         data_classes = getattr(data, "num_classes", model_cfg.num_classes)
         if data_classes != model_cfg.num_classes:
@@ -135,7 +139,7 @@ def train(model_cfg: Any, train_cfg: TrainConfig, data: Optional[Iterator] = Non
     )
 
     # Everything checked: from here on the run folder is written.
-    # Issue-14 hook: the run-folder lock belongs here, before the first write into log_dir.
+    run_lock = runlock.acquire_on_rank0(log_dir, "training", info.rank, dist_util.broadcast_object, "--log_dir")
     logger.configure(log_dir, resume_step=resume.step)
     loop.prepare_folder()
     logger.log(
@@ -146,9 +150,15 @@ def train(model_cfg: Any, train_cfg: TrainConfig, data: Optional[Iterator] = Non
         logger.log(f"resumed from {loop.resumed_from} at step {loop.step}")
     n_params = sum(p.numel() for p in model.parameters())
     logger.log(f"model: {n_params / 1e6:.2f} M parameters; global batch {train_cfg.batch_size * info.world_size}")
+    if info.rank == 0 and (notice := disk_use_notice(log_dir, checkpoint_bytes(n_params, len(loop.ema_rates)),
+                                                     train_cfg.keep_checkpoints, loop.end_step or 0,
+                                                     train_cfg.save_interval, loop.step)):
+        logger.log(notice)
     if loop.end_step is None:
         logger.log("no --max_steps or --lr_anneal_steps: training runs until interrupted")
     logger.log("training...")
     loop.run_loop()
     logger.log(f"done at step {loop.step}; checkpoints in {log_dir}")
+    if run_lock is not None:
+        run_lock.release()
     return loop

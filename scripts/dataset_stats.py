@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from guided_diffusion import fileio
-from guided_diffusion.data.classes import DATASET_MODES, resolve_class_table
+from guided_diffusion.data.classes import DATASET_MODES, LABELS_MERGED, LABELS_MERGED_HELP, resolve_class_table
 from guided_diffusion.data.stats import (
     dataset_statistics,
     format_table,
@@ -42,6 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     data = p.add_argument_group("dataset reading (for --data_dir and --before_dir)")
     data.add_argument("--dataset_mode", default="consep", choices=DATASET_MODES,
                       help="class table that merges raw type ids (also validates --label_dir maps)")
+    data.add_argument("--labels_merged", default="auto", choices=LABELS_MERGED, help=LABELS_MERGED_HELP)
     data.add_argument("--class_table", default=None, help="custom mode: class table JSON (raw id -> class)")
     data.add_argument("--num_classes", type=int, default=None, help="custom mode: identity table size incl. background")
     data.add_argument("--split", default="Train", help="split folder under the dataset root "
@@ -61,6 +62,7 @@ def main(argv=None) -> None:
         )
     if args.before_dir and not args.label_dir:
         raise DiffMixError("--before_dir needs --label_dir (the label maps to compare with the dataset)")
+    fileio.check_output_dir(args.out_dir, "--out_dir")
     table = resolve_class_table(args.dataset_mode, args.class_table, args.num_classes)
     common = dict(
         dataset_mode=args.dataset_mode,
@@ -68,6 +70,7 @@ def main(argv=None) -> None:
         split=args.split,
         image_folder=args.image_folder,
         label_folder=args.label_folder,
+        labels_merged=args.labels_merged,
     )
     outputs = []
     if args.data_dir:
@@ -75,7 +78,7 @@ def main(argv=None) -> None:
         print(f"dataset {args.data_dir} ({args.split}, {stats.num_maps} label maps)\n{format_table(stats)}")
         outputs += write_statistics(stats, args.out_dir, "dataset_stats", f"{args.data_dir} ({args.split})")
     else:
-        after = label_dir_statistics(args.label_dir, table)
+        after = label_dir_statistics(args.label_dir, table, args.labels_merged)
         if after.incomplete:
             n = len(after.incomplete)
             print(f"skipped {n} incomplete GradMix map{'' if n == 1 else 's'} (label map without a record), "

@@ -16,10 +16,10 @@ from guided_diffusion.demo import DemoConfig, run_demo
 from guided_diffusion.errors import run_cli
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_args(parser, DemoConfig)
-    run_demo(dataclass_from_args(DemoConfig, parser.parse_args()))
+    run_demo(dataclass_from_args(DemoConfig, parser.parse_args(argv)))
 
 
 if __name__ == "__main__":

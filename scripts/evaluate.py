@@ -27,8 +27,8 @@ import argparse
 import os
 import tempfile
 
-from guided_diffusion import metrics
-from guided_diffusion.data.classes import DATASET_MODES, resolve_class_table
+from guided_diffusion import fileio, metrics
+from guided_diffusion.data.classes import DATASET_MODES, LABELS_MERGED, LABELS_MERGED_HELP, resolve_class_table
 from guided_diffusion.data.formats import is_format
 from guided_diffusion.data.formats.export import convert_to_consep
 from guided_diffusion.errors import DiffMixError, run_cli
@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="merge raw ground-truth type ids with this dataset's class table (consep: 7 raw "
         "-> 4 classes, glysac: 10 raw -> 3, custom: --class_table or --num_classes); "
         "default: compare types as stored",
+    )
+    parser.add_argument(
+        "--labels_merged", default="auto", choices=LABELS_MERGED,
+        help="with --dataset_mode, for the ground truth: " + LABELS_MERGED_HELP,
     )
     parser.add_argument(
         "--class_table",
@@ -77,6 +81,10 @@ def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     if not 0.0 <= args.match_iou < 1.0:
         raise DiffMixError(f"--match_iou must be in [0, 1), got {args.match_iou}")
+    if not args.radius > 0:
+        raise DiffMixError(f"--radius must be a positive number of pixels, got {args.radius}")
+    if args.out_dir:
+        fileio.check_output_dir(args.out_dir, "--out_dir")
     mode = args.dataset_mode
     if mode is None and args.class_table:
         mode = "custom"
@@ -108,6 +116,7 @@ def _evaluate(args, true_dir: str, table, true_source=None) -> dict:
         progress=not args.no_progress,
         class_table=table,
         true_source=true_source,
+        labels_merged=args.labels_merged,
     )
     print(metrics.format_table(result))
     if args.out_dir:

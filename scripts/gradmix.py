@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import argparse
 
+from guided_diffusion import fileio
 from guided_diffusion.config import HelpFormatter, str2bool
-from guided_diffusion.data.classes import DATASET_MODES
+from guided_diffusion.data.classes import DATASET_MODES, LABELS_MERGED, LABELS_MERGED_HELP
 from guided_diffusion.errors import DiffMixError, run_cli
 from guided_diffusion import gradmix  # its modules load at first use: --help stays fast
 
@@ -38,6 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     io_.add_argument("--data_dir", required=True, help="dataset root (holding --split) or the split folder")
     io_.add_argument("--dataset_mode", default="consep", choices=DATASET_MODES,
                      help="class table that merges the raw type ids (custom: see --class_table/--num_classes)")
+    io_.add_argument("--labels_merged", default="auto", choices=LABELS_MERGED, help=LABELS_MERGED_HELP)
     io_.add_argument("--class_table", default=None, help="custom mode: class table JSON (raw id -> class)")
     io_.add_argument("--num_classes", type=int, default=None, help="custom mode: classes incl. background")
     io_.add_argument("--split", default="Train", help="split folder under --data_dir (ignored if it is the split; "
@@ -80,6 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    fileio.check_output_dir(args.out_dir, "--out_dir")
     kinds = [k for k in args.kinds.replace(" ", "").split(",") if k]
     unknown = [k for k in kinds if k not in gradmix.KINDS]
     if unknown or not kinds:
@@ -119,6 +122,7 @@ def main(argv=None) -> dict:
         median_radii=args.median_radii,
         stats=args.stats,
         progress=args.progress,
+        labels_merged=args.labels_merged,
     )
     n_written, n_skipped = len(summary["written"]), len(summary["skipped"])
     print(f"{n_written} map{'' if n_written == 1 else 's'} written, {n_skipped} already complete, in {args.out_dir}")

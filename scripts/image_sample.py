@@ -9,7 +9,8 @@ Example (the paper's CoNSeP setting; see scripts/scripts_ddim_sample/consep.sh):
 Model settings come from ``config.json`` beside the checkpoint (written by training); model flags
 given here override it, and an official checkpoint without one works from the flags alone (pass
 them as the official recipe does). ``--ddim_percent`` is in percent, as in the official script.
-Several GPUs: ``torchrun --nproc_per_node N scripts/image_sample.py ...`` (or ``mpiexec -n N``);
+Several GPUs: ``torchrun --nproc_per_node N -- scripts/image_sample.py ...`` (the ``--`` keeps torchrun from
+reading ``--s`` as one of its own options; or ``mpiexec -n N``);
 rank r synthesises patches r, r+N, ...; re-running skips finished patches.
 """
 
@@ -19,6 +20,7 @@ import argparse
 import dataclasses
 import sys
 
+from guided_diffusion import fileio
 from guided_diffusion.config import ModelConfig, add_dataclass_args, dataclass_from_args
 from guided_diffusion.errors import run_cli
 from guided_diffusion.synthesis import (
@@ -26,6 +28,7 @@ from guided_diffusion.synthesis import (
     SAMPLING_ONLY_MODEL_KEYS,
     SampleConfig,
     resolve_model_config,
+    resolve_model_path,
     run_synthesis,
 )
 
@@ -54,6 +57,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     cfg = dataclass_from_args(SampleConfig, args)
     cfg.validate()
+    fileio.check_output_dir(cfg.results_path, "--results_path")
+    cfg.model_path = resolve_model_path(cfg.model_path)
 
     model_keys = [f.name for f in dataclasses.fields(ModelConfig)]
     explicit = explicit_flags(parser, argv)

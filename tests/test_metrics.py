@@ -22,7 +22,7 @@ from guided_diffusion.metrics import (
     evaluate_folders,
     instance_metrics,
     pair_by_centroid,
-    read_label_file,
+    read_instance_labels,
     type_metrics,
 )
 
@@ -183,7 +183,7 @@ def test_matches_naive_reference_on_real_labels(fixtures_dir, name):
 
 def test_sparse_paths_agree_with_dense(fixtures_dir, monkeypatch):
     # Huge ids (no lookup table) and a forced sparse joint histogram give the same numbers.
-    import guided_diffusion.metrics as metrics
+    import guided_diffusion.metrics.scores as metrics
 
     true = fileio.read_mat(str(fixtures_dir / "real_he_patches/masks/patch2.mat"))["inst_map"]
     pred = perturbed(true, 5)
@@ -337,18 +337,18 @@ def test_reader_checks_and_stored_keys(tmp_path):
     path = str(tmp_path / "hv.mat")
     fileio.write_mat(path, {"inst_map": inst, "inst_type": np.array([[3], [1]]),
                             "inst_centroid": np.array([[5.0, 5.0], [20.0, 20.0]])})
-    label = read_label_file(path)
+    label = read_instance_labels(path)
     assert label.types.tolist() == [3, 1] and label.centroids.shape == (2, 2)
     fileio.write_mat(path, {"inst_map": inst, "inst_type": np.array([[3]])})
     with pytest.raises(DiffMixError, match="hv.mat.*inst_type has 1 rows"):
-        read_label_file(path)
+        read_instance_labels(path)
     fileio.write_mat(path, {"type_map": types})
-    with pytest.raises(DiffMixError, match="hv.mat.*no 'inst_map'"):
-        read_label_file(path)
+    with pytest.raises(DiffMixError, match="hv.mat.*missing key inst_map"):
+        read_instance_labels(path)
     bad = str(tmp_path / "bad.npy")
     fileio.write_npy(bad, np.zeros((8, 8, 3), np.int32))
     with pytest.raises(DiffMixError, match="bad.npy.*shape"):
-        read_label_file(bad)
+        read_instance_labels(bad)
     # Types beyond num_classes are a user mistake named with the file.
     (tmp_path / "t").mkdir()
     (tmp_path / "p").mkdir()

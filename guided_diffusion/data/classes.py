@@ -1,11 +1,18 @@
 """Class tables: how raw nucleus type ids of a dataset are merged into the classes the model sees.
 
-Merging happens in exactly one place: :func:`guided_diffusion.data.readers.read_label_file`
-applies :meth:`ClassTable.merge` when it reads a *raw* label file. Label maps that this project
-writes after merging (GradMix outputs) carry the ``.mat`` keys ``classes_merged`` (= 1) and
-``num_classes`` (= N); for those the table is not applied again, the values are only checked
-against ``0..N-1`` (the official DiffMix sampler merges such maps a second time, which silently
-relabels classes).
+Merging happens in exactly one place: :func:`guided_diffusion.data.readers.merge_types`, which
+every label-file reader of the package (training, synthesis, GradMix, statistics, evaluation)
+goes through. Label maps that this project writes after merging (GradMix outputs) carry the
+``.mat`` keys ``classes_merged`` (= 1) and ``num_classes`` (= N); for those the table is not
+applied again, the values are only checked against ``0..N-1`` (the official DiffMix sampler
+merges such maps a second time, which silently relabels classes).
+
+Whole datasets may also come already merged (many public CoNSeP copies carry the 4 merged
+classes 1..4). ``labels_merged`` (``auto``/``yes``/``no``, the ``--labels_merged`` flag) says how
+to read them; ``auto`` decides per dataset from the type values present
+(:func:`guided_diffusion.data.readers.resolve_labels_form`, rule in :meth:`ClassTable.label_form`).
+A table for already-merged data is :meth:`ClassTable.as_merged`: the identity over the merged
+classes, with the same names.
 
 Merged class 0 is always background. ``num_classes`` counts background, as the model does.
 """
@@ -25,6 +32,15 @@ from .formats import FORMAT_MODES
 # consep/glysac/custom read the CoNSeP folder layout; the FORMAT_MODES read datasets as distributed
 # (guided_diffusion/data/formats/).
 DATASET_MODES = ("consep", "glysac", "custom") + FORMAT_MODES
+LABELS_MERGED = ("auto", "yes", "no")
+# Nuclei with ids that merging would change (CoNSeP 4, GLySAC 2) needed before "auto" reads a
+# dataset without any raw-only ids as already merged; fewer cannot tell the forms apart.
+MERGED_EVIDENCE = 30
+LABELS_MERGED_HELP = (
+    "are the label files' type ids already the merged classes? auto (default): decided per dataset "
+    "from the ids present (consep: raw 1..7, merged 1..4; glysac: raw 1..10, merged 1..3), with a "
+    "notice when it decides merged; yes: read them as merged; no: merge them with the class table"
+)
 
 
 @dataclass(frozen=True)
@@ -39,6 +55,7 @@ class ClassTable:
         names: ``num_classes`` class names, index 0 = "background".
         minor: the dataset's rare classes (merged ids), GradMix's default ``minor``; empty = the
             DiffMix default (class 1).
+        labels_merged: True for the form that reads already-merged labels (:meth:`as_merged`).
     """
 
     name: str
@@ -46,6 +63,7 @@ class ClassTable:
     lut: tuple
     names: tuple
     minor: tuple = ()
+    labels_merged: bool = False
 
     def __post_init__(self):
         if self.num_classes < 2:
@@ -87,20 +105,56 @@ class ClassTable:
         return lut[np.asarray(type_map).astype(np.int64, copy=False)]
 
     def describe_unknown(self, unknown: Sequence[int]) -> str:
+        if self.labels_merged:
+            return (
+                f"type values {list(unknown)} outside 0..{self.num_classes - 1}: the labels are read as "
+                f"already-merged {self.name} classes (--labels_merged); raw ids need --labels_merged no"
+            )
         return (
             f"type values {list(unknown)} are not in the {self.name} class table "
             f"(raw ids accepted: {self.raw_ids})"
         )
 
+    @property
+    def is_identity(self) -> bool:
+        return self.lut == tuple(range(self.num_classes))
+
+    def as_merged(self) -> "ClassTable":
+        """The table that reads labels already holding this table's merged classes (identity, same names)."""
+        if self.labels_merged:
+            return self
+        return dataclasses.replace(self, lut=tuple(range(self.num_classes)), labels_merged=True)
+
+    def label_form(self, counts: Mapping[int, int]) -> str:
+        """Which form nuclei type ids found in a whole dataset are: ``counts`` maps id -> nuclei.
+
+        Returns ``"raw"`` when some id is >= num_classes (only raw ids go that high); ``"same"``
+        when merging changes none of the ids present (both readings agree); ``"merged"`` when
+        every id is a merged class, merging would change some (CoNSeP: 4 present, none of 5..7;
+        GLySAC: 2 present, none of 4..10) and those ids hold at least :data:`MERGED_EVIDENCE`
+        nuclei (a raw dataset with that many of them but none of its upper ids is implausible:
+        spindle cells, 5..7, are a third of raw CoNSeP's nuclei); ``"unsure"`` below that.
+        """
+        present = {int(v): int(n) for v, n in counts.items() if int(v) != 0 and n}
+        if any(v >= self.num_classes for v in present):
+            return "raw"
+        changed = sum(n for v, n in present.items() if not (v < len(self.lut) and self.lut[v] == v))
+        if not changed:
+            return "same"
+        return "merged" if changed >= MERGED_EVIDENCE else "unsure"
+
     def to_json(self) -> dict:
         """The mapping-file form (see :func:`load_class_table`)."""
-        return {
+        out = {
             "name": self.name,
             "num_classes": self.num_classes,
             "map": {str(r): int(m) for r, m in enumerate(self.lut) if m != -1},
             "names": list(self.names),
             **({"minor": list(self.minor)} if self.minor else {}),
         }
+        if self.labels_merged:
+            out["labels_merged"] = True
+        return out
 
 
 def _table(name: str, groups: Mapping[int, Sequence[int]], names: Sequence[str], minor: Sequence[int] = ()) -> ClassTable:

@@ -19,6 +19,7 @@ the class table, images smaller than the crop) is collected and reported in one
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -99,6 +100,8 @@ class Problems:
         self.items.extend(lines)
 
     def raise_if_any(self) -> None:
+        if len(self.items) == 1:  # one line, as every single error
+            raise DiffMixError(f"{self.items[0]} (in {self.what})")
         if self.items:
             n = len(self.items)
             lines = "\n".join(f"  - {line}" for line in self.items)
@@ -287,13 +290,43 @@ def image_sources(
 
 
 # ----------------------------------------------------------------------------- label files
+#
+# The package's one label-file reader. read_label_arrays reads and validates a file as stored;
+# merge_types is the one place where raw type ids become merged classes (or, for maps marked
+# classes_merged=1 and for datasets read as already merged, are only checked). Training,
+# synthesis, GradMix, statistics and evaluation all read labels through these two functions.
 
 
-def _int_map(arr, key: str) -> Tuple[Optional[np.ndarray], Optional[str]]:
-    """Check a label array: 2-D, integral values, non-negative. Returns (int32 array, problem)."""
+@dataclass
+class LabelFile:
+    """One label file, validated; types are merged classes once passed through :func:`merge_label_file`.
+
+    Attributes:
+        path: the file.
+        inst_map: int32 [H, W] instance ids as stored (0 = background; not necessarily contiguous).
+        type_map: int32 [H, W] per-pixel types, or None when the file has none (e.g. a HoVer-Net
+            output ``.mat``, which holds only ``inst_type``).
+        inst_type: int32 [N] stored per-instance types (``.mat`` key ``inst_type``), or None (only
+            read with ``instance_keys=True``).
+        inst_centroid: float64 [N, 2] stored (x, y) centroids, or None (as ``inst_type``).
+        marked_merged: ``num_classes`` of a ``.mat`` marked ``classes_merged`` = 1, else None.
+    """
+
+    path: str
+    inst_map: np.ndarray
+    type_map: Optional[np.ndarray]
+    inst_type: Optional[np.ndarray] = None
+    inst_centroid: Optional[np.ndarray] = None
+    marked_merged: Optional[int] = None
+
+
+def _int_map(arr, key: str, ndim: int = 2) -> Tuple[Optional[np.ndarray], Optional[str]]:
+    """Check a label array: ``ndim``-D, integral values, non-negative. Returns (int32 array, problem)."""
     a = np.asarray(arr)
-    if a.ndim != 2:
-        return None, f"{key} has shape {a.shape}, expected a 2-D array"
+    if ndim == 1:
+        a = a.reshape(-1)
+    if a.ndim != ndim:
+        return None, f"{key} has shape {a.shape}, expected a {ndim}-D array"
     if a.dtype.kind == "f":
         if not np.all(np.isfinite(a)) or not np.array_equal(a, np.round(a)):
             return None, f"{key} holds non-integer values"
@@ -313,83 +346,194 @@ def _scalar(value) -> Optional[int]:
         return None
 
 
+# HoVer-Net .npy label layouts: channels -> (instance channel, type channel or None).
+_NPY_CHANNELS = {1: (0, None), 2: (0, 1), 4: (3, None), 5: (3, 4)}
+
+
+def _npy_maps(arr: np.ndarray):
+    """``(inst, types or None, problem)`` of a HoVer-Net ``.npy`` label array."""
+    if arr.ndim == 2:
+        return arr, None, None
+    if arr.ndim == 3 and (arr.shape[2] in _NPY_CHANNELS or arr.shape[2] > 5):
+        inst_c, type_c = _NPY_CHANNELS[min(arr.shape[2], 5)]
+        return arr[..., inst_c], None if type_c is None else arr[..., type_c], None
+    return None, None, (
+        f"expected a HoVer-Net array [H, W, 5] (RGB, instance, type), [H, W, 4] (RGB, instance), "
+        f"[H, W, 2] (instance, type) or [H, W] (instance), got shape {arr.shape}"
+    )
+
+
+def read_label_arrays(
+    path: str, require_types: bool = True, instance_keys: bool = False
+) -> Tuple[Optional[LabelFile], List[str]]:
+    """Read and validate a ``.mat`` (CoNSeP layout) or HoVer-Net ``.npy`` label file, types as stored.
+
+    Args:
+        require_types: a file without per-pixel types is a problem (training, GradMix, synthesis).
+        instance_keys: also read a ``.mat``'s stored ``inst_type`` / ``inst_centroid`` (evaluation).
+
+    Returns:
+        ``(LabelFile or None, problems)``, each problem naming ``path``; never raises for bad files.
+    """
+    stored_types = stored_xy = marked = None
+    try:
+        if path.lower().endswith(NPY_EXT):
+            inst, types, problem = _npy_maps(fileio.read_npy(path))
+            if problem:
+                return None, [f"{path}: {problem}"]
+        else:
+            mat = fileio.read_mat(path)
+            need = REQUIRED_MAT_KEYS if require_types else REQUIRED_MAT_KEYS[:1]
+            missing = [k for k in need if k not in mat]
+            if missing:
+                return None, [
+                    f"{path}: missing key{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                    f"(a label .mat needs {', '.join(need)}; found {', '.join(sorted(mat)) or 'none'})"
+                ]
+            inst, types = mat["inst_map"], mat.get("type_map")
+            if MERGED_KEY in mat and _scalar(mat[MERGED_KEY]) == 1:
+                marked = _scalar(mat.get(NUM_CLASSES_KEY))
+                if marked is None:
+                    return None, [f"{path}: {MERGED_KEY}=1 but no readable {NUM_CLASSES_KEY}"]
+            if instance_keys:
+                stored_types = mat.get("inst_type")
+                stored_xy = mat.get("inst_centroid")
+    except DiffMixError as err:
+        return None, [str(err)]
+    except Exception as err:  # scipy/numpy raise assorted errors on corrupt files
+        return None, [f"{path}: not a readable label file ({type(err).__name__}: {err})"]
+    if types is None and require_types:
+        return None, [f"{path}: no per-pixel types (a HoVer-Net [H, W, 5] or [H, W, 2] array is needed)"]
+    problems = []
+    inst_m, p = _int_map(inst, "inst_map")
+    problems += [p] if p else []
+    type_m = None
+    if types is not None:
+        type_m, p = _int_map(types, "type_map")
+        problems += [p] if p else []
+    if stored_types is not None:
+        stored_types, p = _int_map(stored_types, "inst_type", ndim=1)
+        problems += [p] if p else []
+    if stored_xy is not None:
+        stored_xy = np.asarray(stored_xy, np.float64)
+        if stored_xy.size and stored_xy.shape[-1] != 2:
+            problems.append(f"inst_centroid must be [N, 2], got {stored_xy.shape}")
+        else:
+            stored_xy = stored_xy.reshape(-1, 2)
+    if not problems and type_m is not None and inst_m.shape != type_m.shape:
+        problems.append(f"inst_map {inst_m.shape} and type_map {type_m.shape} differ in size")
+    if problems:
+        return None, [f"{path}: {p}" for p in problems]
+    return LabelFile(path, inst_m, type_m, stored_types, stored_xy, marked), []
+
+
+def merge_types(
+    values: np.ndarray, table: ClassTable, marked: Optional[int] = None
+) -> Tuple[Optional[np.ndarray], Optional[str]]:
+    """Type ids (int array, any shape) -> merged classes (int32, same shape); the one merge rule.
+
+    Raw ids are mapped with ``table`` (a table read as already merged, :meth:`ClassTable.as_merged`,
+    only checks them). Maps marked ``classes_merged`` = 1 with ``marked`` = their ``num_classes``
+    are only checked against ``0..marked-1``: merging them again would relabel classes (CoNSeP
+    spindle 4, read as raw 4, would become epithelial 3).
+
+    Returns:
+        ``(merged or None, problem or None)``.
+    """
+    values = np.asarray(values)
+    if marked is not None:
+        if marked != table.num_classes:
+            return None, (
+                f"label map was written with num_classes={marked} ({MERGED_KEY}=1), but the class "
+                f"table {table.name!r} has {table.num_classes}"
+            )
+        if values.size and values.max() >= marked:
+            bad = sorted(int(v) for v in np.unique(values) if v >= marked)
+            return None, (
+                f"type values {bad} outside 0..{marked - 1} (classes already merged: "
+                f"{MERGED_KEY}=1, {NUM_CLASSES_KEY}={marked})"
+            )
+        return values.astype(np.int32, copy=False), None
+    unknown = table.unknown_raw_values(values)
+    if unknown:
+        return None, table.describe_unknown(unknown)
+    return np.asarray(table.lut, dtype=np.int32)[values.astype(np.int64, copy=False)], None
+
+
+def merge_label_file(label: LabelFile, table: ClassTable) -> Tuple[Optional[LabelFile], List[str]]:
+    """The label file with its ``type_map`` and stored ``inst_type`` merged (see :func:`merge_types`)."""
+    out = dataclasses.replace(label)
+    problems = []
+    for key in ("type_map", "inst_type"):
+        values = getattr(label, key)
+        if values is not None:
+            merged, problem = merge_types(values, table, label.marked_merged)
+            if problem:
+                problems.append(f"{label.path}: {problem}" if key == "type_map" else f"{label.path}: {key} {problem}")
+            setattr(out, key, merged)
+    return (None, problems) if problems else (out, [])
+
+
+def load_label_file(
+    path: str, table: Optional[ClassTable] = None, require_types: bool = True, instance_keys: bool = False
+) -> LabelFile:
+    """Read, validate and (with ``table``) merge a label file; raises DiffMixError naming ``path``.
+
+    Without ``table`` the types stay as stored. See :func:`read_label_arrays` for the flags.
+    """
+    label, problems = read_label_arrays(path, require_types, instance_keys)
+    if label is not None and table is not None:
+        label, problems = merge_label_file(label, table)
+    if problems:
+        raise DiffMixError("; ".join(problems))
+    return label
+
+
 def maps_from_arrays(
     inst, types, table: ClassTable, merged_num_classes: Optional[int] = None
 ) -> Tuple[Optional[np.ndarray], Optional[np.ndarray], List[str]]:
-    """Validate raw label arrays and merge classes.
+    """Validate label arrays and merge classes (see :func:`merge_types`).
 
     Args:
         inst: instance ids [H, W] (0 = background).
         types: type ids [H, W]; raw ids unless ``merged_num_classes`` is given.
-        merged_num_classes: the ``num_classes`` recorded with already-merged maps; then the table is
-            not applied, values are checked against ``0..merged_num_classes-1`` instead.
+        merged_num_classes: the ``num_classes`` recorded with already-merged maps.
 
     Returns:
         ``(inst int32 [H,W], type int32 [H,W] merged, problems)``; the maps are None on a problem.
     """
-    problems = []
     inst_m, p1 = _int_map(inst, "inst_map")
     type_m, p2 = _int_map(types, "type_map")
-    problems += [p for p in (p1, p2) if p]
+    problems = [p for p in (p1, p2) if p]
     if problems:
         return None, None, problems
     if inst_m.shape != type_m.shape:
         return None, None, [f"inst_map {inst_m.shape} and type_map {type_m.shape} differ in size"]
-    if merged_num_classes is not None:
-        if merged_num_classes != table.num_classes:
-            return None, None, [
-                f"label map was written with num_classes={merged_num_classes}, but the class table "
-                f"{table.name!r} has {table.num_classes}"
-            ]
-        if type_m.size and type_m.max() >= merged_num_classes:
-            bad = sorted(int(v) for v in np.unique(type_m) if v >= merged_num_classes)
-            return None, None, [
-                f"type values {bad} outside 0..{merged_num_classes - 1} (classes already merged: "
-                f"{MERGED_KEY}=1, {NUM_CLASSES_KEY}={merged_num_classes})"
-            ]
-        return inst_m, type_m, []
-    unknown = table.unknown_raw_values(type_m)
-    if unknown:
-        return None, None, [table.describe_unknown(unknown)]
-    return inst_m, table.merge(type_m), []
+    merged, problem = merge_types(type_m, table, merged_num_classes)
+    return (None, None, [problem]) if problem else (inst_m, merged, [])
 
 
 def check_label_file(path: str, table: ClassTable) -> Tuple[Optional[np.ndarray], Optional[np.ndarray], List[str]]:
-    """Read and validate a ``.mat`` label map without raising.
+    """Read, validate and merge a label file without raising.
 
     Returns ``(inst int32 [H,W], type int32 [H,W] merged, problems)``; maps are None on a problem,
     each problem string names ``path``.
     """
-    try:
-        mat = fileio.read_mat(path)
-    except DiffMixError as err:
-        return None, None, [str(err)]
-    except Exception as err:  # scipy raises assorted errors on corrupt files (IndexError, MatReadError)
-        return None, None, [f"{path}: not a readable .mat file ({type(err).__name__}: {err})"]
-    missing = [k for k in REQUIRED_MAT_KEYS if k not in mat]
-    if missing:
-        return None, None, [
-            f"{path}: missing key{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
-            f"(a label .mat needs {', '.join(REQUIRED_MAT_KEYS)}; found {', '.join(sorted(mat)) or 'none'})"
-        ]
-    merged_n = None
-    if MERGED_KEY in mat and _scalar(mat[MERGED_KEY]) == 1:
-        merged_n = _scalar(mat.get(NUM_CLASSES_KEY))
-        if merged_n is None:
-            return None, None, [f"{path}: {MERGED_KEY}=1 but no readable {NUM_CLASSES_KEY}"]
-    inst, types, problems = maps_from_arrays(mat["inst_map"], mat["type_map"], table, merged_n)
-    return inst, types, [f"{path}: {p}" for p in problems]
+    label, problems = read_label_arrays(path)
+    if label is not None:
+        label, problems = merge_label_file(label, table)
+    if problems:
+        return None, None, problems
+    return label.inst_map, label.type_map, []
 
 
 def read_label_file(path: str, table: ClassTable) -> Tuple[np.ndarray, np.ndarray]:
-    """Read a ``.mat`` label map: ``(inst_map int32 [H,W], type_map int32 [H,W] merged)``.
+    """Read a label file: ``(inst_map int32 [H,W], type_map int32 [H,W] merged)``.
 
     Raw files are merged with ``table``; files marked ``classes_merged=1`` are only validated.
     """
-    inst, types, problems = check_label_file(path, table)
-    if problems:
-        raise DiffMixError("; ".join(problems))
-    return inst, types
+    label = load_label_file(path, table)
+    return label.inst_map, label.type_map
 
 
 def check_npy_sample(path: str, table: ClassTable):
@@ -413,6 +557,85 @@ def check_npy_sample(path: str, table: ClassTable):
     image = np.ascontiguousarray(rgb.astype(np.uint8))
     inst, types, problems = maps_from_arrays(arr[..., 3], arr[..., 4], table)
     return image, inst, types, [f"{path}: {p}" for p in problems]
+
+
+def dataset_type_counts(label_paths: Sequence[str], stop_at: Optional[int] = None) -> dict:
+    """Nuclei per type id in the unmarked label files of a dataset: ``{id: count}`` (a nucleus
+    counts once per id among its pixels). Marked GradMix maps and unreadable files are skipped
+    (the real read reports those). Stops early once an id >= ``stop_at`` is seen (that alone
+    decides the form)."""
+    def one(path):
+        label, _ = read_label_arrays(path, require_types=False, instance_keys=True)
+        if label is None or label.marked_merged is not None:
+            return {}
+        if label.type_map is not None:
+            fg = label.inst_map > 0
+            width = int(label.type_map.max()) + 1 if label.type_map.size else 1
+            pairs = np.unique(label.inst_map[fg].astype(np.int64) * width + label.type_map[fg])
+            ids, n = np.unique(pairs % width, return_counts=True)
+        elif label.inst_type is not None:
+            ids, n = np.unique(label.inst_type, return_counts=True)
+        else:
+            return {}
+        return dict(zip(ids.tolist(), n.tolist()))
+
+    counts: dict = {}
+    pool = ThreadPoolExecutor(max_workers=max(1, min(4, len(label_paths))))
+    try:
+        for found in pool.map(one, label_paths):
+            for v, k in found.items():
+                counts[v] = counts.get(v, 0) + k
+            if stop_at is not None and counts and max(counts) >= stop_at:
+                break
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # a raw dataset is decided by its first files
+    return counts
+
+
+def resolve_labels_form(
+    table: ClassTable, label_paths: Sequence[str], labels_merged: str = "auto", what: str = "dataset",
+    notice: bool = True,
+) -> ClassTable:
+    """The table to read a dataset's label files with: ``table`` for raw ids, ``table.as_merged()``
+    when they already hold the merged classes.
+
+    Args:
+        label_paths: the dataset's label files (``.mat`` / ``.npy``).
+        labels_merged: ``"no"`` (merge with ``table``), ``"yes"`` (already merged) or ``"auto"``:
+            for the CoNSeP and GLySAC tables, decided from the nuclei per id
+            (:meth:`ClassTable.label_form`), with a one-line notice on stderr when it decides
+            "merged" or cannot tell (too few nuclei; then read as raw); other tables (custom
+            mappings) are taken as raw.
+        what: names the dataset in the notice.
+    """
+    from .classes import CONSEP, GLYSAC, LABELS_MERGED
+
+    option = str(labels_merged).lower()
+    if option not in LABELS_MERGED:
+        raise DiffMixError(f"--labels_merged {labels_merged!r}: expected one of {', '.join(LABELS_MERGED)}")
+    if option == "no":
+        return table
+    if option == "yes":
+        return table.as_merged()
+    if table not in (CONSEP, GLYSAC):
+        return table
+    counts = dataset_type_counts(label_paths, stop_at=table.num_classes)
+    form = table.label_form(counts)
+    if form in ("raw", "same"):
+        return table
+    raw_only = [r for r in table.raw_ids if r >= table.num_classes]
+    found = f"type ids {sorted(v for v in counts if v)} and none of the raw {table.name} ids {raw_only[0]}..{raw_only[-1]}"
+    if notice:
+        import sys
+
+        if form == "merged":
+            line = (f"reading the labels as already-merged {table.name} classes (--labels_merged auto; "
+                    "pass --labels_merged no to merge them)")
+        else:
+            line = ("too few nuclei to tell whether they are already merged: reading them as raw ids "
+                    "(pass --labels_merged yes if they are merged)")
+        print(f"note: {what}: {found}: {line}", file=sys.stderr)
+    return table.as_merged() if form == "merged" else table
 
 
 def _read_one(files: SampleFiles, table: ClassTable, min_size: Optional[int]):
@@ -539,7 +762,10 @@ def read_dataset(
     stems: Optional[Sequence[str]] = None,
     progress: bool = True,
     dataset_mode: str = "",
+    labels_merged: str = "auto",
 ) -> List[LabeledImage]:
-    """List, pair, read and validate a whole split (see :func:`list_samples`, :func:`read_samples`)."""
+    """List, pair, read and validate a whole split (see :func:`list_samples`, :func:`read_samples`);
+    ``labels_merged`` as in :func:`resolve_labels_form`."""
     files = list_samples(data_dir, split, image_folder, label_folder, stems=stems, dataset_mode=dataset_mode)
+    table = resolve_labels_form(table, [f.label for f in files], labels_merged, f"dataset {data_dir}")
     return read_samples(files, table, min_size=min_size, what=f"dataset {data_dir}", progress=progress)

@@ -33,6 +33,7 @@ from .readers import (
     is_dir,
     list_samples,
     sample_image,
+    resolve_labels_form,
 )
 
 VIRTUAL_MAP_RE = re.compile(r"^(?P<stem>.+)__(?P<kind>balance|enlarge)(?P<k>\d{3,})$")
@@ -162,6 +163,7 @@ def sampling_patches(
     image_folder: str = "Images",
     label_folder: str = "Labels",
     progress: bool = True,
+    labels_merged: str = "auto",
 ) -> List[Patch]:
     """Every grid patch of every label map, in (source stem, map name, row-major grid) order.
 
@@ -172,6 +174,8 @@ def sampling_patches(
         stride: grid stride (default ``image_size``); the last row/column is snapped to the edge.
         split: "Train" by default (see module docstring).
         stems: keep only maps whose source image has one of these stems.
+        labels_merged: "auto", "yes" or "no" for label maps without a ``classes_merged`` mark
+            (see :func:`guided_diffusion.data.readers.resolve_labels_form`).
 
     Every image and label file is read once; all problems (unreadable files, bad label maps, size
     mismatches, images smaller than ``image_size``) are reported together.
@@ -180,6 +184,8 @@ def sampling_patches(
 
     table = resolve_class_table(dataset_mode, class_table, num_classes)
     jobs = _jobs(data_dir, split, image_folder, label_folder, label_dir, stems, dataset_mode)
+    label_paths = [j[3].label if isinstance(j[3], SampleFiles) else j[3] for j in jobs]
+    table = resolve_labels_form(table, label_paths, labels_merged, f"label maps of {label_dir or data_dir}")
     sources = {j[2].image: j[2] for j in jobs}
     image_paths = sorted(sources)
 

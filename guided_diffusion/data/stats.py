@@ -19,7 +19,7 @@ from .. import fileio
 from ..errors import DiffMixError
 from .classes import ClassTable, resolve_class_table
 from .labels import instance_table
-from .readers import find_folder, is_dir, list_samples, read_label_file, read_samples
+from .readers import find_folder, is_dir, list_samples, read_label_file, read_samples, resolve_labels_form
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
@@ -134,7 +134,7 @@ def label_statistics(
     return stats
 
 
-def label_dir_statistics(label_dir: str, class_table: ClassTable) -> LabelStats:
+def label_dir_statistics(label_dir: str, class_table: ClassTable, labels_merged: str = "auto") -> LabelStats:
     """Statistics of every ``.mat`` in ``label_dir`` (or its ``Labels/`` subfolder).
 
     A GradMix output (the label folder has a sibling ``Records/`` folder) counts only complete
@@ -155,7 +155,9 @@ def label_dir_statistics(label_dir: str, class_table: ClassTable) -> LabelStats:
     if not names:
         extra = f" ({len(incomplete)} incomplete GradMix maps without a record left out)" if incomplete else ""
         raise DiffMixError(f"{folder}: no .mat label maps{extra}")
-    stats = label_statistics([fileio.join(folder, n) for n in names], class_table)
+    paths = [fileio.join(folder, n) for n in names]
+    table = resolve_labels_form(class_table, paths, labels_merged, f"label maps {folder}")
+    stats = label_statistics(paths, table)
     stats.incomplete = [fileio.join(folder, n) for n in incomplete]
     return stats
 
@@ -170,10 +172,13 @@ def dataset_statistics(
     image_folder: str = "Images",
     label_folder: str = "Labels",
     progress: bool = True,
+    labels_merged: str = "auto",
 ) -> LabelStats:
-    """Statistics of a dataset split (labels merged with the dataset's class table)."""
+    """Statistics of a dataset split (labels merged with the dataset's class table; ``labels_merged``
+    as in :func:`guided_diffusion.data.readers.resolve_labels_form`)."""
     table = resolve_class_table(dataset_mode, class_table, num_classes)
     files = list_samples(data_dir, split, image_folder, label_folder, dataset_mode=dataset_mode)
+    table = resolve_labels_form(table, [f.label for f in files], labels_merged, f"dataset {data_dir}")
     stats = _empty(table.names)
     for sample in read_samples(files, table, what=f"dataset {data_dir}", progress=progress):
         add_map(stats, sample.inst_map, sample.type_map, sample.files.label)

@@ -282,6 +282,7 @@ def load_data(
     label_folder: str = "Labels",
     start_step: int = 0,
     progress: bool = True,
+    labels_merged: str = "auto",
 ) -> CropBatches:
     """Training batches for the SDM U-Net (the official name ``load_data`` is kept).
 
@@ -294,6 +295,7 @@ def load_data(
         dataset_mode: one of ``DATASET_MODES`` (custom takes ``class_table`` or ``num_classes``;
             pannuke, conic and lizard read the datasets as distributed, ``split`` naming folds).
         image_folder, label_folder: folder names inside the split (defaults: Images, Labels).
+        labels_merged: "auto", "yes" or "no" (see :func:`guided_diffusion.data.readers.resolve_labels_form`).
     """
     if batch_size < 1 or image_size < 1:
         raise DiffMixError(f"batch_size ({batch_size}) and image_size ({image_size}) must be positive")
@@ -301,6 +303,7 @@ def load_data(
     samples = read_dataset(
         data_dir, table, split, image_folder, label_folder, min_size=image_size, progress=progress,
         dataset_mode=dataset_mode,
+        labels_merged=labels_merged,
     )
     rank, world = rank_world()
     dataset = TrainCropDataset(samples, image_size, random_flip=random_flip, random_rotate=random_rotate)

@@ -33,7 +33,7 @@ from .. import fileio
 from ..completion import is_marked, refuse_changed_settings, write_marked
 from ..data.classes import resolve_class_table
 from ..data.labels import instance_table, write_label_mat
-from ..data.readers import list_samples, read_sample_labels, sample_image
+from ..data.readers import list_samples, read_sample_labels, resolve_labels_form, sample_image
 from ..data.stats import write_comparison
 from ..errors import DiffMixError
 from . import KINDS
@@ -134,6 +134,7 @@ def run_gradmix(
     progress: bool = True,
     verbose: bool = True,
     cache_mb: float = 1024,
+    labels_merged: str = "auto",
 ) -> dict:
     """Write ``num_balance`` balancing and ``num_enlarge`` enlarging maps per image of a split.
 
@@ -154,6 +155,8 @@ def run_gradmix(
         stats: save class counts before/after (CSV + PNG in ``out_dir``; printed when ``verbose``).
         progress: show progress bars.
         cache_mb: label maps read for the donor bank are kept up to this size for the edits.
+        labels_merged: "auto", "yes" or "no": are the dataset's type ids already the merged
+            classes (see :func:`guided_diffusion.data.readers.resolve_labels_form`)?
 
     Returns:
         Summary dict: ``written`` and ``skipped`` map names, ``settings``, and ``counts``
@@ -184,9 +187,13 @@ def run_gradmix(
     if len(radii) != 3 or min(radii) < 0:
         raise DiffMixError(f"median_radii needs three non-negative values, got {list(median_radii)}")
 
+    samples = list_samples(data_dir, split, image_folder, label_folder, dataset_mode=dataset_mode)
+    table = resolve_labels_form(table, [s.label for s in samples], labels_merged, what=f"dataset {data_dir}",
+                                notice=verbose)
     settings = {
         "dataset_mode": str(dataset_mode).lower(),
         "class_table": table.name,
+        "labels_merged": table.labels_merged,
         "num_classes": table.num_classes,
         "class_names": list(table.names),
         "split": split,
@@ -203,7 +210,6 @@ def run_gradmix(
         "median_radii": list(radii),
         "overlap_rule": "reject",
     }
-    samples = list_samples(data_dir, split, image_folder, label_folder, dataset_mode=dataset_mode)
     wanted = samples
     if stems is not None:
         have = {s.stem for s in samples}
@@ -241,6 +247,14 @@ def run_gradmix(
             by_stem = {s.stem: s for s in samples}
             bank = collect_donors(label_maps(), minor=minor_t, margin=margin,
                                   image_loader=lambda stem: _read_image(by_stem[stem]))
+            absent = [c for c in minor_t if not np.any(bank.classes == c)]
+            if absent:
+                # Balancing maps would silently equal their sources for these classes.
+                raise DiffMixError(
+                    f"{data_dir}: --minor {','.join(map(str, absent))}: no nucleus of class "
+                    f"{', '.join(f'{c} ({table.names[c]})' for c in absent)} lies {margin:g} px or more from "
+                    f"the border in split {split}, so there is no donor to balance with; nothing written"
+                )
         fileio.makedirs(dirs["Labels"])
         fileio.makedirs(dirs["Records"])
         if write_images:
@@ -279,7 +293,9 @@ def run_gradmix(
                 classes_merged=np.array(1), num_classes=np.array(table.num_classes)))]
             if png is not None:
                 outputs.append((fileio.join(dirs["Images"], name + ".png"), functools.partial(fileio.write_bytes, data=png)))
-            write_marked(outputs, fileio.join(dirs["Records"], name + ".json"), record, what=f"GradMix map {name}")
+            write_marked(outputs, fileio.join(dirs["Records"], name + ".json"), record, what=f"GradMix map {name}",
+                         hint=lambda: (f"kept: {len(written) + len(skipped)} complete maps in {out_dir} ({name} has no "
+                                       "record, so it counts as not written; rerun the same command to continue)"))
             written.append(name)
 
     summary = {"written": written, "skipped": skipped, "settings": settings}

@@ -68,4 +68,5 @@ from .settings import (  # noqa: F401
     load_model_and_diffusion,
     resolve_model_config,
     sampling_precision,
+    resolve_model_path,
 )

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import __version__, fileio
+from .. import __version__, fileio, runlock
 from .. import samplers as smp
 from ..completion import refuse_changed_settings, write_marked
 from ..data.condition import build_condition, image_to_tensor
@@ -144,14 +144,17 @@ def _check_patches(patches: Sequence[Any], image_size: int, num_classes: int) ->
             )
 
 
-def _write_outputs(layout: OutputLayout, job: Job, image: np.ndarray, cfg: SampleConfig, settings: Dict[str, Any]) -> None:
-    """PNG, then the HoVer-Net .npy, then the record (last: it marks the output complete)."""
+def _write_outputs(layout: OutputLayout, job: Job, image: np.ndarray, cfg: SampleConfig, settings: Dict[str, Any],
+                   hint=None) -> None:
+    """PNG, then the HoVer-Net .npy, then the record (last: it marks the output complete); ``hint``
+    as in :func:`guided_diffusion.completion.write_marked`."""
     p = job.patch
     npy = hovernet_patch(image, p.inst_map, p.type_map)
     write_marked(
         [(layout.png(job.name), lambda path: fileio.write_png(path, image)),
          (layout.npy(job.name), lambda path: fileio.write_npy(path, npy))],
         layout.record(job.name), _record(job, cfg, layout, settings, npy[..., 3], npy[..., 4]), what=f"output {job.name}",
+        hint=hint,
     )
 
 
@@ -201,7 +204,7 @@ def run_synthesis(
             data_dir=cfg.data_dir, dataset_mode=cfg.dataset_mode, image_size=image_size,
             label_dir=cfg.label_dir or None, stride=cfg.stride or None, split=cfg.split,
             class_table=cfg.class_table or None, num_classes=num_classes, stems=stems,
-            progress=cfg.progress and rank == 0,
+            progress=cfg.progress and rank == 0, labels_merged=cfg.labels_merged,
         )
         if keep is not None:
             patches = [p for p in patches if keep(p)]
@@ -237,6 +240,7 @@ def run_synthesis(
     _check_resume(layout, identity)
     jobs = plan_jobs(patches, cfg.samples_per_map, cfg.num_samples, cfg.seed)
     mine = shard(jobs, rank, world_size)
+    run_lock = runlock.acquire(layout.root, "synthesis", rank, "--results_path")
     if rank == 0:
         fileio.write_json(layout.run_record(), {
             **identity, "settings": dataclasses.asdict(cfg), "total_outputs": len(jobs), "world_size": world_size,
@@ -272,11 +276,15 @@ def run_synthesis(
                 clip=cfg.clip_denoised, shape=(len(batch), 3, image_size, image_size), device=device,
             )
             for job, image in zip(batch, to_uint8(sample)):
-                _write_outputs(layout, job, image, cfg, settings)
+                _write_outputs(layout, job, image, cfg, settings, hint=lambda: (
+                    f"kept: {len(written) + len(skipped)} complete patches of this rank in {layout.root} "
+                    "(rerun the same command to continue)"))
                 written.append(job.name)
             bar.update(len(batch))
     finally:
         bar.close()
+        if run_lock is not None:
+            run_lock.release()
 
     figure = None
     if cfg.figure_rows:

@@ -4,6 +4,7 @@ checkpoint loading, and the device of this rank."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict
 
@@ -12,6 +13,7 @@ import torch
 from .. import fileio
 from ..checkpoints import load_model_weights
 from ..config import CONFIG_NAME, ModelConfig, config_path_for_checkpoint, load_config_for_checkpoint
+from ..data.classes import LABELS_MERGED, LABELS_MERGED_HELP
 from ..errors import DiffMixError
 from ..precision import check_precision, resolve_precision
 from ..script_util import create_model_and_diffusion
@@ -37,6 +39,7 @@ class SampleConfig:
     data_dir: str = field(default="", metadata={"help": "dataset root or split folder with Images/ and Labels/ (real reference images)"})
     dataset_mode: str = field(default="consep", metadata={"help": "consep, glysac, custom, pannuke, conic or lizard"})
     split: str = field(default="Train", metadata={"help": "split used when data_dir is a dataset root (pannuke/conic/lizard: Train = folds 1,2, Test = fold 3, all, or fold1,fold3)"})
+    labels_merged: str = field(default="auto", metadata={"help": LABELS_MERGED_HELP})
     label_dir: str = field(default="", metadata={"help": "GradMix output folder (<stem>__balance000.mat ...); '' = the dataset's own labels"})
     class_table: str = field(default="", metadata={"help": "custom mode: class mapping JSON ('' = identity over num_classes)"})
     idx_img: str = field(default="", metadata={"help": "comma list of image indices (sorted stems), image stems or label-map names; '' = all"})
@@ -66,6 +69,8 @@ class SampleConfig:
     use_ddim: bool = field(default=False, metadata={"help": "official flag, ignored (use --sampler)"})
 
     def validate(self) -> None:
+        if self.labels_merged not in LABELS_MERGED:
+            raise DiffMixError(f"--labels_merged {self.labels_merged!r}: expected one of {', '.join(LABELS_MERGED)}")
         if self.sampler not in SAMPLERS:
             raise DiffMixError(f"--sampler {self.sampler!r}: expected one of {', '.join(SAMPLERS)}")
         check_precision(self.precision)
@@ -104,6 +109,24 @@ def default_run_name(cfg: SampleConfig, timestep_respacing: str) -> str:
     if cfg.eta:
         name += f"_eta{cfg.eta}"
     return name
+
+
+def resolve_model_path(model_path: str) -> str:
+    """``--model_path`` as a checkpoint file: a training run folder gives its newest complete
+    checkpoint's EMA weights (named on stderr). Raises DiffMixError when it is missing."""
+    import sys
+
+    if not model_path:
+        raise DiffMixError("--model_path is required: a checkpoint (e.g. ema_0.9999_010000.pt) or a training run folder")
+    if fileio.is_remote(model_path) or not os.path.isdir(model_path):
+        if not fileio.exists(model_path):
+            raise DiffMixError(f"{model_path}: checkpoint not found (--model_path)")
+        return model_path
+    from ..checkpoint_folder import newest_ema_checkpoint
+
+    path, why = newest_ema_checkpoint(model_path)
+    print(f"--model_path {model_path} is a training run folder: using {path} ({why})", file=sys.stderr)
+    return path
 
 
 def resolve_model_config(model_path: str, explicit: Dict[str, Any], defaults: Dict[str, Any]) -> tuple:

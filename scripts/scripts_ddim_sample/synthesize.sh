@@ -13,7 +13,8 @@ PRECISION=${PRECISION:-auto}
 EXTRA=${EXTRA:-}
 
 if (( NPROC > 1 )); then
-  LAUNCH=(torchrun --standalone --nproc_per_node "$NPROC")
+  # "--" ends torchrun's own options: it would otherwise take --s (guidance) as an abbreviation of its flags.
+  LAUNCH=(torchrun --standalone --nproc_per_node "$NPROC" --)
 else
   LAUNCH=(python)
 fi

@@ -23,7 +23,8 @@ if (( GLOBAL_BATCH % NPROC != 0 )); then
 fi
 BATCH=$(( GLOBAL_BATCH / NPROC ))
 if (( NPROC > 1 )); then
-  LAUNCH=(torchrun --standalone --nproc_per_node "$NPROC")
+  # "--" ends torchrun's own options: it would otherwise take --s (guidance) as an abbreviation of its flags.
+  LAUNCH=(torchrun --standalone --nproc_per_node "$NPROC" --)
 else
   LAUNCH=("${PYTHON:-python}")
 fi

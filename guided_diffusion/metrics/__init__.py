@@ -1,0 +1,23 @@
+"""Nuclei segmentation and classification metrics (HoVer-Net's definitions) and folder evaluation.
+
+Rooms: :mod:`.scores` (the metric math on arrays), :mod:`.labels` (label files as the metrics see
+them, read through the data layer's one reader; pairing folders by stem), :mod:`.evaluate`
+(:func:`evaluate_folders`), :mod:`.report` (terminal table, JSON and CSV files). The public
+names are re-exported here.
+"""
+
+from .evaluate import evaluate_folders  # noqa: F401
+from .labels import LABEL_EXTENSIONS, InstanceLabels, match_label_files, read_instance_labels  # noqa: F401
+from .report import format_table, write_reports  # noqa: F401
+from .scores import (  # noqa: F401
+    INSTANCE_KEYS,
+    Overlap,
+    aji_plus_score,
+    aji_score,
+    dice_score,
+    instance_metrics,
+    instance_overlap,
+    pair_by_centroid,
+    pq_scores,
+    type_metrics,
+)

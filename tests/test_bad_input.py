@@ -1,0 +1,348 @@
+"""The bad-input catalogue: every command, given a user mistake or an environment fault, exits 2
+with one error line naming the file or flag, no traceback, and no partial output (docs/BAD_INPUT.md).
+
+The commands run in-process through their ``main(argv)`` and :func:`run_cli` (as ``__main__``
+does); full disks and unwritable folders are simulated by injecting the OS error.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib.util
+import os
+import pickle
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import pytest
+import torch
+
+from data_helpers import write_mat
+from guided_diffusion import fileio
+from guided_diffusion.checkpoints import save_state_dict
+from guided_diffusion.config import ModelConfig, save_config
+from guided_diffusion.data import make_toy_dataset
+from guided_diffusion.errors import run_cli
+from guided_diffusion.script_util import create_model_and_diffusion
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = {
+    "gradmix": "scripts/gradmix.py",
+    "stats": "scripts/dataset_stats.py",
+    "evaluate": "scripts/evaluate.py",
+    "sample": "scripts/image_sample.py",
+    "train": "scripts/image_train.py",
+    "toy": "datasets/make_toy.py",
+    "demo": "scripts/demo.py",
+}
+_modules: dict = {}
+
+TINY = ModelConfig(
+    image_size=32, num_classes=5, num_channels=32, num_res_blocks=1, num_head_channels=16,
+    attention_resolutions="16", channel_mult="1,2", class_cond=True, learn_sigma=True, diffusion_steps=40,
+).to_dict()
+
+
+def script(name: str):
+    if name not in _modules:
+        spec = importlib.util.spec_from_file_location(f"cli_{name}", os.path.join(REPO, SCRIPTS[name]))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        _modules[name] = mod
+    return _modules[name]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Shared inputs: a raw-CoNSeP toy dataset, a tiny checkpoint with config.json, odd files."""
+    root = tmp_path_factory.mktemp("bad_input")
+    data = str(root / "toy")
+    make_toy_dataset(data, num_train=2, num_test=0, size=64, seed=1, progress=False)
+    torch.manual_seed(0)
+    model, _ = create_model_and_diffusion(**TINY)
+    run = root / "run"
+    ckpt = str(run / "ema_0.9999_000010.pt")
+    save_state_dict(ckpt, model.state_dict())
+    save_config(str(run / "config.json"), dict(TINY, timestep_respacing=""))
+    (root / "a_file").write_text("not a folder")
+    with open(run / "pickle.pt", "wb") as f:  # beside config.json: the file itself is the problem
+        pickle.dump({"w": [1.0, 2.0]}, f, protocol=4)
+    (run / "empty.pt").write_bytes(b"")
+    (root / "empty_run").mkdir()
+    labels = os.path.join(data, "Train", "Labels")
+    return {
+        "root": root, "data": data, "ckpt": ckpt, "file": str(root / "a_file"),
+        "pickle": str(run / "pickle.pt"), "empty_pt": str(run / "empty.pt"),
+        "empty_run": str(root / "empty_run"), "labels": labels, "missing": str(root / "does_not_exist"),
+    }
+
+
+def copy_dataset(src: str, dst: str) -> str:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def dataset_with(env, tmp, change: Callable[[str], None]) -> str:
+    """A copy of the toy dataset, then ``change(copy_root)``."""
+    root = copy_dataset(env["data"], str(tmp / "data"))
+    change(root)
+    return root
+
+
+def live_lock(folder: str, rank: int = 0) -> None:
+    """A lock held by a live process (pid 1 always runs) with a fresh heartbeat."""
+    os.makedirs(folder, exist_ok=True)
+    now = time.time()
+    name = ".lock" if rank == 0 else f".lock-rank{rank}"
+    fileio.write_json(os.path.join(folder, name), {"pid": 1, "host": socket.gethostname(), "what": "training",
+                                                    "started": now, "heartbeat": now, "token": "other"})
+
+
+def no_space(monkeypatch, target="os.fsync"):
+    """Every write of the given function fails as on a full disk."""
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if target == "os.fsync":
+        monkeypatch.setattr(os, "fsync", full)
+    else:
+        module, name = target.rsplit(".", 1)
+        monkeypatch.setattr(importlib.import_module(module), name, full)
+
+
+def read_only(monkeypatch, folder: str):
+    """``folder`` behaves as unwritable (tests may run as root, who bypasses permission bits)."""
+    real = os.access
+    full = os.path.abspath(folder)
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if os.path.abspath(p) == full else real(p, mode, **k))
+
+
+@dataclass
+class Case:
+    id: str
+    command: str
+    argv: Callable  # (env, out, tmp) -> list of str
+    fragments: Sequence[str]  # each must appear in the error line; "{out}" etc. are filled in
+    prepare: Optional[Callable] = None  # (env, out, tmp, monkeypatch) -> None
+    out_kind: str = "absent"  # absent: out must not exist after; consistent: no .tmp / record-less outputs
+    extra: dict = field(default_factory=dict)
+
+
+def stats_argv(*extra):
+    return lambda e, out, tmp: ["--data_dir", e["data"], "--dataset_mode", "consep", "--out_dir", out, *extra]
+
+
+def gradmix_argv(*extra, data=None):
+    return lambda e, out, tmp: ["--data_dir", data(e, tmp) if data else e["data"], "--dataset_mode", "consep",
+                                "--out_dir", out, "--progress", "False", "--margin", "2", *extra]
+
+
+def sample_argv(*extra, drop=()):
+    def build(e, out, tmp):
+        argv = {"--data_dir": e["data"], "--dataset_mode": "consep", "--model_path": e["ckpt"], "--results_path": out,
+                "--timestep_respacing": "ddim4", "--ddim_percent": "50", "--s": "1.5", "--progress": "False",
+                "--figure_rows": "0", "--num_samples": "2"}
+        flat = [x for k, v in argv.items() if k not in drop for x in (k, v)]
+        return flat + [str(x).format(**e, out=out, tmp=tmp) for x in extra]
+    return build
+
+
+def train_argv(*extra, drop=()):
+    def build(e, out, tmp):
+        argv = {"--data_dir": e["data"], "--dataset_mode": "consep", "--log_dir": out, "--max_steps": "1",
+                "--batch_size": "1", "--progress": "False"}
+        model = [f"--{k}" for k in ("image_size", "num_classes", "num_channels", "num_res_blocks", "num_head_channels",
+                                     "attention_resolutions", "channel_mult", "class_cond", "learn_sigma", "diffusion_steps")]
+        flat = [x for k, v in argv.items() if k not in drop for x in (k, v)]
+        flat += [x for k in model for x in (k, str(TINY[k[2:]]))]
+        return flat + [str(x).format(**e, out=out, tmp=tmp) for x in extra]
+    return build
+
+
+def eval_dirs(tmp, true_types=(1, 2), pred_types=(1, 2), pred_stem="a", true_npy=None):
+    inst = np.zeros((16, 16), np.int32)
+    tmap = np.zeros((16, 16), np.int32)
+    pmap = np.zeros((16, 16), np.int32)
+    for k, (t, p) in enumerate(zip(true_types, pred_types)):
+        inst[2 + 5 * k : 5 + 5 * k, 2:5] = k + 1
+        tmap[inst == k + 1], pmap[inst == k + 1] = t, p
+    true_dir, pred_dir = tmp / "true", tmp / "pred"
+    if true_npy is not None:
+        os.makedirs(true_dir, exist_ok=True)
+        np.save(true_dir / "a.npy", true_npy)
+    else:
+        write_mat(str(true_dir / "a.mat"), inst_map=inst, type_map=tmap)
+    write_mat(str(pred_dir / f"{pred_stem}.mat"), inst_map=inst, type_map=pmap)
+    return str(true_dir), str(pred_dir)
+
+
+def eval_argv(*extra, **kw):
+    def build(e, out, tmp):
+        t, p = eval_dirs(tmp, **kw)
+        return ["--true_dir", t, "--pred_dir", p, "--out_dir", out, "--no_progress", *extra]
+    return build
+
+
+def replace_label(stem: str, **arrays):
+    def change(root):
+        write_mat(os.path.join(root, "Train", "Labels", stem + ".mat"), **arrays)
+    return change
+
+
+def corrupt_file(rel: str, content: bytes):
+    def change(root):
+        with open(os.path.join(root, rel), "wb") as f:
+            f.write(content)
+    return change
+
+
+Z = np.zeros((64, 64), np.int32)
+ONE = np.pad(np.ones((4, 4), np.int32), 30)
+
+CASES = [
+    # ---------------------------------------------------------------- gradmix.py
+    Case("gradmix-missing-data", "gradmix", gradmix_argv(data=lambda e, t: e["missing"]), ["{missing}", "data_dir not found"]),
+    Case("gradmix-out-is-file", "gradmix", lambda e, out, t: gradmix_argv()(e, e["file"], t), ["{file}", "--out_dir", "existing file"], out_kind="none"),
+    Case("gradmix-out-under-file", "gradmix", lambda e, out, t: gradmix_argv()(e, e["file"] + "/sub", t), ["--out_dir", "is a file"], out_kind="none"),
+    Case("gradmix-out-read-only", "gradmix", gradmix_argv(), ["{tmp}", "--out_dir", "not writable"],
+         prepare=lambda e, out, tmp, mp: read_only(mp, str(tmp))),
+    Case("gradmix-minor-absent", "gradmix",
+         gradmix_argv("--dataset_mode", "custom", "--num_classes", "9", "--minor", "8"), ["--minor 8", "no donor"]),
+    Case("gradmix-bad-kinds", "gradmix", gradmix_argv("--kinds", "shuffle"), ["--kinds", "shuffle"]),
+    Case("gradmix-negative-maps", "gradmix", gradmix_argv("--num_maps", "-1"), ["--num_maps"]),
+    Case("gradmix-labels-merged-yes-on-raw", "gradmix", gradmix_argv("--labels_merged", "yes"), ["--labels_merged", ".mat"]),
+    Case("gradmix-bad-labels-merged", "gradmix", gradmix_argv("--labels_merged", "maybe"), ["--labels_merged", "maybe"]),
+    Case("gradmix-unpaired-image", "gradmix",
+         gradmix_argv(data=lambda e, t: dataset_with(e, t, lambda r: os.remove(os.path.join(r, "Train", "Labels", "toy_train_001.mat")))),
+         ["toy_train_001", "image without a label"]),
+    Case("gradmix-corrupt-mat", "gradmix",
+         gradmix_argv(data=lambda e, t: dataset_with(e, t, corrupt_file("Train/Labels/toy_train_000.mat", b"garbage"))),
+         ["toy_train_000.mat", "not a readable"]),
+    Case("gradmix-type-outside-table", "gradmix",
+         gradmix_argv(data=lambda e, t: dataset_with(e, t, replace_label("toy_train_000", inst_map=ONE, type_map=ONE * 9))),
+         ["toy_train_000.mat", "[9]"]),
+    Case("gradmix-empty-png", "gradmix",
+         gradmix_argv("--write_images", "true",
+                      data=lambda e, t: dataset_with(e, t, corrupt_file("Train/Images/toy_train_000.png", b""))),
+         ["toy_train_000.png", "empty file"], out_kind="consistent"),
+    Case("gradmix-disk-full", "gradmix", gradmix_argv(), ["No space left", "kept: 0 complete maps"],
+         prepare=lambda e, out, tmp, mp: no_space(mp), out_kind="consistent"),
+    # ---------------------------------------------------------------- dataset_stats.py
+    Case("stats-both-sources", "stats", stats_argv("--label_dir", "x"), ["--data_dir", "--label_dir"]),
+    Case("stats-before-without-label", "stats", stats_argv("--before_dir", "x"), ["--before_dir"]),
+    Case("stats-missing-data", "stats", lambda e, out, t: ["--data_dir", e["missing"], "--out_dir", out], ["{missing}"]),
+    Case("stats-out-is-file", "stats", lambda e, out, t: stats_argv()(e, e["file"], t), ["{file}", "--out_dir"], out_kind="none"),
+    Case("stats-out-read-only", "stats", stats_argv(), ["--out_dir", "not writable"],
+         prepare=lambda e, out, tmp, mp: read_only(mp, str(tmp))),
+    Case("stats-empty-label-dir", "stats", lambda e, out, t: ["--label_dir", e["empty_run"], "--out_dir", out], ["{empty_run}", "no .mat"]),
+    Case("stats-custom-without-classes", "stats", stats_argv("--dataset_mode", "custom"), ["num_classes"]),
+    Case("stats-missing-type-map", "stats",
+         lambda e, out, t: ["--data_dir", dataset_with(e, t, replace_label("toy_train_001", inst_map=Z)), "--out_dir", out],
+         ["toy_train_001.mat", "type_map"]),
+    Case("stats-disk-full", "stats", stats_argv(), ["No space left"],
+         prepare=lambda e, out, tmp, mp: no_space(mp), out_kind="consistent"),
+    Case("stats-bad-choice", "stats", stats_argv("--dataset_mode", "pannuke2"), ["--dataset_mode"]),
+    # ---------------------------------------------------------------- evaluate.py
+    Case("eval-missing-true", "evaluate",
+         lambda e, out, t: ["--true_dir", e["missing"], "--pred_dir", e["empty_run"], "--out_dir", out], ["{missing}"]),
+    Case("eval-unpaired", "evaluate", eval_argv(pred_stem="b"), ["only in true_dir: a"]),
+    Case("eval-bad-match-iou", "evaluate", eval_argv("--match_iou", "1.5"), ["--match_iou"]),
+    Case("eval-bad-radius", "evaluate", eval_argv("--radius", "0"), ["--radius"]),
+    Case("eval-out-is-file", "evaluate", lambda e, out, t: eval_argv()(e, e["file"], t), ["{file}", "--out_dir"], out_kind="none"),
+    Case("eval-raw-prediction", "evaluate", eval_argv("--dataset_mode", "consep", true_types=(1, 5), pred_types=(1, 7)),
+         ["pred", "a.mat", "raw dataset ids"]),
+    Case("eval-bad-npy", "evaluate", eval_argv(true_npy=np.zeros((16, 16, 3), np.int32)), ["a.npy", "shape"]),
+    Case("eval-disk-full", "evaluate", eval_argv(), ["No space left"],
+         prepare=lambda e, out, tmp, mp: no_space(mp), out_kind="consistent"),
+    # ---------------------------------------------------------------- image_sample.py
+    Case("sample-no-model-path", "sample", sample_argv(drop=("--model_path",)), ["--model_path is required"]),
+    Case("sample-missing-model", "sample", sample_argv("--model_path", "{missing}"), ["{missing}", "not found"]),
+    Case("sample-raw-pickle", "sample", sample_argv("--model_path", "{pickle}"), ["{pickle}", "plain Python pickle"]),
+    Case("sample-empty-checkpoint", "sample", sample_argv("--model_path", "{empty_pt}"), ["{empty_pt}", "empty file"]),
+    Case("sample-run-folder-without-checkpoint", "sample", sample_argv("--model_path", "{empty_run}"),
+         ["{empty_run}", "without a complete checkpoint"]),
+    Case("sample-results-is-file", "sample", lambda e, out, t: sample_argv("--results_path", e["file"])(e, out, t),
+         ["{file}", "--results_path"], out_kind="none"),
+    Case("sample-results-read-only", "sample", sample_argv(), ["--results_path", "not writable"],
+         prepare=lambda e, out, tmp, mp: read_only(mp, str(tmp))),
+    Case("sample-guidance-below-one", "sample", sample_argv("--s", "0.5"), ["--s 0.5"]),
+    Case("sample-ddim-percent-zero", "sample", sample_argv("--ddim_percent", "0"), ["--ddim_percent"]),
+    Case("sample-bad-labels-merged", "sample", sample_argv("--labels_merged", "maybe"), ["--labels_merged"]),
+    Case("sample-bad-sampler", "sample", sample_argv("--sampler", "euler"), ["--sampler"]),
+    Case("sample-missing-data", "sample", sample_argv("--data_dir", "{missing}"), ["{missing}"]),
+    Case("sample-disk-full", "sample", sample_argv(), ["No space left", "kept: 0 complete patches"],
+         prepare=lambda e, out, tmp, mp: no_space(mp, "guided_diffusion.fileio.write_png"), out_kind="consistent"),
+    Case("sample-folder-locked", "sample", sample_argv("--run_name", "r"), ["in use by", ".lock"],
+         prepare=lambda e, out, tmp, mp: live_lock(os.path.join(out, "r")), out_kind="consistent"),
+    # ---------------------------------------------------------------- image_train.py
+    Case("train-missing-data", "train", train_argv("--data_dir", "{missing}"), ["{missing}", "--data_dir"]),
+    Case("train-log-dir-is-file", "train", lambda e, out, t: train_argv("--log_dir", e["file"])(e, out, t),
+         ["{file}", "--log_dir"], out_kind="none"),
+    Case("train-log-dir-read-only", "train", train_argv(), ["--log_dir", "not writable"],
+         prepare=lambda e, out, tmp, mp: read_only(mp, str(tmp))),
+    Case("train-bad-lr", "train", train_argv("--lr", "0"), ["--lr"]),
+    Case("train-bad-labels-merged", "train", train_argv("--labels_merged", "maybe"), ["--labels_merged"]),
+    Case("train-missing-resume", "train", train_argv("--resume_checkpoint", "{missing}"), ["{missing}", "--resume_checkpoint"]),
+    Case("train-folder-locked", "train", train_argv(), ["in use by", ".lock"],
+         prepare=lambda e, out, tmp, mp: live_lock(out), out_kind="consistent"),
+    Case("train-empty-png", "train",
+         lambda e, out, t: train_argv("--data_dir", dataset_with(e, t, corrupt_file("Train/Images/toy_train_001.png", b"")))(e, out, t),
+         ["toy_train_001.png", "empty file"]),
+    # ---------------------------------------------------------------- datasets/make_toy.py
+    Case("toy-root-is-file", "toy", lambda e, out, t: ["--root", e["file"]], ["{file}", "--root"], out_kind="none"),
+    Case("toy-root-read-only", "toy", lambda e, out, t: ["--root", out], ["--root", "not writable"],
+         prepare=lambda e, out, tmp, mp: read_only(mp, str(tmp))),
+    Case("toy-bad-class-probs", "toy", lambda e, out, t: ["--root", out, "--class_probs", "1,2"], ["--class_probs"]),
+    Case("toy-disk-full", "toy", lambda e, out, t: ["--root", out, "--num_train", "1", "--num_test", "0", "--size", "32"],
+         ["No space left"], prepare=lambda e, out, tmp, mp: no_space(mp), out_kind="consistent"),
+    # ---------------------------------------------------------------- demo.py
+    Case("demo-missing-data", "demo", lambda e, out, t: ["--data_dir", e["missing"], "--out_dir", out], ["{missing}", "--data_dir"]),
+    Case("demo-out-is-file", "demo", lambda e, out, t: ["--out_dir", e["file"], "--preset", "quick"], ["{file}", "--out_dir"], out_kind="none"),
+]
+
+
+def files_under(path: str) -> set:
+    return {os.path.relpath(os.path.join(d, n), path) for d, _, names in os.walk(path) for n in names}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case, env, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "out")
+    argv = case.argv(env, out, tmp_path)
+    if case.prepare:
+        case.prepare(env, out, tmp_path, monkeypatch)
+    before = files_under(out) if os.path.isdir(out) else None
+    mod = script(case.command)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        run_cli(lambda: mod.main(argv))
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1, err
+    # One line: nothing of the error continues after it.
+    assert err.rstrip().splitlines()[-1] == lines[0], err
+    names = dict(env, out=out, tmp=str(tmp_path))
+    for fragment in case.fragments:
+        assert fragment.format(**names) in lines[0], lines[0]
+    if case.out_kind == "absent":
+        assert not os.path.exists(out), files_under(out)
+    elif case.out_kind == "consistent":
+        now = files_under(out) if os.path.isdir(out) else set()
+        new = now - (before or set())
+        assert not [f for f in new if f.endswith(".tmp")], new
+        records = {os.path.splitext(os.path.basename(f))[0] for f in now if f.endswith(".json")}
+        outputs = [f for f in new if f.endswith((".png", ".mat", ".npy")) and "/" in f]
+        assert all(os.path.splitext(os.path.basename(f))[0] in records for f in outputs), new
+
+
+def test_catalogue_size():
+    assert len(CASES) >= 45
+    assert {c.command for c in CASES} == set(SCRIPTS)
