@@ -13,8 +13,8 @@ its error while the others still run):
                 tolerances in ``TOLERANCES``.
 ``train``       paper config (256 px, 256 channels, batch 16, gradient checkpointing) through
                 ``TrainLoop.run_step``: steps/s, peak memory and the loss in bf16 and in fp16 with the
-                loss scaler; one checkpoint save + resume (weights restored bit for bit, one more step
-                finite).
+                loss scaler; then one checkpoint save + resume of the fp16 run (step and weights restored
+                bit for bit, one more step finite).
 ``torchrun``    ``torchrun --standalone --nproc_per_node <all GPUs>`` of ``scripts/image_train.py`` on a
                 toy dataset: a few steps and a checkpoint; the backend (NCCL on CUDA) is read back from
                 the run's log.
@@ -346,7 +346,8 @@ def section_train(sec: Section, plan: Plan, device) -> None:
                 sec.put(f"{precision}: training", "skipped",
                         note="CPU smoke: fp16 autocast on the CPU takes minutes per step (reference kernels)")
                 continue
-            k = plan.train_precisions.index(precision)
+            # The last precision also saves and resumes (with fp16 that includes the loss scaler's state).
+            last = precision == plan.train_precisions[-1]
             need(sec, 10, f"{precision} training")
             folder = os.path.join(tmp, precision)
             loop = tu.TrainLoop(model=model, diffusion=diffusion, data=_Batches(x, y), batch_size=n, lr=1e-5,
@@ -360,7 +361,8 @@ def section_train(sec: Section, plan: Plan, device) -> None:
             warm = time.perf_counter() - t0
             per_step = warm / max(1, plan.train_warmup)
             done, t0 = 0, time.perf_counter()
-            while done < plan.train_steps and (done == 0 or sec.time_left() > per_step * 1.5 + 40 * (k == 0)):
+            reserve = 40 if last else 60  # for the save/resume, or for the next precision and it
+            while done < plan.train_steps and (done == 0 or sec.time_left() > per_step * 1.5 + reserve):
                 loop.run_step(x, {"y": y})
                 done += 1
             common.sync(device)
@@ -376,7 +378,7 @@ def section_train(sec: Section, plan: Plan, device) -> None:
                 sec.put("fp16: loss scale", kvs.get("loss_scale", float("nan")), "",
                         f"skipped-step share {kvs.get('skipped_steps', float('nan')):.2f} (the initial 2^20 "
                         "scale halves at each overflow, that step skipped: expected in the first steps)")
-            if k == 0:
+            if last:
                 _save_and_resume(sec, loop, model, diffusion, x, y, folder, precision, device)
             del loop
             reset_peak(device)
