@@ -43,7 +43,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         max_synthesis_maps=2, sample_batch_size=4, log_interval=1,
     ),
     "demo": dict(
-        data_dir=SAMPLE_DATA, dataset_mode="custom", num_classes=5, model_path=DEFAULT_MODEL,
+        data_dir=SAMPLE_DATA, dataset_mode="consep", num_classes=0, model_path=DEFAULT_MODEL,
         margin=16, timestep_respacing="ddim50", ddim_percent=55.0, max_synthesis_maps=4, sample_batch_size=8,
         log_interval=10,
     ),
@@ -228,7 +228,7 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
     """Run the whole pipeline; returns the run record (also saved as ``<out_dir>/demo.json``)."""
     from .config import ModelConfig, load_config_for_checkpoint
     from .data.classes import resolve_class_table
-    from .data.readers import list_samples, read_samples
+    from .data.readers import read_dataset
     from .data.stats import dataset_statistics, write_statistics
     from .data.toy import ToyConfig, make_toy_dataset
     from .gradmix.pipeline import run_gradmix
@@ -241,13 +241,13 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
 
     # Everything that can be wrong with the inputs is checked before anything is written.
     pretrained = bool(cfg.model_path) and not cfg.retrain
+    if cfg.data_dir and not fileio.exists(cfg.data_dir):
+        raise DiffMixError(f"{cfg.data_dir}: --data_dir not found")
     if cfg.model_path:
         if not fileio.exists(cfg.model_path):
             raise DiffMixError(f"{cfg.model_path}: pretrained model not found (pass --model_path, or --model_path '' to train one)")
         if load_config_for_checkpoint(cfg.model_path) is None:
             raise DiffMixError(f"{cfg.model_path}: no config.json beside the model")
-    if cfg.data_dir and not fileio.exists(cfg.data_dir):
-        raise DiffMixError(f"{cfg.data_dir}: --data_dir not found")
     table = resolve_class_table(cfg.dataset_mode, None, cfg.num_classes or None)
     # The fixed CoNSeP/GLySAC tables are looked up by mode; only custom data passes its table on.
     table_arg = table if cfg.dataset_mode == "custom" else None
@@ -255,11 +255,14 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
         image_size = int(ModelConfig.from_dict(load_config_for_checkpoint(cfg.model_path), source=cfg.model_path).image_size)
     else:
         image_size = int(cfg.image_size)
+
+    def check_data(folder: str) -> None:
+        # Every file is checked (pairing, keys, sizes >= the crop, class table) before a stage writes.
+        stages.run("data check", read_dataset, folder, table, "Train", min_size=image_size, progress=False,
+                   dataset_mode=cfg.dataset_mode)
+
     if cfg.data_dir:
-        stages.run(
-            "data check", read_samples, list_samples(cfg.data_dir, "Train", dataset_mode=cfg.dataset_mode), table, min_size=image_size,
-            what=f"dataset {cfg.data_dir}", progress=False,
-        )
+        check_data(cfg.data_dir)
     fileio.check_output_dir(out, "--out_dir")
     fileio.makedirs(out)
 
@@ -280,10 +283,7 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
                 "toy dataset", make_toy_dataset, data_dir, num_train=cfg.toy_train, num_test=cfg.toy_test,
                 size=cfg.toy_size, seed=cfg.seed, config=toy_cfg, progress=cfg.progress,
             )
-        stages.run(
-            "data check", read_samples, list_samples(data_dir, "Train", dataset_mode=cfg.dataset_mode), table, min_size=image_size,
-            what=f"dataset {data_dir}", progress=False,
-        )
+        check_data(data_dir)
     stages.outputs["dataset"] = data_dir
 
     # 2. Class statistics of the real labels.

@@ -116,8 +116,7 @@ def export_model(run_dirs: Sequence[str], out_dir: str, recipe: str = "", comman
         "recipe": recipe,
         "command": command,
         "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads()},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
     }
     fileio.write_json(fileio.join(out_dir, RECORD_NAME), record)
     return record

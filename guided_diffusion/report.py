@@ -209,7 +209,7 @@ def _model_lines(record: Dict[str, Any], out_dir: str, fig_dir: str) -> tuple:
         if info:
             lines[0] += (f" Trained by us on `{info['data']['data_dir']}` ({info['data']['split']}), seed {info['seed']}, "
                          f"{info['parameters'] / 1e6:.1f} M parameters, {info['total_wall_time_s'] / 60:.0f} min on "
-                         f"{info['machine']['cpus']} CPU core(s) (torch threads {info['machine']['threads']}):")
+                         f"a {info['machine']['cpus']}-core CPU (`{info['command']}`):")
             lines += stage_lines(info)
             shipped = fileio.join(os.path.dirname(checkpoint), "loss.png")
             if fileio.exists(shipped):
