@@ -18,7 +18,7 @@ from guided_diffusion.data.readers import read_dataset  # noqa: E402
 from guided_diffusion.data.toy import make_toy_dataset  # noqa: E402
 from guided_diffusion.downstream.nets import NetConfig, build_network  # noqa: E402
 from guided_diffusion.downstream.targets import HV, NC, NP, hover_maps, hovernet_targets  # noqa: E402
-from guided_diffusion.errors import run_cli  # noqa: E402
+from guided_diffusion.errors import DiffMixError, run_cli  # noqa: E402
 from guided_diffusion.synthesis.outputs import hovernet_patch  # noqa: E402
 
 
@@ -280,6 +280,23 @@ def test_study_quick_preset_runs_end_to_end_and_resumes_without_recomputing(toy,
     again = study.main(study_argv(toy, balance, enlarge, out))
     assert {p: os.stat(p).st_mtime_ns for p in finished} == before
     assert again["summary"] == result["summary"]
+
+
+def test_study_adds_synthetic_arms_to_a_real_only_study_without_recomputing(toy, tmp_path):
+    """A study begun with the real arm alone (no synthetic sources yet) takes the synthetic arms and
+    their sources later; the finished real runs are kept, a changed source is still refused."""
+    study = load_script("utility_study")
+    balance, enlarge = synthetic_sources(toy, tmp_path)
+    out = str(tmp_path / "study")
+    real_only = study_argv(toy, "", "", out) + ["--arms", "real", "--seeds", "0"]
+    study.main(real_only)
+    result_path = os.path.join(out, "runs", "real", "seed0", "result.json")
+    before = os.stat(result_path).st_mtime_ns
+    result = study.main(study_argv(toy, balance, "", out) + ["--arms", "real,balance", "--seeds", "0"])
+    assert [(r["arm"], r["seed"]) for r in result["runs"]] == [("real", 0), ("balance", 0)]
+    assert os.stat(result_path).st_mtime_ns == before
+    with pytest.raises(DiffMixError, match="other settings"):
+        study.main(study_argv(toy, enlarge, "", out) + ["--arms", "real,balance", "--seeds", "0"])
 
 
 # ------------------------------------------------------------------------------------------ bad input

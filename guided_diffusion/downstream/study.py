@@ -267,13 +267,24 @@ def run_arm_seed(cfg: StudyConfig, settings: Dict[str, Any], arm: str, seed: int
     return row
 
 
+_SOURCE_FIELDS = ("balance_dirs", "enlarge_dirs", "gradmix_dirs")
+
+
 def _check_study_folder(cfg: StudyConfig, settings: Dict[str, Any]) -> Dict[str, Any]:
-    # Arms and seeds may be added later; everything else must match the finished runs.
+    # Arms and seeds may be added later, and with them the synthetic sources of the new arms (a source
+    # list that was empty may be filled in); everything else must match the finished runs.
     identity = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RUNTIME_FIELDS + ("arms", "seeds")}
     identity["resolved"] = {k: v for k, v in settings.items() if k not in ("arms", "seeds")}
     path = fileio.join(cfg.out_dir, "study.json")
     if fileio.exists(path):
         saved = fileio.read_json(path).get("identity", {})
+        for key in _SOURCE_FIELDS:
+            if not saved.get(key) and not identity.get(key):
+                continue
+            if not saved.get(key):
+                saved[key] = identity[key]
+            elif not identity.get(key):
+                identity[key] = saved[key]  # a rerun of fewer arms keeps the recorded sources
         changed = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
         if changed:
             detail = ", ".join(f"{k}: {saved.get(k)!r} -> {identity.get(k)!r}" for k in changed[:3])
