@@ -162,7 +162,7 @@ def run_study(
     from guided_diffusion.data.sampling import sampling_patches
 
     device = torch.device(cfg.device) if cfg.device else syn.default_device()
-    precision = syn.resolve_precision(cfg, model_cfg, device)
+    precision = syn.sampling_precision(cfg, model_cfg, device)
     if model is None or diffusion is None:
         model, diffusion = syn.load_model_and_diffusion(cfg.model_path, model_cfg, device)
     model = model.to(device).eval()

@@ -68,5 +68,6 @@ def launch_rank() -> LaunchRank:
         if not (0 <= rank < world):
             raise DiffMixError(f"launcher rank {rank_var}={rank} is outside its world size {size_var}={world}")
         local = env_int(local_var)
-        return LaunchRank(rank, world, rank if local is None else local, kind if world > 1 else "single")
+        # A one-process torchrun still forms its group through env:// (the code path of N processes).
+        return LaunchRank(rank, world, rank if local is None else local, kind if world > 1 or kind == "torchrun" else "single")
     return LaunchRank(0, 1, 0, "single")

@@ -443,6 +443,27 @@ def log_snr(abar: Union[float, np.ndarray]) -> Union[float, np.ndarray]:
     return 0.5 * (np.log(abar) - np.log1p(-abar))
 
 
+def lambda_spaced_indices(schedule: Any, num_steps: int, start: Optional[int] = None) -> List[int]:
+    """At most ``num_steps`` respaced indices from ``start`` (default S-1) down to 0, roughly
+    uniform in :func:`log_snr` (used by ``benchmarks/bench_steps.py`` for DPM-Solver++).
+
+    Multistep solvers such as :func:`sample_dpmpp_2m` assume slowly varying step sizes in lambda;
+    indices evenly spaced in t give a last step whose lambda gap is several times the previous one,
+    which makes the second-order extrapolation overshoot at few steps. Nearest indices are used, so
+    duplicates collapse and fewer than ``num_steps`` may come back; ``start`` and 0 are always kept.
+    """
+    sched = as_schedule(schedule)
+    start = sched.num_timesteps - 1 if start is None else int(start)
+    if num_steps < 1 or not (0 <= start < sched.num_timesteps):
+        raise DiffMixError(f"need num_steps >= 1 and 0 <= start < {sched.num_timesteps}, got {num_steps}, {start}")
+    lam = log_snr(sched.alphas_cumprod[: start + 1])
+    if num_steps == 1:
+        return [start]
+    targets = np.linspace(lam[start], lam[0], num_steps)
+    picked = {int(np.argmin(np.abs(lam - v))) for v in targets} | {start, 0}
+    return sorted(picked, reverse=True)
+
+
 def _index_list(indices: Indices, num_steps: int, consecutive: bool = False) -> List[int]:
     """``int k`` -> [k, k-1, ..., 0]; a sequence must be strictly decreasing within [0, S)."""
     if isinstance(indices, (int, np.integer)):

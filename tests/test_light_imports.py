@@ -20,7 +20,7 @@ _SCRIPT = textwrap.dedent(
     from guided_diffusion.data import make_toy_dataset
     make_toy_dataset(out + "/ds", num_train=2, num_test=1, size=64, seed=0, progress=False)
     for name, argv in [
-        ("gradmix", ["--data_dir", out + "/ds", "--out_dir", out + "/gm", "--progress", "false"]),
+        ("gradmix", ["--data_dir", out + "/ds", "--out_dir", out + "/gm", "--progress", "false", "--margin", "0", "--minor", "4", "--major", "3"]),
         ("dataset_stats", ["--data_dir", out + "/ds", "--out_dir", out + "/st"]),
         ("evaluate", ["--true_dir", out + "/ds/Test/Labels", "--pred_dir", out + "/ds/Test/Labels",
                       "--no_progress"]),

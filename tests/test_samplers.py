@@ -158,14 +158,6 @@ def _ode_solution(x_T, a_T, a_0, mu, s):
     return mu + math.sqrt(a_0) * s**2 * (x - math.sqrt(a_0) * mu) / (a_0 * s**2 + 1 - a_0)
 
 
-def _lambda_spaced(sched, num_steps, start):
-    """At most ``num_steps`` indices from ``start`` down to 0, near-uniform in log-SNR (nearest
-    indices; duplicates collapse): the step sizes a multistep solver assumes."""
-    lam = samplers.log_snr(sched.alphas_cumprod[: start + 1])
-    targets = np.linspace(lam[start], lam[0], num_steps)
-    return sorted({int(np.argmin(np.abs(lam - v))) for v in targets} | {start, 0}, reverse=True)
-
-
 def test_dpmpp_2m_beats_ddim_and_converges():
     mu, s = 0.2, 0.5
     sched = create_gaussian_diffusion(steps=1000)  # respaced index = original timestep
@@ -180,10 +172,10 @@ def test_dpmpp_2m_beats_ddim_and_converges():
     def err(sample_fn, idx):
         return (run(sample_fn, idx) - exact).abs().max().item()
 
-    coarse = _lambda_spaced(sched, 10, start)
+    coarse = samplers.lambda_spaced_indices(sched, 10, start)
     assert coarse[0] == start and coarse[-1] == 0 and len(coarse) <= 10
     assert err(samplers.sample_dpmpp_2m, coarse) < err(samplers.sample_ddim, coarse) / 5
-    fine = _lambda_spaced(sched, 60, start)
+    fine = samplers.lambda_spaced_indices(sched, 60, start)
     dpm_fine = run(samplers.sample_dpmpp_2m, fine)
     assert (dpm_fine - exact).abs().max() < err(samplers.sample_ddim, fine) / 5
     # Many steps: DPM-Solver++ with 60 steps lands on DDIM's 991-step result.
