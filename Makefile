@@ -1,5 +1,5 @@
 # The two set-up commands of the README:
-#   make demo   -- install, then run DiffMix end to end on the built-in toy dataset (CPU is fine)
+#   make demo   -- install, then run DiffMix end to end on the shipped real CoNSeP sample with the shipped SDM (CPU)
 #   make test   -- install, then run the test suite
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
