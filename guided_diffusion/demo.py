@@ -107,6 +107,11 @@ class DemoConfig:
         for key, value in PRESETS[self.preset].items():
             if values.get(key) is None:
                 values[key] = value
+        if not values["model_path"] and values["image_size"] is None:
+            raise DiffMixError(
+                f"--model_path '': preset {self.preset} has no training settings; use --retrain True to train "
+                "the shipped model's recipe, or --preset quick / paper"
+            )
         return DemoConfig(**values)
 
 
