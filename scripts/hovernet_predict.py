@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import argparse
 
-from guided_diffusion.config import HelpFormatter, str2bool
+from guided_diffusion.config import HelpFormatter
+from guided_diffusion.downstream.cli import add_inference_flags, apply_threads
 from guided_diffusion.errors import run_cli
 
 
@@ -26,19 +27,12 @@ def main(argv=None) -> list:
     p.add_argument("--data_dir", required=True, help="dataset root, split folder or .npy folder")
     p.add_argument("--split", default="Test", help="split folder under --data_dir")
     p.add_argument("--out_dir", required=True, help="folder for the .mat predictions")
-    p.add_argument("--tile", type=int, default=None, help="inference window in pixels (default 256)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N; auto: cuda if available")
-    p.add_argument("--precision", default="auto", help="fp32 or bf16; auto: bf16 on a capable GPU")
-    p.add_argument("--num_threads", type=int, default=0, help="torch CPU threads (0: default)")
-    p.add_argument("--progress", type=str2bool, default=True, help="show a progress bar")
+    add_inference_flags(p)
     args = p.parse_args(argv)
-
-    import torch
 
     from guided_diffusion.downstream.predict import predict_folder
 
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
+    apply_threads(args.num_threads)
     written = predict_folder(args.run_dir, args.data_dir, args.out_dir, args.split, args.tile, args.device,
                              args.precision, args.progress)
     print(f"{len(written)} predictions written to {args.out_dir}")

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import argparse
 
-from guided_diffusion.config import HelpFormatter, str2bool
+from guided_diffusion.config import HelpFormatter
+from guided_diffusion.downstream.cli import add_inference_flags, apply_threads
 from guided_diffusion.errors import run_cli
 
 
@@ -32,21 +33,14 @@ def main(argv=None) -> dict:
     p.add_argument("--dataset_mode", default="consep", help="consep, glysac or custom (class table of the real data)")
     p.add_argument("--num_classes", type=int, default=None, help="classes incl. background (custom mode)")
     p.add_argument("--class_table", default="", help="custom mode: class table JSON")
-    p.add_argument("--tile", type=int, default=None, help="inference window in pixels (default 256)")
     p.add_argument("--grid_rows", type=int, default=6, help="patches shown in fidelity_grid.png")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N; auto: cuda if available")
-    p.add_argument("--precision", default="auto", help="fp32 or bf16; auto: bf16 on a capable GPU")
-    p.add_argument("--num_threads", type=int, default=0, help="torch CPU threads (0: default)")
-    p.add_argument("--progress", type=str2bool, default=True, help="show progress bars")
+    add_inference_flags(p)
     args = p.parse_args(argv)
-
-    import torch
 
     from guided_diffusion.downstream.data import split_list
     from guided_diffusion.downstream.fidelity import label_fidelity, render
 
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
+    apply_threads(args.num_threads)
     result = label_fidelity(args.run_dir, split_list(args.synthetic_dirs), args.real_dir, args.out_dir, args.split,
                             args.dataset_mode, args.num_classes, args.class_table, args.tile, args.device,
                             args.precision, args.grid_rows, args.progress)

@@ -1,0 +1,27 @@
+"""Flags shared by the downstream inference commands (``hovernet_predict.py``, ``label_fidelity.py``).
+
+Light: no torch import until :func:`apply_threads` runs, so ``--help`` and flag errors stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..config import str2bool
+
+
+def add_inference_flags(parser: argparse.ArgumentParser) -> None:
+    """``--tile``, ``--device``, ``--precision``, ``--num_threads`` and ``--progress``."""
+    parser.add_argument("--tile", type=int, default=None, help="inference window in pixels (default 256)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N; auto: cuda if available")
+    parser.add_argument("--precision", default="auto", help="fp32 or bf16; auto: bf16 on a capable GPU")
+    parser.add_argument("--num_threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--progress", type=str2bool, default=True, help="show progress bars")
+
+
+def apply_threads(num_threads: int) -> None:
+    """``torch.set_num_threads`` when ``num_threads`` is set (0 keeps torch's default)."""
+    if num_threads:
+        import torch
+
+        torch.set_num_threads(num_threads)
