@@ -172,11 +172,11 @@ def plot_changed_nuclei(records: Sequence[Dict[str, Any]], path: str, rows: int 
     for r in records:
         kind, mask = changed_nuclei(r)
         if kind is not None and mask.any():
-            n = len(np.unique(fileio.read_npy(r["hovernet_patch"])[..., 3][mask]))
-            scored.append(((kind != "balance", -n, r["name"]), r, kind, mask, n))
+            npy = fileio.read_npy(r["hovernet_patch"])
+            n = len(np.unique(npy[..., 3][mask]))
+            scored.append(((kind != "balance", -n, r["name"]), r, kind, mask, n, npy))
     entries = []
-    for _, r, kind, mask, n in sorted(scored, key=lambda e: e[0])[:rows]:
-        npy = fileio.read_npy(r["hovernet_patch"])
+    for _, r, kind, mask, n, npy in sorted(scored, key=lambda e: e[0])[:rows]:
         c = r["crop"]
         real = fileio.read_image(r["source_image"])[c["y0"] : c["y0"] + c["height"], c["x0"] : c["x0"] + c["width"]]
         what = f"{n} rare nuclei placed" if kind == "balance" else f"{n} nuclei moved"
