@@ -112,6 +112,21 @@ def psnr_ssim(images: np.ndarray, reference: np.ndarray) -> tuple:
     return psnr.astype(np.float64), ssim.astype(np.float64)
 
 
+def fidelity_shortfalls(scores: Dict[str, float], reference: Dict[str, float], floor: Dict[str, float]) -> List[str]:
+    """The fidelity scores on which a method falls below DDIM by more than the noise floor does.
+
+    A score ``k`` falls short when ``scores[k] < reference[k] - |floor[k] - reference[k]|``, i.e. the
+    method loses more than a re-draw of DDIM's noise changes the score (being better is fine). NaN
+    scores (a class absent from the maps) are skipped. An empty list means "within noise".
+    """
+    out = []
+    for k, ref in reference.items():
+        v, f = scores.get(k, float("nan")), floor.get(k, float("nan"))
+        if not any(np.isnan(x) for x in (v, ref, f)) and v < ref - abs(f - ref) - 1e-12:
+            out.append(k)
+    return out
+
+
 def _stats(values: Sequence[float]) -> Dict[str, float]:
     v = np.asarray(values, dtype=np.float64)
     return {"mean": float(v.mean()), "std": float(v.std()), "min": float(v.min())}
@@ -249,10 +264,17 @@ def run_study(
         if m.name.endswith("(noise floor)"):
             floor = row
         rows.append(row)
+    if fidelity_fn is not None:  # the ceiling: the segmenter on the real patches, scored against the same maps
+        real_fid = {k: float(v) for k, v in fidelity_fn(np.stack([j.patch.image for j in jobs]), inst, types).items()}
+        rows.insert(0, {"method": "real patch (no sampling)", "model_calls": 0, "fidelity": real_fid})
+    reference_row = next(r for r in rows if r["method"] == reference_name)
     for row in rows:
         if floor is not None and row["method"] in plans:
             row["within_noise_psnr_ssim"] = bool(row["psnr_db"]["mean"] > floor["psnr_db"]["mean"]
                                                  and row["ssim"]["mean"] > floor["ssim"]["mean"])
+            if fidelity_fn is not None:
+                row["fidelity_below_noise"] = fidelity_shortfalls(row["fidelity"], reference_row["fidelity"],
+                                                                  floor["fidelity"])
     return {
         "machine": common.machine(),
         "checkpoint": cfg.model_path,
@@ -287,11 +309,16 @@ def markdown(report: Dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|" + ("---|" if report["fidelity_scorer"] else ""),
     ]
     for r in report["results"]:
-        psnr = f"{r['psnr_db']['mean']:.2f} ± {r['psnr_db']['std']:.2f}" if "psnr_db" in r else "(reference)"
+        psnr = (f"{r['psnr_db']['mean']:.2f} ± {r['psnr_db']['std']:.2f}" if "psnr_db" in r
+                else "(reference)" if r["model_calls"] else "")
         ssim = f"{r['ssim']['mean']:.4f} ± {r['ssim']['std']:.4f}" if "ssim" in r else ""
         within = {True: "yes", False: "no"}.get(r.get("within_noise_psnr_ssim"), "")
-        line = (f"| {r['method']} | {r['model_calls']} | {psnr} | {ssim} | {r['seconds_per_patch']:.3g} | "
-                f"{r['speedup_vs_reference']:.2f}x | {within} |")
+        if "fidelity_below_noise" in r:
+            short = r["fidelity_below_noise"]
+            within += "; fidelity " + ("yes" if not short else "no (" + ", ".join(short) + ")")
+        timing = (f"{r['seconds_per_patch']:.3g} | {r['speedup_vs_reference']:.2f}x" if "seconds_per_patch" in r
+                  else " | ")
+        line = f"| {r['method']} | {r['model_calls']} | {psnr} | {ssim} | {timing} | {within} |"
         if report["fidelity_scorer"]:
             line += " " + ", ".join(f"{k} {v:.4g}" for k, v in r.get("fidelity", {}).items()) + " |"
         lines.append(line)
@@ -324,7 +351,11 @@ def main(argv=None) -> None:
     study.add_argument("--noise_floor", type=str2bool, default=True, help="also run DDIM with other noise seeds")
     study.add_argument("--fidelity", default="", help="label-fidelity scorer 'package.module:function' "
                        "(images, inst_maps, type_maps) -> dict of floats; '' = none")
+    study.add_argument("--segmenter", default="", help="label fidelity with this finished hovernet_train.py run "
+                       "(scored against the patches' label maps); replaces --fidelity")
     args = parser.parse_args(argv)
+    if args.fidelity and args.segmenter:
+        raise DiffMixError("--fidelity and --segmenter both set: give one label-fidelity scorer")
     cfg = syn.SampleConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(syn.SampleConfig)})
     cfg.validate()
     try:
@@ -340,6 +371,12 @@ def main(argv=None) -> None:
     defaults = {k: parser.get_default(k) for k in model_keys}
     model_cfg, _ = syn.resolve_model_config(cfg.model_path, {k: getattr(args, k) for k in model_keys if k in explicit},
                                             defaults)
+    if args.segmenter:
+        from guided_diffusion.data.classes import resolve_class_table
+        from guided_diffusion.downstream.fidelity import segmenter_scorer
+
+        table = resolve_class_table(cfg.dataset_mode, cfg.class_table or None, int(model_cfg["num_classes"]))
+        fidelity_fn = segmenter_scorer(args.segmenter, table, device=cfg.device or "auto")
     t0 = time.time()
     report = run_study(cfg, model_cfg, solver_steps, args.num_patches, noise_floor=args.noise_floor,
                        fidelity_fn=fidelity_fn, progress=cfg.progress)

@@ -97,8 +97,10 @@ def test_study_cli_writes_the_comparison_and_calls_the_fidelity_scorer(setup, tm
     run_cli(lambda: bench.main(argv))
     report = json.loads((out / "steps_study.json").read_text())
     rows = {r["method"]: r for r in report["results"]}
-    assert list(rows) == ["DDIM-11", "DDIM-11, other noise (noise floor)",
+    assert list(rows) == ["real patch (no sampling)", "DDIM-11", "DDIM-11, other noise (noise floor)",
                           "DPM-Solver++(2M), 3 steps", "DPM-Solver++(2M), 6 steps"]
+    real = rows.pop("real patch (no sampling)")
+    assert real["model_calls"] == 0 and "foreground_mean" in real["fidelity"]
     assert report["settings"]["t_start"] == 50 and report["settings"]["reference_steps"] == 11
     assert rows["DPM-Solver++(2M), 6 steps"]["timesteps"][0] == 50
     for name, r in rows.items():
@@ -106,11 +108,20 @@ def test_study_cli_writes_the_comparison_and_calls_the_fidelity_scorer(setup, tm
         if name != "DDIM-11":
             assert np.isfinite(r["psnr_db"]["mean"]) and -1 < r["ssim"]["mean"] < 1
     assert "within_noise_psnr_ssim" in rows["DPM-Solver++(2M), 3 steps"]
+    assert isinstance(rows["DPM-Solver++(2M), 3 steps"]["fidelity_below_noise"], list)
     import fidmod
 
-    assert fidmod.CALLS == [((2, 32, 32, 3), "|u1", (2, 32, 32), (2, 32, 32))] * 4
+    assert fidmod.CALLS == [((2, 32, 32, 3), "|u1", (2, 32, 32), (2, 32, 32))] * 5
     assert (out / "steps_study.md").read_text().count("| DPM-Solver++(2M)") == 2
     assert (out / "steps_study.png").stat().st_size > 0
+
+
+def test_fidelity_shortfall_is_a_loss_beyond_the_noise_floor():
+    ref = {"dice": 0.80, "f1_other": 0.50, "f1_spindle": float("nan")}
+    floor = {"dice": 0.78, "f1_other": 0.60, "f1_spindle": 0.1}  # re-drawn noise moves dice 0.02, f1 0.10
+    assert bench.fidelity_shortfalls({"dice": 0.79, "f1_other": 0.41, "f1_spindle": 0.0}, ref, floor) == []
+    assert bench.fidelity_shortfalls({"dice": 0.77, "f1_other": 0.95, "f1_spindle": 0.0}, ref, floor) == ["dice"]
+    assert bench.fidelity_shortfalls({"dice": 0.9, "f1_other": 0.39}, ref, floor) == ["f1_other"]
 
 
 def test_identical_images_score_perfectly():

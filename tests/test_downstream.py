@@ -79,6 +79,23 @@ def test_postprocessing_of_a_clean_prediction_recovers_its_instances():
     assert not e_inst.any() and not e_types.any()
 
 
+def test_diagnosis_tells_a_flat_hv_branch_from_a_failed_nucleus_mask():
+    from guided_diffusion.downstream.diagnose import stage_scores
+
+    inst, types = disks(64, [(15, 15, 7, 10, 1), (15, 29, 7, 20, 2), (45, 40, 9, 30, 4)])
+    clean = stage_scores(clean_outputs(inst, types, 5), inst)
+    assert clean["np_dice"] == 1 and clean["instance_dice"] == 1 and clean["hv_corr"] > 0.99
+    assert clean["true_nuclei"] == clean["markers"] == clean["predicted_nuclei"] == 3
+    assert clean["border_energy_median"] < 0.4
+
+    # the NP branch still right, the HV maps no longer pointing to centroids: the watershed loses nuclei
+    flat = clean_outputs(inst, types, 5)
+    flat[HV] = torch.from_numpy(np.random.default_rng(0).normal(0, 1, (2, 64, 64)).astype(np.float32))
+    bad = stage_scores(flat, inst)
+    assert bad["np_dice"] == 1 and abs(bad["hv_corr"]) < 0.2
+    assert bad["markers"] == bad["predicted_nuclei"] == 0 and bad["instance_dice"] == 0 and bad["border_energy_median"] > 0.4
+
+
 # ------------------------------------------------------------------------------------------ training
 
 
@@ -221,6 +238,26 @@ def test_fidelity_of_synthetic_patches_equal_to_the_real_images_is_one(toy, tmp_
     assert r2["fidelity"]["f1_type"]["3"] in (None, 0.0) and r2["fidelity"]["f1_type"]["4"] < 1
 
 
+def test_in_memory_patch_scorer_scores_as_the_fidelity_check(toy, tmp_path):
+    from guided_diffusion.downstream.fidelity import measure_fidelity, patch_scorer
+
+    test = read_dataset(toy, CONSEP, "Test", progress=False)
+    model, net = imperfect_oracle(test), NetConfig("small", 5)
+    r = measure_fidelity(model, net, CONSEP, [write_npy_folder(tmp_path / "same", test)], toy, str(tmp_path / "fid"),
+                         "Test", 256, torch.device("cpu"), progress=False)
+    score = patch_scorer(model, net, CONSEP, 256, torch.device("cpu"))
+    got = score(np.stack([s.image for s in test]), np.stack([s.inst_map for s in test]),
+                np.stack([s.type_map for s in test]))
+    for k in ("dice", "aji", "pq", "f1_detection"):
+        assert got[k] == pytest.approx(r["synthetic"][k])
+    for c, name in enumerate(CONSEP.names):
+        if c and r["synthetic"]["f1_type"].get(str(c)) is not None:
+            assert got[f"f1_{name}"] == pytest.approx(r["synthetic"]["f1_type"][str(c)])
+    assert got["f1_detection"] > 0.8
+    with pytest.raises(DiffMixError, match="predicts 3 classes"):
+        patch_scorer(model, NetConfig("small", 3), CONSEP, 256, torch.device("cpu"))
+
+
 # ------------------------------------------------------------------------------------------ the study
 
 
@@ -280,6 +317,13 @@ def test_study_quick_preset_runs_end_to_end_and_resumes_without_recomputing(toy,
     again = study.main(study_argv(toy, balance, enlarge, out))
     assert {p: os.stat(p).st_mtime_ns for p in finished} == before
     assert again["summary"] == result["summary"]
+
+    # the diagnosis of a finished run: its instance Dice is the one the study measured
+    diag = load_script("hovernet_diagnose").main(
+        ["--run_dir", os.path.join(out, "runs", "real", "seed0", "train"), "--data_dir", toy, "--split", "Test",
+         "--tile", "64", "--progress", "false", "--out_json", str(tmp_path / "diag.json")])
+    assert diag["n_images"] == 2 and len(fileio.read_json(str(tmp_path / "diag.json"))["images"]) == 2
+    assert diag["mean"]["instance_dice"] == pytest.approx(runs[0]["dice"])
 
 
 def test_study_adds_synthetic_arms_to_a_real_only_study_without_recomputing(toy, tmp_path):

@@ -194,3 +194,51 @@ def render(result: Dict[str, Any]) -> str:
         "![synthetic patches: intended vs predicted](fidelity_grid.png)", "",
     ]
     return "\n".join(lines)
+
+
+
+def patch_scorer(model, net, table, tile: int, device, dtype=None):
+    """A label-fidelity scorer over in-memory patches, for comparisons such as ``benchmarks/bench_steps.py``.
+
+    Returns ``score(images, inst_maps, type_maps) -> dict[str, float]`` where ``images`` is uint8
+    [N, H, W, 3], ``inst_maps`` int [N, H, W] (0 = background) and ``type_maps`` int [N, H, W] in the
+    merged classes of ``table``: ``model`` (a ``net`` network) predicts every image, and the
+    predictions are scored against the given maps exactly as :func:`measure_fidelity` scores
+    synthetic patches (pooled over the patches): ``dice``, ``aji``, ``pq``, ``f1_detection`` and
+    ``f1_<class name>`` (NaN where undefined, e.g. a class with no nucleus on either side).
+    """
+    import tempfile
+
+    from ..metrics import evaluate_folders
+    from .predict import predict_arrays
+
+    if net.num_classes != table.num_classes:
+        raise DiffMixError(f"the segmenter predicts {net.num_classes} classes, but the data has "
+                           f"{table.num_classes} ({table.name})")
+    merged = dict(classes_merged=np.array(1), num_classes=np.array(table.num_classes))
+
+    def score(images: np.ndarray, inst_maps: np.ndarray, type_maps: np.ndarray) -> Dict[str, float]:
+        with tempfile.TemporaryDirectory(prefix="fidelity-") as tmp:
+            true_dir, pred_dir = fileio.join(tmp, "true"), fileio.join(tmp, "pred")
+            stems = [f"patch{i:05d}" for i in range(len(images))]
+            for stem, inst, types in predict_arrays(model, net, zip(stems, images), tile, device, dtype):
+                write_label_mat(fileio.join(pred_dir, stem + ".mat"), inst, types, **merged)
+            for stem, inst, types in zip(stems, inst_maps, type_maps):
+                write_label_mat(fileio.join(true_dir, stem + ".mat"), inst, types, **merged)
+            s = scores(evaluate_folders(true_dir, pred_dir, class_table=table, progress=False))
+        out = {k: s[k] for k in METRICS}
+        out.update({f"f1_{table.names[int(c)]}": v for c, v in s["f1_type"].items()})
+        return {k: float("nan") if v is None else float(v) for k, v in out.items()}
+
+    return score
+
+
+def segmenter_scorer(run_dir: str, table, tile: Optional[int] = None, device: str = "auto", precision: str = "auto"):
+    """:func:`patch_scorer` with the network of a finished training run (``run_dir``)."""
+    from .nets import NetConfig
+    from .predict import default_tile
+    from .train import autocast_dtype, load_trained, resolve_device
+
+    dev = resolve_device(device)
+    model, config = load_trained(run_dir, dev)
+    return patch_scorer(model, NetConfig(**config["net"]), table, default_tile(tile), dev, autocast_dtype(precision, dev))

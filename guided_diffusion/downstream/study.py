@@ -43,12 +43,13 @@ ARMS = {
 DEFAULT_ARMS = ("real", "balance", "balance_enlarge")
 
 # One row per preset: the network, the budget, the seeds. cpu: sized for 2 CPU cores: a training step
-# costs ~0.6 CPU-seconds (benchmarks/bench_downstream.py), so 1000 steps take ~10 min on one free core,
-# less with two; paper: MONAI's full HoVer-Net on a GPU.
+# costs ~0.47 CPU-seconds, so a run of 2500 steps takes ~20 min on one free core and the 9 runs ~1.7 h
+# as two studies side by side (docs/REAL_DATA.md). 1000 steps were too few: the HV branch stayed so
+# flat that HoVer-Net's marker step found no nucleus in some images. paper: MONAI's HoVer-Net on a GPU.
 PRESETS: Dict[str, Dict[str, Any]] = {
     "quick": dict(arch="small", width=4, crop_size=32, batch_size=2, steps=3, lr=1e-3, lr_drop_at=0.75,
                   seeds="0,1", tile=64),
-    "cpu": dict(arch="small", width=16, crop_size=128, batch_size=8, steps=1000, lr=1e-3, lr_drop_at=0.75,
+    "cpu": dict(arch="small", width=16, crop_size=128, batch_size=8, steps=2500, lr=1e-3, lr_drop_at=0.75,
                 seeds="0,1,2", tile=256),
     "paper": dict(arch="hovernet", width=16, crop_size=256, batch_size=8, steps=20000, lr=1e-4, lr_drop_at=0.5,
                   seeds="0,1,2", tile=256),

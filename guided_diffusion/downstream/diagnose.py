@@ -1,0 +1,130 @@
+"""Where a downstream segmenter loses its nuclei: the network's pixel masks, or the post-processing.
+
+HoVer-Net's instance step (MONAI's ``HoVerNetInstanceMapPostProcessing``) keeps only nucleus-mask
+components that contain a *marker*: a mask pixel whose instance-border energy (the min-max-normalised
+Sobel gradient of the predicted HV maps, in [0, 1]) is below 0.4. When the HV branch is still flat --
+an under-trained network -- the energy exceeds 0.4 everywhere and whole images lose every nucleus
+although the nucleus-pixel (NP) branch finds them. The instance Dice then looks like a failed network.
+
+:func:`diagnose` separates the stages per image of a labelled split:
+
+* ``np_dice`` -- Dice of the NP branch's nucleus pixels (argmax) against the true nucleus pixels;
+* ``instance_dice`` -- the same after post-processing (the Dice the metrics report);
+* ``hv_corr`` -- Pearson correlation of predicted and true HV maps inside true nuclei (mean of the
+  two channels; 1 = perfect);
+* ``border_energy_median`` -- median border energy inside the predicted nucleus mask (markers need
+  < 0.4);
+* ``true_nuclei``, ``markers``, ``predicted_nuclei`` -- counts.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from .. import fileio
+from ..data.readers import read_dataset
+from ..errors import DiffMixError
+from .targets import HV, NP, hover_maps
+
+FIELDS = ("np_dice", "instance_dice", "hv_corr", "border_energy_median", "true_nuclei", "markers", "predicted_nuclei")
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return float(2 * np.logical_and(a, b).sum() / total) if total else 1.0
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a, b)[0, 1]) if a.size > 1 and a.std() > 0 and b.std() > 0 else float("nan")
+
+
+def stage_scores(outputs: Dict[str, Any], inst_map: np.ndarray) -> Dict[str, float]:
+    """The stage numbers of one image (see the module docstring).
+
+    Args:
+        outputs: the network's ``{NP: [2, H, W] logits, HV: [2, H, W], ...}`` (float tensors).
+        inst_map: int [H, W] true instance ids (0 = background).
+    """
+    from monai.apps.pathology.transforms import HoVerNetInstanceMapPostProcessing
+
+    from .predict import postprocess
+
+    np_logits, hv = outputs[NP].float().cpu(), outputs[HV].float().cpu()
+    truth = np.asarray(inst_map) > 0
+    fg = (np_logits[1] > np_logits[0]).numpy()
+    true_hv = hover_maps(inst_map)
+    pred_hv = hv.numpy()
+    hv_corr = np.nanmean([_corr(pred_hv[c][truth], true_hv[c][truth]) for c in (0, 1)]) if truth.any() else np.nan
+    energy, markers = float("nan"), 0
+    if fg.any():
+        steps = HoVerNetInstanceMapPostProcessing()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Parameter `min_size` is deprecated", category=FutureWarning)
+            mask = steps.generate_watershed_mask(np_logits)
+            border = np.asarray(steps.generate_instance_border(mask, hv)).squeeze()
+            marker_map = np.asarray(steps.generate_watershed_markers(mask, border[None]))
+        inside = np.asarray(mask).squeeze() > 0
+        energy = float(np.median(border[inside])) if inside.any() else float("nan")
+        markers = int(len(np.unique(marker_map)) - 1)
+    inst, _ = postprocess(outputs)
+    return {
+        "np_dice": _dice(fg, truth), "instance_dice": _dice(inst > 0, truth), "hv_corr": float(hv_corr),
+        "border_energy_median": energy, "true_nuclei": int(len(np.unique(inst_map)) - 1), "markers": markers,
+        "predicted_nuclei": int(inst.max()),
+    }
+
+
+def diagnose(run_dir: str, data_dir: str, split: str, table, tile: Optional[int] = None, device: str = "auto",
+             max_images: int = 0, progress: bool = True) -> Dict[str, Any]:
+    """Stage numbers of the finished run ``run_dir`` on every labelled image of ``data_dir``/``split``
+    (the first ``max_images`` when > 0): ``{"images": [{stem, **stage_scores}], "mean": {...}, ...}``."""
+    from tqdm.auto import tqdm
+
+    from .nets import NetConfig, check_input_size
+    from .predict import default_tile, predict_image
+    from .train import load_trained, resolve_device
+
+    dev = resolve_device(device)
+    model, config = load_trained(run_dir, dev)
+    net = NetConfig(**config["net"])
+    if net.num_classes != table.num_classes:
+        raise DiffMixError(f"{run_dir}: the segmenter predicts {net.num_classes} classes, but the data has "
+                           f"{table.num_classes} ({table.name})")
+    tile = default_tile(tile)
+    check_input_size(net, tile, "--tile")
+    samples = read_dataset(data_dir, table, split, progress=False)
+    if max_images > 0:
+        samples = samples[:max_images]
+    rows: List[Dict[str, Any]] = []
+    for s in tqdm(samples, desc="diagnose", unit="image", disable=not progress):
+        rows.append({"stem": s.files.stem, **stage_scores(predict_image(model, net, s.image, tile, dev), s.inst_map)})
+    mean = {}
+    for k in FIELDS:  # NaN (undefined, e.g. no predicted mask) is left out; all NaN stays NaN
+        v = np.array([r[k] for r in rows], np.float64)
+        mean[k] = float(v[~np.isnan(v)].mean()) if (~np.isnan(v)).any() else float("nan")
+    no_markers = sum(1 for r in rows if r["markers"] == 0 and r["true_nuclei"] > 0)
+    return {"run_dir": run_dir, "data_dir": data_dir, "split": split, "tile": tile, "n_images": len(rows),
+            "images_without_markers": no_markers, "mean": mean, "images": rows}
+
+
+def render(result: Dict[str, Any]) -> str:
+    """A one-table Markdown summary of :func:`diagnose`."""
+    m = result["mean"]
+    return "\n".join([
+        f"Segmenter `{result['run_dir']}` on {result['n_images']} `{result['split']}` images of `{result['data_dir']}` "
+        f"(means per image; {result['images_without_markers']} images with nuclei got no watershed marker):",
+        "",
+        "| NP pixel Dice | instance Dice | HV corr. | border energy (median, markers < 0.4) | true nuclei | markers "
+        "| predicted nuclei |",
+        "|---|---|---|---|---|---|---|",
+        f"| {m['np_dice']:.3f} | {m['instance_dice']:.3f} | {m['hv_corr']:.3f} | {m['border_energy_median']:.3f} | "
+        f"{m['true_nuclei']:.1f} | {m['markers']:.1f} | {m['predicted_nuclei']:.1f} |",
+        "",
+    ])
+
+
+def write(result: Dict[str, Any], out_json: str) -> None:
+    fileio.write_json(out_json, result)
