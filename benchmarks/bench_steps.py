@@ -7,8 +7,9 @@ pipeline's per-patch noise seeds -- and denoises over the same interval [0, t_st
 * the reference: DDIM over the respaced steps (``--timestep_respacing ddim100 --ddim_percent 55``:
   the paper's 55 guided steps), computed by the synthesis pipeline's own ``sample_batch``, so it is
   exactly what ``image_sample.py`` writes for these patches;
-* DPM-Solver++(2M) with K model calls (``--solver_steps 8,10,15,20``) at timesteps of the trained
-  1000-step grid spaced evenly in log-SNR between t_start and 0 (``samplers.lambda_spaced_indices``);
+* DPM-Solver++(2M) with K model calls (``--compare_steps 8,10,15,20``) at timesteps of the trained
+  1000-step grid spaced evenly in log-SNR between t_start and 0, from the same start state: exactly
+  what ``image_sample.py --sampler dpmpp2m --solver_steps K`` writes (``synthesis.solver_plan``);
 * a noise floor: the same DDIM with the noise of ``--seed + 1`` (``--noise_floor True``), i.e. how
   far two equally valid samples of the same patch lie apart.
 
@@ -63,32 +64,6 @@ FidelityFn = Callable[[np.ndarray, np.ndarray, np.ndarray], Dict[str, float]]
 # --------------------------------------------------------------------------------------------
 # Sampling from one SDEdit start
 # --------------------------------------------------------------------------------------------
-
-
-def full_schedule(model_cfg: Dict[str, Any]) -> smp.Schedule:
-    """The trained (un-respaced) schedule of ``model_cfg``: the grid the solver's timesteps come from."""
-    from guided_diffusion.respace import create_gaussian_diffusion
-
-    keys = ("learn_sigma", "noise_schedule", "use_kl", "predict_xstart", "rescale_timesteps", "rescale_learned_sigmas")
-    diffusion = create_gaussian_diffusion(steps=model_cfg["diffusion_steps"], timestep_respacing="",
-                                          **{k: model_cfg[k] for k in keys})
-    return smp.as_schedule(diffusion)
-
-
-def sdedit_state(sched: smp.Schedule, reference: torch.Tensor, steps: int, noise: "syn.PerSampleNoise") -> torch.Tensor:
-    """The SDEdit start of ``syn.sample_batch``: ``reference`` (float [N, 3, H, W] in [-1, 1]) noised
-    to respaced index ``steps - 1`` with the first draw of ``noise`` (a fresh ``PerSampleNoise``).
-
-    Equal bit for bit to the state ``sample_batch`` starts from (tests/test_bench_steps.py checks it).
-    """
-    n = reference.shape[0]
-    t = torch.full((n,), steps - 1, dtype=torch.long, device=reference.device)
-    return smp.q_sample(sched, reference, t, noise.randn(tuple(reference.shape[1:]), reference.device))
-
-
-def solver_indices(full: smp.Schedule, t_start: int, num_steps: int) -> List[int]:
-    """``num_steps`` timesteps of the trained grid from ``t_start`` to 0, even in log-SNR."""
-    return smp.lambda_spaced_indices(full, num_steps, t_start)
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,7 +170,6 @@ def run_study(
     steps = syn.start_steps(sched.num_timesteps, cfg.ddim_percent)
     if steps >= sched.num_timesteps:
         raise DiffMixError(f"--ddim_percent {cfg.ddim_percent}: the study compares SDEdit starts (< 100 percent)")
-    full = full_schedule(model_cfg)
     t_start = int(sched.timestep_map[steps - 1])
     reference_name = f"DDIM-{steps}"
     methods = [Method(reference_name, steps)]
@@ -203,10 +177,10 @@ def run_study(
         methods.append(Method(f"{reference_name}, other noise (noise floor)", steps))
     plans = {}
     for k in solver_steps:
-        idx = solver_indices(full, t_start, k)
-        name = f"DPM-Solver++(2M), {len(idx)} steps"
-        plans[name] = idx
-        methods.append(Method(name, len(idx)))
+        plan = syn.solver_plan(model_cfg, sched, steps, k)  # what image_sample.py --solver_steps k runs
+        name = f"DPM-Solver++(2M), {len(plan[1])} steps"
+        plans[name] = plan
+        methods.append(Method(name, len(plan[1])))
     by_name = {m.name: m for m in methods}
     cache_seconds = 0.0
 
@@ -232,9 +206,9 @@ def run_study(
             if noise_floor:
                 runs[methods[1].name] = lambda: ddim([syn.noise_seed(cfg.seed + 1, j.patch.map_name, j.patch_index,
                                                                      j.sample_index) for j in batch])
-            x_start = sdedit_state(sched, ref, steps, syn.PerSampleNoise(seeds))
-            for name, idx in plans.items():
-                runs[name] = (lambda idx=idx: smp.sample_dpmpp_2m(den, x_start, full, idx, clip=cfg.clip_denoised))
+            for name, plan in plans.items():
+                runs[name] = (lambda plan=plan: syn.sample_batch(den, sched, ref, steps, syn.PerSampleNoise(seeds),
+                                                                 sampler="dpmpp2m", clip=cfg.clip_denoised, solver=plan))
             for name, fn in runs.items():
                 sample, seconds = common.timed(fn, device)
                 by_name[name].seconds += seconds
@@ -258,7 +232,7 @@ def run_study(
             psnr, ssim = psnr_ssim(images, ref_images)
             row.update(psnr_db=_stats(psnr), ssim=_stats(ssim))
         if m.name in plans:
-            row["timesteps"] = plans[m.name]
+            row["timesteps"] = plans[m.name][1]
         if fidelity_fn is not None:
             row["fidelity"] = {k: float(v) for k, v in fidelity_fn(images, inst, types).items()}
         if m.name.endswith("(noise floor)"):
@@ -347,7 +321,7 @@ def main(argv=None) -> None:
     parser.set_defaults(ddim_percent=55.0, s=1.5, results_path="", progress=True)
     study = parser.add_argument_group("steps study")
     study.add_argument("--num_patches", type=int, default=16, help="patches compared (spread over the dataset)")
-    study.add_argument("--solver_steps", default="8,10,15,20", help="DPM-Solver++(2M) model-call counts")
+    study.add_argument("--compare_steps", default="8,10,15,20", help="DPM-Solver++(2M) model-call counts compared")
     study.add_argument("--noise_floor", type=str2bool, default=True, help="also run DDIM with other noise seeds")
     study.add_argument("--fidelity", default="", help="label-fidelity scorer 'package.module:function' "
                        "(images, inst_maps, type_maps) -> dict of floats; '' = none")
@@ -359,11 +333,11 @@ def main(argv=None) -> None:
     cfg = syn.SampleConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(syn.SampleConfig)})
     cfg.validate()
     try:
-        solver_steps = [int(k) for k in args.solver_steps.split(",") if k.strip()]
+        solver_steps = [int(k) for k in args.compare_steps.split(",") if k.strip()]
     except ValueError:
-        raise DiffMixError(f"--solver_steps {args.solver_steps!r}: expected comma-separated integers") from None
+        raise DiffMixError(f"--compare_steps {args.compare_steps!r}: expected comma-separated integers") from None
     if not solver_steps or min(solver_steps) < 1:
-        raise DiffMixError(f"--solver_steps {args.solver_steps!r}: need step counts >= 1")
+        raise DiffMixError(f"--compare_steps {args.compare_steps!r}: need step counts >= 1")
     fidelity_fn = common.load_callable(args.fidelity, "--fidelity") if args.fidelity else None
 
     model_keys = [f.name for f in dataclasses.fields(ModelConfig)]

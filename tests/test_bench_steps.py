@@ -56,9 +56,9 @@ def setup(tmp_path_factory):
     torch.set_num_threads(before)
 
 
-def test_solver_starts_from_the_pipelines_sdedit_state(setup):
-    # Same start: DPM-Solver++ over every respaced step from bench_steps' start equals the pipeline's
-    # own dpmpp2m run (sample_batch) bit for bit.
+def test_solver_plan_over_the_respaced_timesteps_is_the_respaced_solver(setup):
+    # --solver_steps runs DPM-Solver++ on the trained grid from the respaced start state; given the
+    # respaced run's own timesteps it must reproduce the respaced dpmpp2m run bit for bit.
     model = setup["model"]
     _, diffusion = create_model_and_diffusion(**dict(TINY, timestep_respacing="ddim20"))
     patches = sampling_patches(data_dir=setup["data"], dataset_mode="consep", image_size=32, progress=False)[:2]
@@ -67,17 +67,20 @@ def test_solver_starts_from_the_pipelines_sdedit_state(setup):
     den = syn.FastGuidedDenoiser(model, y, 1.5)
     sched = smp.as_schedule(diffusion)
     steps = syn.start_steps(sched.num_timesteps, 55)
-    seeds = [11, 12]
-    expected = syn.sample_batch(den, sched, ref, steps, syn.PerSampleNoise(seeds), sampler="dpmpp2m")
-    with torch.no_grad():
-        start = bench.sdedit_state(sched, ref, steps, syn.PerSampleNoise(seeds))
-        got = smp.sample_dpmpp_2m(den, start, sched, steps - 1)
+    expected = syn.sample_batch(den, sched, ref, steps, syn.PerSampleNoise([11, 12]), sampler="dpmpp2m")
+    own = (syn.trained_schedule(TINY), [int(t) for t in sched.timestep_map[:steps][::-1]])
+    got = syn.sample_batch(den, sched, ref, steps, syn.PerSampleNoise([11, 12]), sampler="dpmpp2m", solver=own)
     assert torch.equal(got, expected)
+    fewer = syn.solver_plan(TINY, sched, steps, 4)
+    other = syn.sample_batch(den, sched, ref, steps, syn.PerSampleNoise([11, 12]), sampler="dpmpp2m", solver=fewer)
+    assert not torch.equal(other, expected) and torch.isfinite(other).all()
 
 
 def test_solver_timesteps_cover_the_same_interval():
-    full = bench.full_schedule(TINY)
-    idx = bench.solver_indices(full, 50, 8)
+    _, diffusion = create_model_and_diffusion(**dict(TINY, timestep_respacing="ddim20"))
+    sched = smp.as_schedule(diffusion)
+    full, idx = syn.solver_plan(TINY, sched, 11, 8)
+    assert full.num_timesteps == 100 and int(sched.timestep_map[10]) == 50
     assert idx[0] == 50 and idx[-1] == 0 and len(idx) == 8 and idx == sorted(idx, reverse=True)
 
 
@@ -92,7 +95,7 @@ def test_study_cli_writes_the_comparison_and_calls_the_fidelity_scorer(setup, tm
     monkeypatch.syspath_prepend(str(tmp_path))
     out = tmp_path / "study"
     argv = ["--model_path", setup["ckpt"], "--data_dir", setup["data"], "--dataset_mode", "consep",
-            "--timestep_respacing", "ddim20", "--num_patches", "2", "--batch_size", "2", "--solver_steps", "3,6",
+            "--timestep_respacing", "ddim20", "--num_patches", "2", "--batch_size", "2", "--compare_steps", "3,6",
             "--results_path", str(out), "--progress", "False", "--fidelity", "fidmod:score"]
     run_cli(lambda: bench.main(argv))
     report = json.loads((out / "steps_study.json").read_text())

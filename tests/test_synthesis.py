@@ -373,6 +373,19 @@ def test_pure_noise_and_ddpm(setup, tmp_path):
     assert npy.shape == (32, 32, 5)
 
 
+def test_fast_preset_solver_steps(setup, tmp_path, capsys):
+    # the fast preset: DPM-Solver++ with a few model calls from the same SDEdit start as DDIM
+    argv = base_argv(setup, tmp_path, "--sampler", "dpmpp2m", "--solver_steps", "3", "--num_samples", "1",
+                     "--figure_rows", "0", "--idx_img", "0")
+    run_main(argv)
+    _, npy, rec = load_outputs(tmp_path / "s1.5_ddim10_p50_dpmpp2m3", f"{setup['stem']}_000")
+    assert rec["solver_steps"] == 3 and rec["model_calls"] == 3 and rec["steps"] == 5 and rec["start_timestep"] == 40
+    assert npy.shape == (32, 32, 5)
+    _expect_error([*argv, "--solver_steps", "4", "--run_name", "s1.5_ddim10_p50_dpmpp2m3"], capsys,
+                  "run.json", "solver_steps: 3 -> 4")
+    _expect_error(base_argv(setup, tmp_path, "--solver_steps", "3"), capsys, "--solver_steps 3", "dpmpp2m only")
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad inputs: clear errors, exit 2, no traceback
 # ---------------------------------------------------------------------------------------------

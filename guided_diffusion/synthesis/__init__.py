@@ -57,6 +57,8 @@ from .sampling import (  # noqa: F401
     PlainGuidedDenoiser,
     maybe_compiled,
     sample_batch,
+    solver_plan,
+    trained_schedule,
     with_autocast,
 )
 from .settings import (  # noqa: F401

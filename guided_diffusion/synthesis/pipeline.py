@@ -31,6 +31,7 @@ from .sampling import (
     autocast_context,
     maybe_compiled,
     sample_batch,
+    solver_plan,
     with_autocast,
 )
 from .settings import (
@@ -110,7 +111,7 @@ def _record(job: Job, cfg: SampleConfig, layout: OutputLayout, settings: Dict[st
 
 # Settings that change what a finished output contains: resuming into a folder made with other
 # values would mix two runs, so it is refused. (batch_size, num_samples, fast, devices do not.)
-_IDENTITY_KEYS = ("seed", "sampler", "eta", "guidance_scale", "timestep_respacing", "ddim_percent",
+_IDENTITY_KEYS = ("seed", "sampler", "solver_steps", "eta", "guidance_scale", "timestep_respacing", "ddim_percent",
                   "clip_denoised", "checkpoint", "precision", "data_dir", "label_dir", "stride", "model_config",
                   "dataset_mode", "class_table", "split")
 
@@ -216,8 +217,11 @@ def run_synthesis(
     respacing = model_cfg.get("timestep_respacing") or ""
     steps = smp.start_steps(sched.num_timesteps, cfg.ddim_percent)
     pure_noise = float(cfg.ddim_percent) >= 100
+    solver = solver_plan(model_cfg, sched, steps, cfg.solver_steps) if cfg.solver_steps else None
     settings = {
         "sampler": cfg.sampler,
+        "solver_steps": int(cfg.solver_steps),
+        "model_calls": len(solver[1]) if solver else steps,
         "eta": float(cfg.eta),
         "guidance_scale": float(cfg.s),
         "timestep_respacing": respacing,
@@ -273,7 +277,7 @@ def run_synthesis(
             sample = sample_batch(
                 with_autocast(denoiser, precision, device), sched, reference, steps,
                 PerSampleNoise([j.noise_seed for j in batch]), sampler=cfg.sampler, eta=cfg.eta,
-                clip=cfg.clip_denoised, shape=(len(batch), 3, image_size, image_size), device=device,
+                clip=cfg.clip_denoised, shape=(len(batch), 3, image_size, image_size), device=device, solver=solver,
             )
             for job, image in zip(batch, to_uint8(sample)):
                 _write_outputs(layout, job, image, cfg, settings, hint=lambda: (
@@ -289,7 +293,7 @@ def run_synthesis(
     figure = None
     if cfg.figure_rows:
         figure = write_run_figure(layout, mine, cfg.figure_rows, rank, world_size,
-                                  title=f"s={cfg.s} {cfg.sampler} {steps} steps")
+                                  title=f"s={cfg.s} {cfg.sampler} {settings['model_calls']} steps")
     source_dir = None
     if cfg.source_format:
         if world_size == 1:

@@ -7,7 +7,7 @@ the pipeline needs on top: every sample's noise comes from its own generator.
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -78,6 +78,30 @@ class FastGuidedDenoiser:
         return smp.cfg_combine(cond.float(), uncond.float(), self.s, eps_channels=x.shape[1])
 
 
+def trained_schedule(model_cfg: Dict[str, Any]) -> smp.Schedule:
+    """The un-respaced schedule of ``model_cfg`` (all ``diffusion_steps``): the grid that
+    ``--solver_steps`` picks DPM-Solver++ timesteps from."""
+    from ..respace import create_gaussian_diffusion
+
+    keys = ("learn_sigma", "noise_schedule", "use_kl", "predict_xstart", "rescale_timesteps", "rescale_learned_sigmas")
+    diffusion = create_gaussian_diffusion(steps=model_cfg["diffusion_steps"], timestep_respacing="",
+                                          **{k: model_cfg[k] for k in keys})
+    return smp.as_schedule(diffusion)
+
+
+def solver_plan(model_cfg: Dict[str, Any], schedule: Any, steps: int, solver_steps: int) -> Tuple[smp.Schedule, List[int]]:
+    """``(trained schedule, indices)`` for DPM-Solver++ with ``solver_steps`` model calls from the start
+    state of ``steps`` respaced steps (respaced index ``steps - 1``) down to 0, evenly spaced in
+    log-SNR on the trained grid (:func:`~guided_diffusion.samplers.lambda_spaced_indices`).
+
+    The start state is the one the respaced run starts from (the same noise level), so only the
+    path to the clean image changes. Fewer indices come back when neighbours coincide.
+    """
+    full = trained_schedule(model_cfg)
+    t_start = int(smp.as_schedule(schedule).timestep_map[steps - 1])
+    return full, smp.lambda_spaced_indices(full, solver_steps, t_start)
+
+
 @torch.no_grad()
 def sample_batch(
     denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -90,6 +114,7 @@ def sample_batch(
     clip: bool = True,
     shape: Optional[Sequence[int]] = None,
     device: Any = None,
+    solver: Optional[Tuple[Any, Sequence[int]]] = None,
 ) -> torch.Tensor:
     """Synthesise one batch.
 
@@ -103,6 +128,8 @@ def sample_batch(
             (DDIM draws even at eta = 0, as the official loop does; DPM-Solver++ draws nothing).
         sampler: "ddim", "ddpm" or "dpmpp2m".
         device: where a pure-noise start lives (default: the reference's device, else the CPU).
+        solver: dpmpp2m only: ``(schedule, indices)`` of :func:`solver_plan`: the solver runs over
+            these indices of that schedule instead of every respaced step (same start state).
 
     Returns:
         float32 ``[N, 3, H, W]`` sample in [-1, 1] (up to the last step's rounding).
@@ -123,12 +150,16 @@ def sample_batch(
         x = noise.randn(per_sample, device)
     else:
         x, _ = smp.partial_start(sched, reference, steps, noise.randn(per_sample, device))
+    if solver is not None and sampler != "dpmpp2m":
+        raise DiffMixError(f"a solver plan applies to the dpmpp2m sampler only (got {sampler!r})")
     draw = lambda like: noise.randn(per_sample, like.device)  # noqa: E731
     if sampler == "ddim":
         return smp.sample_ddim(denoiser, x, sched, start, eta=eta, noise_fn=draw, clip=clip)
     if sampler == "ddpm":
         return smp.sample_ddpm(denoiser, x, sched, start, noise_fn=draw, clip=clip)
     if sampler == "dpmpp2m":
+        if solver is not None:
+            return smp.sample_dpmpp_2m(denoiser, x, solver[0], solver[1], clip=clip)
         return smp.sample_dpmpp_2m(denoiser, x, sched, start, clip=clip)
     raise DiffMixError(f"unknown sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
 

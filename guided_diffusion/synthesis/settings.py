@@ -50,6 +50,7 @@ class SampleConfig:
     s: float = field(default=1.0, metadata={"help": "classifier-free guidance scale (>= 1; 1 = conditional only)"})
     ddim_percent: float = field(default=100.0, metadata={"help": "percent of the respaced steps to run from the noised real patch; 100 = from pure noise"})
     sampler: str = field(default="ddim", metadata={"help": "ddim, ddpm or dpmpp2m"})
+    solver_steps: int = field(default=0, metadata={"help": "dpmpp2m only: model calls from the start, evenly spaced in log-SNR on the trained steps (fast preset: --sampler dpmpp2m --solver_steps 10, benchmarks/RESULTS.md); 0 = one per respaced step"})
     eta: float = field(default=0.0, metadata={"help": "DDIM eta (0 = deterministic)"})
     clip_denoised: bool = field(default=True, metadata={"help": "clip the x0 prediction to [-1, 1]"})
     batch_size: int = field(default=1, metadata={"help": "patches per model call"})
@@ -79,6 +80,9 @@ class SampleConfig:
         if self.s < 1:
             # The official sampler silently ignores s <= 1; a value below 1 is almost surely a mistake.
             raise DiffMixError(f"--s {self.s}: the guidance scale must be >= 1 (1 = conditional model only)")
+        if self.solver_steps < 0 or (self.solver_steps and self.sampler != "dpmpp2m"):
+            raise DiffMixError(f"--solver_steps {self.solver_steps}: must be >= 0, and applies to --sampler dpmpp2m only "
+                               f"(got --sampler {self.sampler})")
         if self.eta < 0:
             raise DiffMixError(f"--eta {self.eta}: must be >= 0")
         if self.eta and self.sampler != "ddim":
@@ -105,7 +109,7 @@ def default_run_name(cfg: SampleConfig, timestep_respacing: str) -> str:
     pct = int(cfg.ddim_percent) if float(cfg.ddim_percent).is_integer() else cfg.ddim_percent
     name = f"s{cfg.s}_{timestep_respacing or 'full'}_p{pct}"
     if cfg.sampler != "ddim":
-        name += f"_{cfg.sampler}"
+        name += f"_{cfg.sampler}" + (str(cfg.solver_steps) if cfg.solver_steps else "")
     if cfg.eta:
         name += f"_eta{cfg.eta}"
     return name
