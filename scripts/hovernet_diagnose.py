@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 
 from guided_diffusion.config import HelpFormatter
-from guided_diffusion.downstream.cli import add_inference_flags, apply_threads
+from guided_diffusion.downstream.cli import add_class_flags, add_inference_flags, apply_threads
 from guided_diffusion.errors import run_cli
 
 
@@ -26,9 +26,7 @@ def main(argv=None) -> dict:
     p.add_argument("--run_dir", required=True, help="a finished scripts/hovernet_train.py run folder")
     p.add_argument("--data_dir", required=True, help="labelled dataset root or split folder")
     p.add_argument("--split", default="Test", help="split folder under --data_dir")
-    p.add_argument("--dataset_mode", default="consep", help="consep, glysac or custom (class table of the data)")
-    p.add_argument("--num_classes", type=int, default=None, help="classes incl. background (custom mode)")
-    p.add_argument("--class_table", default="", help="custom mode: class table JSON")
+    add_class_flags(p)
     p.add_argument("--max_images", type=int, default=0, help="only the first N images (0: all)")
     p.add_argument("--out_json", default="", help="also write the per-image numbers here")
     add_inference_flags(p)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 
 from guided_diffusion.config import HelpFormatter
-from guided_diffusion.downstream.cli import add_inference_flags, apply_threads
+from guided_diffusion.downstream.cli import add_class_flags, add_inference_flags, apply_threads
 from guided_diffusion.errors import run_cli
 
 
@@ -30,9 +30,7 @@ def main(argv=None) -> dict:
     p.add_argument("--real_dir", required=True, help="real dataset root (or split folder) with labels")
     p.add_argument("--split", default="Test", help="real split to score on")
     p.add_argument("--out_dir", required=True, help="output folder")
-    p.add_argument("--dataset_mode", default="consep", help="consep, glysac or custom (class table of the real data)")
-    p.add_argument("--num_classes", type=int, default=None, help="classes incl. background (custom mode)")
-    p.add_argument("--class_table", default="", help="custom mode: class table JSON")
+    add_class_flags(p)
     p.add_argument("--grid_rows", type=int, default=6, help="patches shown in fidelity_grid.png")
     add_inference_flags(p)
     args = p.parse_args(argv)

@@ -1,4 +1,5 @@
-"""Flags shared by the downstream inference commands (``hovernet_predict.py``, ``label_fidelity.py``).
+"""Flags shared by the downstream inference commands (``hovernet_predict.py``, ``label_fidelity.py``,
+``hovernet_diagnose.py``).
 
 Light: no torch import until :func:`apply_threads` runs, so ``--help`` and flag errors stay fast.
 """
@@ -17,6 +18,13 @@ def add_inference_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="auto", help="fp32 or bf16; auto: bf16 on a capable GPU")
     parser.add_argument("--num_threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--progress", type=str2bool, default=True, help="show progress bars")
+
+
+def add_class_flags(parser: argparse.ArgumentParser) -> None:
+    """``--dataset_mode``, ``--num_classes`` and ``--class_table``: the class table of labelled data."""
+    parser.add_argument("--dataset_mode", default="consep", help="consep, glysac or custom (class table of the data)")
+    parser.add_argument("--num_classes", type=int, default=None, help="classes incl. background (custom mode)")
+    parser.add_argument("--class_table", default="", help="custom mode: class table JSON")
 
 
 def apply_threads(num_threads: int) -> None:
