@@ -15,14 +15,17 @@ Producing the synthetic inputs (one folder per kind of map), e.g. for consep256:
         --results_path runs/synth --run_name balance [sampling flags]
     python scripts/image_sample.py ... --label_dir runs/gradmix_enlarge --run_name enlarge
 
-Then (the cpu preset: 3 arms x 3 seeds on 2 CPU cores; rerun the same command to resume):
+Then (the cpu preset: 3 arms x 3 seeds on 2 CPU cores, two runs at a time; rerun the same command to
+resume):
 
     python scripts/utility_study.py --data_dir ../shared/data/consep256 --dataset_mode custom \\
         --num_classes 5 --balance_dirs runs/synth/balance --enlarge_dirs runs/synth/enlarge \\
-        [--gradmix_dirs runs/gradmix_balance] --preset cpu --out_dir runs/utility
+        [--gradmix_dirs runs/gradmix_balance] --preset cpu --jobs 2 --out_dir runs/utility
 
-Presets: quick (seconds; tests), cpu (small MONAI U-Net HoVer-Net variant, ~8-10 min per arm x seed on
-2 cores), paper (MONAI HoVerNet fast mode, 256 px, GPU). Explicit flags override the preset.
+Presets: quick (seconds; tests), cpu (small MONAI U-Net HoVer-Net variant, 2500 steps, ~20 min per arm x
+seed on one free core: ~1.7 h for the 9 runs with --jobs 2 on 2 cores), paper (MONAI HoVerNet fast mode,
+256 px, GPU). Explicit flags override the preset. --jobs N trains N arm x seed runs side by side in
+their own processes (one torch thread each on a 2-core machine); results equal the sequential ones.
 Outputs in --out_dir: report.md, table.md, results.csv, summary.json, f1_per_class.png, runs/<arm>/seed<k>/.
 """
 

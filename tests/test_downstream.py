@@ -326,6 +326,24 @@ def test_study_quick_preset_runs_end_to_end_and_resumes_without_recomputing(toy,
     assert diag["mean"]["instance_dice"] == pytest.approx(runs[0]["dice"])
 
 
+def test_study_runs_in_parallel_worker_processes_with_the_sequential_results(toy, tmp_path):
+    from guided_diffusion.downstream.study import StudyConfig, run_parallel
+
+    study = load_script("utility_study")
+    picks = ["--arms", "real", "--seeds", "0,1"]
+    one = study.main(study_argv(toy, "", "", str(tmp_path / "one")) + picks)
+    two = study.main(study_argv(toy, "", "", str(tmp_path / "two")) + picks + ["--jobs", "2"])
+    assert [(r["arm"], r["seed"]) for r in two["runs"]] == [("real", 0), ("real", 1)]
+    keys = ("dice", "aji", "pq", "f1_detection", "f1_type", "final_loss")
+    assert [{k: r[k] for k in keys} for r in one["runs"]] == [{k: r[k] for k in keys} for r in two["runs"]]
+    assert all(os.path.exists(tmp_path / "two" / "runs" / "real" / f"seed{k}" / "worker.log") for k in (0, 1))
+    # a failing worker is reported with the last line of its log; the others still finish
+    cfg = StudyConfig(data_dir=str(tmp_path / "gone"), preset="quick", arms="real", out_dir=str(tmp_path / "three"),
+                      jobs=2)
+    with pytest.raises(DiffMixError, match=r"2 of 2 runs failed: real seed 0 \(exit 2, .*worker.log: error: .*gone"):
+        run_parallel(cfg, [("real", 0), ("real", 1)])
+
+
 def test_study_adds_synthetic_arms_to_a_real_only_study_without_recomputing(toy, tmp_path):
     """A study begun with the real arm alone (no synthetic sources yet) takes the synthetic arms and
     their sources later; the finished real runs are kept, a changed source is still refused."""

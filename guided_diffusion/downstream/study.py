@@ -58,7 +58,7 @@ METRIC_KEYS = ("dice", "aji", "pq", "f1_detection")
 METRIC_NAMES = {"dice": "Dice", "aji": "AJI", "pq": "PQ", "f1_detection": "F_d"}
 RESULT = "result.json"
 # Settings that do not change any result: a rerun may use other values.
-_RUNTIME_FIELDS = ("out_dir", "progress", "num_threads", "device")
+_RUNTIME_FIELDS = ("out_dir", "progress", "num_threads", "device", "jobs")
 
 
 def _f(default: Any, help: str) -> Any:
@@ -95,7 +95,9 @@ class StudyConfig:
                                                    "arms (default: by pool size)")
     device: str = _f("auto", "cpu, cuda, cuda:N; auto: cuda if available")
     precision: str = _f("auto", "fp32 or bf16; auto: bf16 on a capable GPU")
-    num_threads: int = _f(0, "torch CPU threads (0: torch's default; 1 is faster on a busy machine)")
+    num_threads: int = _f(0, "torch CPU threads per run (0: torch's default, or CPU cores / --jobs with --jobs > 1)")
+    jobs: int = _f(1, "arm x seed runs trained side by side, each in its own process (CPU: up to one per core; "
+                      "logs in runs/<arm>/seed<k>/worker.log)")
     progress: bool = _f(True, "show progress bars")
 
 
@@ -223,12 +225,94 @@ def _machine() -> str:
             f"MONAI {monai.__version__}, CUDA {'yes: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no'}")
 
 
+def _run_dir(cfg: StudyConfig, arm: str, seed: int) -> str:
+    return fileio.join(cfg.out_dir, "runs", arm, f"seed{seed}")
+
+
+def _read_sources(cfg: StudyConfig, settings: Dict[str, Any], table, arms: Sequence[str], progress: bool):
+    """The real training images and, per synthetic group the ``arms`` need, its patches."""
+    real = ddata.read_real([cfg.data_dir], table, cfg.train_split, settings["crop_size"], progress)
+    groups = {"balance": cfg.balance_dirs, "enlarge": cfg.enlarge_dirs, "gradmix": cfg.gradmix_dirs}
+    needed = sorted({g for a in arms for g in ARMS[a][1]})
+    synthetic = {g: ddata.read_synthetic(ddata.split_list(groups[g]), table, settings["crop_size"], progress)
+                 for g in needed}
+    return real, synthetic
+
+
+def _arm_pools(table, real, synthetic: Dict[str, list], arm: str) -> Pools:
+    return Pools(table, real, [s for g in ARMS[arm][1] for s in synthetic[g]])
+
+
+def run_parallel(cfg: StudyConfig, pending: Sequence[tuple]) -> None:
+    """Run the ``(arm, seed)`` pairs ``pending`` in up to ``cfg.jobs`` worker processes at a time.
+
+    Each worker (``python -m guided_diffusion.downstream.study``) reads the sources again and runs
+    :func:`run_arm_seed` with ``cfg.num_threads`` torch threads (default: CPU cores / jobs, at least
+    1), so its result equals the sequential one; its output goes to ``runs/<arm>/seed<k>/worker.log``.
+    A failed worker does not stop the others; the failures are reported together at the end (their
+    training resumes on the next run). Interrupting the study stops the workers.
+    """
+    import json
+    import os
+    import subprocess
+
+    from tqdm.auto import tqdm
+
+    threads = cfg.num_threads or max(1, (os.cpu_count() or 1) // cfg.jobs)
+    spec = json.dumps(dataclasses.asdict(dataclasses.replace(cfg, jobs=1, num_threads=threads, progress=False)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # holds the package
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p))
+    queue, running, failed = list(pending), {}, []
+    bar = tqdm(total=len(queue), desc=f"study runs, {cfg.jobs} at a time", unit="run", disable=not cfg.progress)
+    try:
+        while queue or running:
+            while queue and len(running) < cfg.jobs:
+                arm, seed = queue.pop(0)
+                log_path = fileio.join(_run_dir(cfg, arm, seed), "worker.log")
+                fileio.makedirs(_run_dir(cfg, arm, seed))
+                log = open(log_path, "wb")
+                proc = subprocess.Popen([sys.executable, "-m", __name__, spec, arm, str(seed)], stdout=log,
+                                        stderr=subprocess.STDOUT, env=env)
+                running[proc] = (arm, seed, log, log_path)
+            time.sleep(0.2)
+            for proc in [p for p in running if p.poll() is not None]:
+                arm, seed, log, log_path = running.pop(proc)
+                log.close()
+                bar.update(1)
+                if proc.returncode != 0:
+                    lines = fileio.read_bytes(log_path).decode(errors="replace").strip().splitlines()
+                    failed.append(f"{arm} seed {seed} (exit {proc.returncode}, {log_path}: {lines[-1] if lines else ''})")
+    finally:
+        for proc, (_, _, log, _) in running.items():
+            proc.terminate()
+            proc.wait()
+            log.close()
+        bar.close()
+    if failed:
+        raise DiffMixError(f"{len(failed)} of {len(pending)} runs failed: " + "; ".join(failed))
+
+
+def _worker(spec: str, arm: str, seed: str) -> None:
+    """One arm x seed of :func:`run_parallel` (``python -m guided_diffusion.downstream.study SPEC ARM SEED``)."""
+    import json
+
+    import torch
+
+    cfg = StudyConfig(**json.loads(spec))
+    settings = resolve(cfg)
+    table = resolve_table(cfg)
+    torch.set_num_threads(cfg.num_threads)
+    real, synthetic = _read_sources(cfg, settings, table, [arm], progress=False)
+    run_arm_seed(cfg, settings, arm, int(seed), _arm_pools(table, real, synthetic, arm), _test_labels(cfg))
+
+
 def run_arm_seed(cfg: StudyConfig, settings: Dict[str, Any], arm: str, seed: int, pools: Pools, test_labels: str) -> dict:
     """Train, predict and evaluate one arm x seed (or read its finished result)."""
     from ..metrics import evaluate_folders
     from .predict import predict_folder
 
-    run_dir = fileio.join(cfg.out_dir, "runs", arm, f"seed{seed}")
+    run_dir = _run_dir(cfg, arm, seed)
     result_path = fileio.join(run_dir, RESULT)
     tcfg = train_config(cfg, settings, arm, seed, run_dir)
     if fileio.exists(result_path):
@@ -302,6 +386,8 @@ def run_study(cfg: StudyConfig, argv: Optional[Sequence[str]] = None) -> Dict[st
         raise DiffMixError("--out_dir is required")
     if not cfg.data_dir:
         raise DiffMixError("--data_dir is required (the real dataset root)")
+    if cfg.jobs < 1:
+        raise DiffMixError(f"--jobs {cfg.jobs}: must be >= 1")
     settings = resolve(cfg)
     identity = _check_study_folder(cfg, settings)
     table = resolve_table(cfg)
@@ -310,11 +396,7 @@ def run_study(cfg: StudyConfig, argv: Optional[Sequence[str]] = None) -> Dict[st
     # Validate the held-out split now, not after hours of training.
     read_dataset(cfg.data_dir, table, cfg.test_split, progress=False)
     test_labels = _test_labels(cfg)
-    real = ddata.read_real([cfg.data_dir], table, cfg.train_split, settings["crop_size"], cfg.progress)
-    groups = {"balance": cfg.balance_dirs, "enlarge": cfg.enlarge_dirs, "gradmix": cfg.gradmix_dirs}
-    needed = sorted({g for a in settings["arms"] for g in ARMS[a][1]})
-    synthetic = {g: ddata.read_synthetic(ddata.split_list(groups[g]), table, settings["crop_size"], cfg.progress)
-                 for g in needed}
+    real, synthetic = _read_sources(cfg, settings, table, settings["arms"], cfg.progress)
     for arm in settings["arms"]:  # fails before any output if a run's settings cannot work
         validate(train_config(cfg, settings, arm, settings["seeds"][0], cfg.out_dir))
     command = _command("scripts/utility_study.py", list(argv) if argv is not None else sys.argv[1:])
@@ -324,10 +406,14 @@ def run_study(cfg: StudyConfig, argv: Optional[Sequence[str]] = None) -> Dict[st
     class_names = {c: str(table.names[c]) for c in range(1, table.num_classes)}
     data_summary = {"real": ddata.pool_summary(real, table.num_classes)}
     data_summary.update({g: ddata.pool_summary(s, table.num_classes) for g, s in synthetic.items()})
-    rows = []
     t0 = time.perf_counter()
+    pending = [(a, k) for a in settings["arms"] for k in settings["seeds"]
+               if not fileio.exists(fileio.join(_run_dir(cfg, a, k), RESULT))]
+    if cfg.jobs > 1 and len(pending) > 1:
+        run_parallel(cfg, pending)
+    rows = []
     for arm in settings["arms"]:
-        pools = Pools(table, real, [s for g in ARMS[arm][1] for s in synthetic[g]])
+        pools = _arm_pools(table, real, synthetic, arm)
         for seed in settings["seeds"]:
             rows.append(run_arm_seed(cfg, settings, arm, seed, pools, test_labels))
     summary = summarise(rows, settings["arms"], class_names)
@@ -397,3 +483,9 @@ def render_report(cfg: StudyConfig, result: Dict[str, Any], table: str) -> str:
     for r in result["runs"]:
         lines += [f"{r['arm']}, seed {r['seed']}:", "", "```bash", *r["commands"], "```", ""]
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    from ..errors import run_cli
+
+    run_cli(lambda: _worker(*sys.argv[1:4]))
