@@ -96,6 +96,17 @@ def test_diagnosis_tells_a_flat_hv_branch_from_a_failed_nucleus_mask():
     assert bad["markers"] == bad["predicted_nuclei"] == 0 and bad["instance_dice"] == 0 and bad["border_energy_median"] > 0.4
 
 
+def test_pixel_counts_of_clean_and_mistyped_maps():
+    from guided_diffusion.downstream.diagnose import pixel_counts
+
+    inst, types = disks(32, [(8, 8, 5, 1, 1), (22, 22, 6, 2, 3)])
+    clean = pixel_counts(clean_outputs(inst, types, 5), inst, types, 5)
+    n1, n3 = int((types == 1).sum()), int((types == 3).sum())
+    assert clean.tolist() == [[n1 + n3, 0, 0], [n1, 0, 0], [0, 0, 0], [n3, 0, 0], [0, 0, 0]]
+    wrong = pixel_counts(clean_outputs(inst, np.where(types == 3, 4, types), 5), inst, types, 5)
+    assert wrong[0].tolist() == [n1 + n3, 0, 0] and wrong[3].tolist() == [0, 0, n3] and wrong[4].tolist() == [0, n3, 0]
+
+
 # ------------------------------------------------------------------------------------------ training
 
 
@@ -297,6 +308,7 @@ def test_study_quick_preset_runs_end_to_end_and_resumes_without_recomputing(toy,
         assert os.path.getsize(os.path.join(out, name)) > 0
     report = open(os.path.join(out, "report.md")).read()
     assert "scripts/hovernet_train.py" in report and "real + DiffMix balancing + enlarging" in report
+    assert "pixel F1 other" in report and all(0 <= r["pixel"]["np_dice"] <= 1 for r in runs)
     assert "--seed 1" in report and "F1 other" in report
     # the recorded training command reproduces the run's settings
     import argparse
@@ -317,6 +329,15 @@ def test_study_quick_preset_runs_end_to_end_and_resumes_without_recomputing(toy,
     again = study.main(study_argv(toy, balance, enlarge, out))
     assert {p: os.stat(p).st_mtime_ns for p in finished} == before
     assert again["summary"] == result["summary"]
+
+    # a result from before the pixel scores gets them added; nothing is retrained or predicted again
+    old_result = os.path.join(out, "runs", "real", "seed0", "result.json")
+    row = fileio.read_json(old_result)
+    fileio.write_json(old_result, {k: v for k, v in row.items() if k != "pixel"})
+    third = study.main(study_argv(toy, balance, enlarge, out))
+    assert fileio.read_json(old_result)["pixel"] == row["pixel"] and third["summary"] == result["summary"]
+    assert {p: os.stat(p).st_mtime_ns for p in finished if "result.json" not in p} == \
+           {p: t for p, t in before.items() if "result.json" not in p}
 
     # the diagnosis of a finished run: its instance Dice is the one the study measured
     diag = load_script("hovernet_diagnose").main(

@@ -1,4 +1,4 @@
-"""Where a downstream segmenter loses its nuclei: the network's pixel masks, or the post-processing.
+"""The network's maps before post-processing: pixel scores, and where a segmenter loses its nuclei.
 
 HoVer-Net's instance step (MONAI's ``HoVerNetInstanceMapPostProcessing``) keeps only nucleus-mask
 components that contain a *marker*: a mask pixel whose instance-border energy (the min-max-normalised
@@ -15,6 +15,10 @@ although the nucleus-pixel (NP) branch finds them. The instance Dice then looks 
 * ``border_energy_median`` -- median border energy inside the predicted nucleus mask (markers need
   < 0.4);
 * ``true_nuclei``, ``markers``, ``predicted_nuclei`` -- counts.
+
+:func:`pixel_scores` pools nucleus-pixel Dice and per-class pixel F1 (NC argmax) over a split: scores
+of what the network learnt that the marker step cannot erase (the utility study reports them beside
+the instance metrics).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import numpy as np
 from .. import fileio
 from ..data.readers import read_dataset
 from ..errors import DiffMixError
-from .targets import HV, NP, hover_maps
+from .targets import HV, NC, NP, hover_maps
 
 FIELDS = ("np_dice", "instance_dice", "hv_corr", "border_energy_median", "true_nuclei", "markers", "predicted_nuclei")
 
@@ -75,6 +79,40 @@ def stage_scores(outputs: Dict[str, Any], inst_map: np.ndarray) -> Dict[str, flo
         "border_energy_median": energy, "true_nuclei": int(len(np.unique(inst_map)) - 1), "markers": markers,
         "predicted_nuclei": int(inst.max()),
     }
+
+
+def pixel_counts(outputs: Dict[str, Any], inst_map: np.ndarray, type_map: np.ndarray, num_classes: int) -> np.ndarray:
+    """Pixel counts of the network's maps before post-processing: int64 [num_classes, 3] of
+    (true positives, false positives, false negatives); row 0 is nucleus vs background (NP argmax
+    against ``inst_map > 0``), row c >= 1 class c (NC argmax against ``type_map == c``).
+
+    Args:
+        outputs: ``{NP: [2, H, W] logits, NC: [num_classes, H, W] logits, ...}`` (float tensors).
+        inst_map, type_map: int [H, W] truth (merged classes).
+    """
+    pred_fg = (outputs[NP][1] > outputs[NP][0]).cpu().numpy()
+    pred_type = outputs[NC].argmax(0).cpu().numpy()
+    out = np.zeros((num_classes, 3), np.int64)
+    for c in range(num_classes):
+        pred, true = (pred_fg, np.asarray(inst_map) > 0) if c == 0 else (pred_type == c, np.asarray(type_map) == c)
+        out[c] = (np.logical_and(pred, true).sum(), np.logical_and(pred, ~true).sum(), np.logical_and(~pred, true).sum())
+    return out
+
+
+def pixel_scores(model, net, samples, tile: int, device, dtype=None) -> Dict[str, Any]:
+    """Pooled pixel scores of ``model`` on labelled ``samples`` before post-processing: ``np_dice``
+    (nucleus pixels) and ``f1_type`` ``{"c": F1 of class-c pixels}`` (None where class c has no pixel
+    in truth or prediction). They do not depend on HoVer-Net's marker step, so they stay
+    comparable between runs whose instance scores that step decides (see the module docstring)."""
+    from .predict import predict_image
+
+    counts = sum(pixel_counts(predict_image(model, net, s.image, tile, device, dtype), s.inst_map, s.type_map,
+                              net.num_classes) for s in samples)
+
+    def f1(tp, fp, fn):
+        return float(2 * tp / (2 * tp + fp + fn)) if (2 * tp + fp + fn) else None
+
+    return {"np_dice": f1(*counts[0]), "f1_type": {str(c): f1(*counts[c]) for c in range(1, net.num_classes)}}
 
 
 def diagnose(run_dir: str, data_dir: str, split: str, table, tile: Optional[int] = None, device: str = "auto",

@@ -163,6 +163,8 @@ def summarise(rows: List[dict], arms: Sequence[str], class_names: Dict[int, str]
         mine = [r for r in rows if r["arm"] == arm]
         entry = {k: _mean_sd([r[k] for r in mine]) for k in METRIC_KEYS}
         entry["f1_type"] = {c: _mean_sd([r["f1_type"].get(str(c)) for r in mine]) for c in class_names}
+        entry["pixel_np_dice"] = _mean_sd([r["pixel"]["np_dice"] for r in mine])
+        entry["pixel_f1_type"] = {c: _mean_sd([r["pixel"]["f1_type"].get(str(c)) for r in mine]) for c in class_names}
         entry["seeds"] = [r["seed"] for r in mine]
         out[arm] = entry
     return out
@@ -181,6 +183,17 @@ def format_table(summary: Dict[str, Any], class_names: Dict[int, str]) -> str:
     for arm, e in summary.items():
         cells = [ARMS[arm][0], str(len(e["seeds"]))] + [_fmt(e[k]) for k in METRIC_KEYS]
         cells += [_fmt(e["f1_type"][c]) for c in class_names]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_pixel_table(summary: Dict[str, Any], class_names: Dict[int, str]) -> str:
+    """Markdown table of the pixel scores before post-processing: one row per arm, mean ± sd over seeds."""
+    heads = ["arm", "seeds", "nucleus-pixel Dice"] + [f"pixel F1 {n}" for n in class_names.values()]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for arm, e in summary.items():
+        cells = [ARMS[arm][0], str(len(e["seeds"])), _fmt(e["pixel_np_dice"])]
+        cells += [_fmt(e["pixel_f1_type"][c]) for c in class_names]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -304,11 +317,26 @@ def _worker(spec: str, arm: str, seed: str) -> None:
     table = resolve_table(cfg)
     torch.set_num_threads(cfg.num_threads)
     real, synthetic = _read_sources(cfg, settings, table, [arm], progress=False)
-    run_arm_seed(cfg, settings, arm, int(seed), _arm_pools(table, real, synthetic, arm), _test_labels(cfg))
+    test = read_dataset(cfg.data_dir, table, cfg.test_split, progress=False)
+    run_arm_seed(cfg, settings, arm, int(seed), _arm_pools(table, real, synthetic, arm), _test_labels(cfg), test)
 
 
-def run_arm_seed(cfg: StudyConfig, settings: Dict[str, Any], arm: str, seed: int, pools: Pools, test_labels: str) -> dict:
-    """Train, predict and evaluate one arm x seed (or read its finished result)."""
+def _pixel_scores(cfg: StudyConfig, settings: Dict[str, Any], run_dir: str, test_samples) -> Dict[str, Any]:
+    from .diagnose import pixel_scores
+    from .nets import NetConfig
+    from .train import autocast_dtype, load_trained, resolve_device
+
+    dev = resolve_device(cfg.device)
+    model, config = load_trained(fileio.join(run_dir, "train"), dev)
+    return pixel_scores(model, NetConfig(**config["net"]), test_samples, settings["tile"], dev,
+                        autocast_dtype(cfg.precision, dev))
+
+
+def run_arm_seed(cfg: StudyConfig, settings: Dict[str, Any], arm: str, seed: int, pools: Pools, test_labels: str,
+                 test_samples) -> dict:
+    """Train, predict and evaluate one arm x seed (or read its finished result).
+
+    ``test_samples``: the held-out split's labelled images (for the pixel scores)."""
     from ..metrics import evaluate_folders
     from .predict import predict_folder
 
@@ -316,7 +344,11 @@ def run_arm_seed(cfg: StudyConfig, settings: Dict[str, Any], arm: str, seed: int
     result_path = fileio.join(run_dir, RESULT)
     tcfg = train_config(cfg, settings, arm, seed, run_dir)
     if fileio.exists(result_path):
-        return fileio.read_json(result_path)
+        row = fileio.read_json(result_path)
+        if "pixel" not in row:  # finished before the study reported pixel scores: add them, nothing retrained
+            row["pixel"] = _pixel_scores(cfg, settings, run_dir, test_samples)
+            fileio.write_json(result_path, row)
+        return row
     t0 = time.perf_counter()
     record = train(tcfg, pools)
     t1 = time.perf_counter()
@@ -337,6 +369,7 @@ def run_arm_seed(cfg: StudyConfig, settings: Dict[str, Any], arm: str, seed: int
         **{k: ev["instance"][k] for k in ("dice", "aji", "pq")},
         "f1_detection": cls["f1_detection"], "type_accuracy": cls["type_accuracy"],
         "f1_type": {str(c): v for c, v in cls["f1_type"].items()},
+        "pixel": _pixel_scores(cfg, settings, run_dir, test_samples),
         "train_seconds": record["seconds"], "train_wall_seconds": t1 - t0, "predict_seconds": t2 - t1,
         "final_loss": record["final_loss_mean_last_10pct"], "synthetic_items": record["synthetic_items"],
         "items": record["items"],
@@ -394,7 +427,7 @@ def run_study(cfg: StudyConfig, argv: Optional[Sequence[str]] = None) -> Dict[st
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     # Validate the held-out split now, not after hours of training.
-    read_dataset(cfg.data_dir, table, cfg.test_split, progress=False)
+    test = read_dataset(cfg.data_dir, table, cfg.test_split, progress=False)
     test_labels = _test_labels(cfg)
     real, synthetic = _read_sources(cfg, settings, table, settings["arms"], cfg.progress)
     for arm in settings["arms"]:  # fails before any output if a run's settings cannot work
@@ -415,7 +448,7 @@ def run_study(cfg: StudyConfig, argv: Optional[Sequence[str]] = None) -> Dict[st
     for arm in settings["arms"]:
         pools = _arm_pools(table, real, synthetic, arm)
         for seed in settings["seeds"]:
-            rows.append(run_arm_seed(cfg, settings, arm, seed, pools, test_labels))
+            rows.append(run_arm_seed(cfg, settings, arm, seed, pools, test_labels, test))
     summary = summarise(rows, settings["arms"], class_names)
     result = {"settings": settings, "class_names": class_names, "data": data_summary, "summary": summary,
               "runs": rows, "command": command, "machine": _machine(),
@@ -435,15 +468,17 @@ def write_outputs(cfg: StudyConfig, result: Dict[str, Any]) -> None:
     fileio.write_json(fileio.join(out, "summary.json"), result)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["arm", "seed", *METRIC_KEYS, *[f"f1_{n}" for n in class_names.values()], "train_seconds",
-                "predict_seconds"])
+    w.writerow(["arm", "seed", *METRIC_KEYS, *[f"f1_{n}" for n in class_names.values()], "pixel_np_dice",
+                *[f"pixel_f1_{n}" for n in class_names.values()], "train_seconds", "predict_seconds"])
     for r in result["runs"]:
         w.writerow([r["arm"], r["seed"], *[r[k] for k in METRIC_KEYS],
-                    *[r["f1_type"].get(str(c)) for c in class_names], f"{r['train_seconds']:.1f}",
+                    *[r["f1_type"].get(str(c)) for c in class_names], r["pixel"]["np_dice"],
+                    *[r["pixel"]["f1_type"].get(str(c)) for c in class_names], f"{r['train_seconds']:.1f}",
                     f"{r['predict_seconds']:.1f}"])
     fileio.write_bytes(fileio.join(out, "results.csv"), buf.getvalue().encode())
     table = format_table(result["summary"], class_names)
-    fileio.write_bytes(fileio.join(out, "table.md"), (table + "\n").encode())
+    fileio.write_bytes(fileio.join(out, "table.md"), (table + "\n\n" + format_pixel_table(result["summary"], class_names)
+                                                      + "\n").encode())
     plot_f1(result["summary"], class_names, fileio.join(out, "f1_per_class.png"))
     fileio.write_bytes(fileio.join(out, "report.md"), render_report(cfg, result, table).encode())
 
@@ -475,6 +510,11 @@ def render_report(cfg: StudyConfig, result: Dict[str, Any], table: str) -> str:
         lines.append(f"| {pool} | {d['images']} | " + " | ".join(str(v) for v in d["nuclei_per_class"][1:]) + " |")
     lines += ["", "## Results (held-out split, mean ± sd over seeds)", "", table, "",
               "![F1 per class](f1_per_class.png)", "",
+              "Pixel scores of the network's maps before post-processing (nucleus pixels: NP branch; class "
+              "pixels: NC argmax; pooled over the split). HoVer-Net's marker step can drop every nucleus of an "
+              "image when the HV maps are still flat, which decides the instance scores above; these do not "
+              "depend on it (`scripts/hovernet_diagnose.py` shows that step per run).", "",
+              format_pixel_table(result["summary"], result["class_names"]), "",
               "## Runs", "", "| arm | seed | train s | predict s | final loss | synthetic crops |", "|---|---|---|---|---|---|"]
     for r in result["runs"]:
         lines.append(f"| {r['arm']} | {r['seed']} | {r['train_seconds']:.0f} | {r['predict_seconds']:.0f} | "
