@@ -111,20 +111,27 @@ def test_study_cli_writes_the_comparison_and_calls_the_fidelity_scorer(setup, tm
         if name != "DDIM-11":
             assert np.isfinite(r["psnr_db"]["mean"]) and -1 < r["ssim"]["mean"] < 1
     assert "within_noise_psnr_ssim" in rows["DPM-Solver++(2M), 3 steps"]
-    assert isinstance(rows["DPM-Solver++(2M), 3 steps"]["fidelity_below_noise"], list)
+    assert isinstance(rows["DPM-Solver++(2M), 3 steps"]["fidelity_beyond_noise"], list)
+    assert set(rows["DDIM-11, other noise (noise floor)"]["fidelity_change"]) == {"foreground_mean"}
     import fidmod
 
-    assert fidmod.CALLS == [((2, 32, 32, 3), "|u1", (2, 32, 32), (2, 32, 32))] * 5
+    pooled, single = ((2, 32, 32, 3), "|u1", (2, 32, 32), (2, 32, 32)), ((1, 32, 32, 3), "|u1", (1, 32, 32), (1, 32, 32))
+    assert sorted(fidmod.CALLS) == sorted([pooled] * 5 + [single] * 8)  # pooled per method + real; per patch
     assert (out / "steps_study.md").read_text().count("| DPM-Solver++(2M)") == 2
     assert (out / "steps_study.png").stat().st_size > 0
 
 
-def test_fidelity_shortfall_is_a_loss_beyond_the_noise_floor():
-    ref = {"dice": 0.80, "f1_other": 0.50, "f1_spindle": float("nan")}
-    floor = {"dice": 0.78, "f1_other": 0.60, "f1_spindle": 0.1}  # re-drawn noise moves dice 0.02, f1 0.10
-    assert bench.fidelity_shortfalls({"dice": 0.79, "f1_other": 0.41, "f1_spindle": 0.0}, ref, floor) == []
-    assert bench.fidelity_shortfalls({"dice": 0.77, "f1_other": 0.95, "f1_spindle": 0.0}, ref, floor) == ["dice"]
-    assert bench.fidelity_shortfalls({"dice": 0.9, "f1_other": 0.39}, ref, floor) == ["f1_other"]
+def test_fidelity_within_noise_is_a_per_patch_change_no_larger_than_the_noise_floors():
+    ref = [{"dice": 0.8, "f1_other": 0.5}, {"dice": 0.6, "f1_other": float("nan")}]
+    floor = [{"dice": 0.7, "f1_other": 0.5}, {"dice": 0.7, "f1_other": 1.0}]  # moves dice 0.1 per patch, f1 0
+    close = [{"dice": 0.75, "f1_other": 0.5}, {"dice": 0.65, "f1_other": 0.0}]
+    far = [{"dice": 0.6, "f1_other": 0.0}, {"dice": 0.8, "f1_other": 1.0}]
+    fc = bench.fidelity_change(floor, ref)
+    assert fc == pytest.approx({"dice": 0.1, "f1_other": 0.0})
+    assert bench.fidelity_change(close, ref) == pytest.approx({"dice": 0.05, "f1_other": 0.0})
+    assert bench.fidelity_shortfalls(bench.fidelity_change(close, ref), fc) == []
+    assert bench.fidelity_shortfalls(bench.fidelity_change(far, ref), fc) == ["dice", "f1_other"]
+    assert np.isnan(bench.fidelity_change([{"x": 1.0}], [{"x": float("nan")}])["x"])
 
 
 def test_identical_images_score_perfectly():
