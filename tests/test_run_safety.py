@@ -175,3 +175,10 @@ def test_synthesis_recipe_through_torchrun_two_ranks(tmp_path):
     out = tmp_path / "out" / "s1.5_ddim4_p55"
     assert sorted(os.listdir(out / "records")) == [f"toy_train_000_{i:03d}.json" for i in range(3)]
     assert "ambiguous option" not in proc.stderr
+    # FAST=1: the fast preset (DPM-Solver++, 10 model calls), one process
+    env.update(NPROC="1", FAST="1", EXTRA=extra.replace("--num_samples 3", "--num_samples 1"))
+    proc = subprocess.run(["bash", os.path.join(REPO, "scripts", "scripts_ddim_sample", "consep.sh")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "out" / "s1.5_ddim4_p55_dpmpp2m10" / "records" / "toy_train_000_000.json").read_text())
+    assert record["sampler"] == "dpmpp2m" and record["solver_steps"] == 10 and record["model_calls"] >= 8

@@ -13,7 +13,8 @@
 # Environment: DATA_DIR (dataset root with Train/Images; the real reference images), LABEL_DIR
 # (GradMix output; empty = the dataset's own labels), MODEL (checkpoint), OUT (results root),
 # NPROC (GPUs via torchrun; rank r takes patches r, r+N, ...), BATCH (patches per model call),
-# PRECISION (auto = fp16 autocast on CUDA as --use_fp16 True; bf16 on recent GPUs), EXTRA (more flags).
+# PRECISION (auto = fp16 autocast on CUDA as --use_fp16 True; bf16 on recent GPUs), FAST (1 = the fast
+# preset: DPM-Solver++ with 10 model calls instead of DDIM's 55), EXTRA (more flags).
 # Re-running skips finished patches. The model flags repeat the training recipe so that an official
 # checkpoint without config.json works too; with our checkpoints they match config.json.
 set -euo pipefail
