@@ -472,6 +472,19 @@ def test_an_interrupted_training_resumes_to_the_uninterrupted_weights(toy, tmp_p
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(Exception, match="other settings"):
         train(dataclasses.replace(cfg(tmp_path / "resumed"), lr=0.5))
+    assert not os.path.exists(tmp_path / "resumed" / ".lock")  # released after training
+
+    # a run folder another live process (pid 1) is training is refused, and left as it is
+    import socket
+    import time
+
+    busy = tmp_path / "busy"
+    os.makedirs(busy)
+    fileio.write_json(str(busy / ".lock"), {"pid": 1, "host": socket.gethostname(), "what": "downstream training",
+                                            "started": time.time(), "heartbeat": time.time(), "token": "t"})
+    with pytest.raises(DiffMixError, match=r"in use by downstream training \(pid 1"):
+        train(cfg(busy))
+    assert sorted(os.listdir(busy)) == [".lock"]
 
 
 def test_gradmix_image_folders_are_a_synthetic_source(toy, tmp_path):

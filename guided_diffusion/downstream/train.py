@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .. import fileio
+from .. import fileio, runlock
 from ..data.classes import ClassTable, resolve_class_table
 from ..data.readers import LabeledImage
 from ..data.training import TrainCropDataset
@@ -192,18 +192,29 @@ def train(cfg: HoverTrainConfig, pools: Optional[Pools] = None) -> dict:
     """Train (or resume, or find finished) the run of ``cfg``; returns its completion record.
 
     Every source is read and validated before anything is written; ``pools`` lets a caller that
-    trains several runs on the same data read it once.
+    trains several runs on the same data read it once. A second process on the same run folder is
+    refused while the first holds its lock (``<out_dir>/.lock``).
     """
-    from monai.apps.pathology.losses import HoVerNetLoss
-    from tqdm.auto import tqdm
-
-    from ..checkpoints import load_torch_file, save_state_dict
-
     validate(cfg)
     finished = _check_run_folder(cfg)
     if finished is not None:
         return finished
     pools = pools or read_pools(cfg)
+    lock = runlock.acquire(cfg.out_dir, "downstream training", flag="--out_dir")  # one writer per run folder
+    try:
+        return _train(cfg, pools)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: HoverTrainConfig, pools: Pools) -> dict:
+    """The training loop of :func:`train` (lock held, sources read)."""
+    from monai.apps.pathology.losses import HoVerNetLoss
+    from tqdm.auto import tqdm
+
+    from ..checkpoints import load_torch_file, save_state_dict
+
     table = pools.table
     fraction = ddata.resolve_fraction(cfg.synthetic_fraction, len(pools.real), len(pools.synthetic))
     if cfg.num_threads:
