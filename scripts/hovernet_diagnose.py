@@ -16,16 +16,14 @@ from __future__ import annotations
 import argparse
 
 from guided_diffusion.config import HelpFormatter
-from guided_diffusion.downstream.cli import add_class_flags, add_inference_flags, apply_threads
+from guided_diffusion.downstream.cli import add_class_flags, add_inference_flags, add_run_flags, apply_threads
 from guided_diffusion.errors import run_cli
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=HelpFormatter)
-    p.add_argument("--run_dir", required=True, help="a finished scripts/hovernet_train.py run folder")
-    p.add_argument("--data_dir", required=True, help="labelled dataset root or split folder")
-    p.add_argument("--split", default="Test", help="split folder under --data_dir")
+    add_run_flags(p, "labelled dataset root or split folder")
     add_class_flags(p)
     p.add_argument("--max_images", type=int, default=0, help="only the first N images (0: all)")
     p.add_argument("--out_json", default="", help="also write the per-image numbers here")

@@ -16,16 +16,14 @@ from __future__ import annotations
 import argparse
 
 from guided_diffusion.config import HelpFormatter
-from guided_diffusion.downstream.cli import add_inference_flags, apply_threads
+from guided_diffusion.downstream.cli import add_inference_flags, add_run_flags, apply_threads
 from guided_diffusion.errors import run_cli
 
 
 def main(argv=None) -> list:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=HelpFormatter)
-    p.add_argument("--run_dir", required=True, help="a finished scripts/hovernet_train.py run folder")
-    p.add_argument("--data_dir", required=True, help="dataset root, split folder or .npy folder")
-    p.add_argument("--split", default="Test", help="split folder under --data_dir")
+    add_run_flags(p, "dataset root, split folder or .npy folder")
     p.add_argument("--out_dir", required=True, help="folder for the .mat predictions")
     add_inference_flags(p)
     args = p.parse_args(argv)

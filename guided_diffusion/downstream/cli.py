@@ -20,6 +20,13 @@ def add_inference_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--progress", type=str2bool, default=True, help="show progress bars")
 
 
+def add_run_flags(parser: argparse.ArgumentParser, data_help: str) -> None:
+    """``--run_dir`` (a finished training run), ``--data_dir`` and ``--split`` (the images it reads)."""
+    parser.add_argument("--run_dir", required=True, help="a finished scripts/hovernet_train.py run folder")
+    parser.add_argument("--data_dir", required=True, help=data_help)
+    parser.add_argument("--split", default="Test", help="split folder under --data_dir")
+
+
 def add_class_flags(parser: argparse.ArgumentParser) -> None:
     """``--dataset_mode``, ``--num_classes`` and ``--class_table``: the class table of labelled data."""
     parser.add_argument("--dataset_mode", default="consep", help="consep, glysac or custom (class table of the data)")
