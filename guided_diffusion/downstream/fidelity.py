@@ -196,7 +196,6 @@ def render(result: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-
 def patch_scorer(model, net, table, tile: int, device, dtype=None):
     """A label-fidelity scorer over in-memory patches, for comparisons such as ``benchmarks/bench_steps.py``.
 

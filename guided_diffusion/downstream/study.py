@@ -44,7 +44,7 @@ DEFAULT_ARMS = ("real", "balance", "balance_enlarge")
 
 # One row per preset: the network, the budget, the seeds. cpu: sized for 2 CPU cores: a training step
 # costs ~0.47 CPU-seconds, so a run of 2500 steps takes ~20 min on one free core and the 9 runs ~1.7 h
-# as two studies side by side (docs/REAL_DATA.md). 1000 steps were too few: the HV branch stayed so
+# with --jobs 2 (docs/REAL_DATA.md). 1000 steps were too few: the HV branch stayed so
 # flat that HoVer-Net's marker step found no nucleus in some images. paper: MONAI's HoVer-Net on a GPU.
 PRESETS: Dict[str, Dict[str, Any]] = {
     "quick": dict(arch="small", width=4, crop_size=32, batch_size=2, steps=3, lr=1e-3, lr_drop_at=0.75,
@@ -101,6 +101,11 @@ class StudyConfig:
     progress: bool = _f(True, "show progress bars")
 
 
+def _source_groups(cfg: StudyConfig) -> Dict[str, str]:
+    """Synthetic source group -> its comma-separated folders."""
+    return {"balance": cfg.balance_dirs, "enlarge": cfg.enlarge_dirs, "gradmix": cfg.gradmix_dirs}
+
+
 def resolve(cfg: StudyConfig) -> Dict[str, Any]:
     """The preset with the explicitly given fields on top, plus the arm list and seed list."""
     if cfg.preset not in PRESETS:
@@ -120,7 +125,7 @@ def resolve(cfg: StudyConfig) -> Dict[str, Any]:
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise DiffMixError(f"--arms: unknown arm(s) {unknown}; expected {', '.join(ARMS)}")
-    groups = {"balance": cfg.balance_dirs, "enlarge": cfg.enlarge_dirs, "gradmix": cfg.gradmix_dirs}
+    groups = _source_groups(cfg)
     for arm in arms:
         for g in ARMS[arm][1]:
             if not ddata.split_list(groups[g]):
@@ -131,7 +136,7 @@ def resolve(cfg: StudyConfig) -> Dict[str, Any]:
 
 def train_config(cfg: StudyConfig, settings: Dict[str, Any], arm: str, seed: int, run_dir: str) -> HoverTrainConfig:
     """The training settings of one arm x seed."""
-    groups = {"balance": cfg.balance_dirs, "enlarge": cfg.enlarge_dirs, "gradmix": cfg.gradmix_dirs}
+    groups = _source_groups(cfg)
     synthetic = [d for g in ARMS[arm][1] for d in ddata.split_list(groups[g])]
     return HoverTrainConfig(
         data_dir=cfg.data_dir, synthetic_dirs=",".join(synthetic), dataset_mode=cfg.dataset_mode,
@@ -245,7 +250,7 @@ def _run_dir(cfg: StudyConfig, arm: str, seed: int) -> str:
 def _read_sources(cfg: StudyConfig, settings: Dict[str, Any], table, arms: Sequence[str], progress: bool):
     """The real training images and, per synthetic group the ``arms`` need, its patches."""
     real = ddata.read_real([cfg.data_dir], table, cfg.train_split, settings["crop_size"], progress)
-    groups = {"balance": cfg.balance_dirs, "enlarge": cfg.enlarge_dirs, "gradmix": cfg.gradmix_dirs}
+    groups = _source_groups(cfg)
     needed = sorted({g for a in arms for g in ARMS[a][1]})
     synthetic = {g: ddata.read_synthetic(ddata.split_list(groups[g]), table, settings["crop_size"], progress)
                  for g in needed}
