@@ -300,7 +300,8 @@ def run_parallel(cfg: StudyConfig, pending: Sequence[tuple]) -> None:
                 bar.update(1)
                 if proc.returncode != 0:
                     lines = fileio.read_bytes(log_path).decode(errors="replace").strip().splitlines()
-                    failed.append(f"{arm} seed {seed} (exit {proc.returncode}, {log_path}: {lines[-1] if lines else ''})")
+                    failed.append((list(pending).index((arm, seed)),
+                                   f"{arm} seed {seed} (exit {proc.returncode}, {log_path}: {lines[-1] if lines else ''})"))
     finally:
         for proc, (_, _, log, _) in running.items():
             proc.terminate()
@@ -308,7 +309,7 @@ def run_parallel(cfg: StudyConfig, pending: Sequence[tuple]) -> None:
             log.close()
         bar.close()
     if failed:
-        raise DiffMixError(f"{len(failed)} of {len(pending)} runs failed: " + "; ".join(failed))
+        raise DiffMixError(f"{len(failed)} of {len(pending)} runs failed: " + "; ".join(m for _, m in sorted(failed)))
 
 
 def _worker(spec: str, arm: str, seed: str) -> None:
