@@ -26,6 +26,11 @@ CONFIG_NAME = "config.json"
 T = TypeVar("T")
 
 
+def flag(default: Any, help: str) -> Any:
+    """A dataclass field that becomes ``--name`` with this default and help (:func:`add_dataclass_args`)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 def str2bool(v: Any) -> bool:
     """Parse a boolean flag value: yes/true/t/y/1 or no/false/f/n/0 (any case), as officially."""
     if isinstance(v, bool):

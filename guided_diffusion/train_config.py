@@ -6,13 +6,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from .config import flag
 from .data.classes import LABELS_MERGED, LABELS_MERGED_HELP
 from .errors import DiffMixError
 from .precision import check_precision
-
-
-def _f(default: Any, help: str) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclasses.dataclass
@@ -24,32 +21,32 @@ class TrainConfig:
     scaling (:mod:`guided_diffusion.precision`).
     """
 
-    data_dir: str = _f("", "dataset root holding Train/Images and Train/Labels")
-    dataset_mode: str = _f("", "consep, glysac, custom, pannuke, conic or lizard")
-    labels_merged: str = _f("auto", LABELS_MERGED_HELP)
-    schedule_sampler: str = _f("uniform", "timestep sampler: uniform or loss-second-moment")
-    lr: float = _f(1e-4, "AdamW learning rate")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    lr_anneal_steps: int = _f(0, "anneal lr linearly to 0 over this many steps, then stop (0: constant lr)")
-    batch_size: int = _f(1, "images per step on each rank")
-    microbatch: int = _f(-1, "split each batch into chunks of this size, accumulating gradients (-1: off)")
-    ema_rate: str = _f("0.9999", "comma-separated EMA rates, one ema_<rate>_NNNNNN.pt per rate")
-    drop_rate: float = _f(0.0, "probability of replacing a sample's whole condition by zeros (classifier-free)")
-    log_interval: int = _f(10, "write progress.csv / log.txt every this many steps")
-    save_interval: int = _f(10000, "save a checkpoint every this many steps (and at the end)")
-    resume_checkpoint: str = _f("", "'latest', a checkpoint folder, or a model/ema .pt file ('' to start fresh)")
-    fp16_scale_growth: float = _f(1e-3, "fp16 loss-scale growth in log2 per step (doubles every 1/x steps)")
-    is_train: bool = _f(True, "read the Train split (False: the Test split)")
-    gpu: str = _f("", "deprecated; select GPUs with CUDA_VISIBLE_DEVICES or the launcher (see image_train.py)")
-    max_steps: int = _f(0, "stop after this many steps in total, counting resumed ones (0: no limit)")
-    log_dir: str = _f("", "run folder (default: $OPENAI_LOGDIR, else runs/train-<time>)")
-    seed: int = _f(0, "seed of the initial weights, timesteps, noise, condition dropout and crops")
-    grad_clip: float = _f(0.0, "clip the global gradient norm to this value (0: off)")
-    keep_checkpoints: int = _f(0, "keep only the newest N complete checkpoints (0: keep all)")
-    precision: str = _f("auto", "fp32, bf16 or fp16 autocast; auto: fp16 with --use_fp16 on CUDA, else fp32")
-    num_workers: int = _f(0, "data-loading worker processes per rank")
-    deterministic: bool = _f(False, "deterministic kernels (bitwise-reproducible resume; slower on GPU)")
-    progress: bool = _f(True, "show a progress bar on the terminal")
+    data_dir: str = flag("", "dataset root holding Train/Images and Train/Labels")
+    dataset_mode: str = flag("", "consep, glysac, custom, pannuke, conic or lizard")
+    labels_merged: str = flag("auto", LABELS_MERGED_HELP)
+    schedule_sampler: str = flag("uniform", "timestep sampler: uniform or loss-second-moment")
+    lr: float = flag(1e-4, "AdamW learning rate")
+    weight_decay: float = flag(0.0, "AdamW weight decay")
+    lr_anneal_steps: int = flag(0, "anneal lr linearly to 0 over this many steps, then stop (0: constant lr)")
+    batch_size: int = flag(1, "images per step on each rank")
+    microbatch: int = flag(-1, "split each batch into chunks of this size, accumulating gradients (-1: off)")
+    ema_rate: str = flag("0.9999", "comma-separated EMA rates, one ema_<rate>_NNNNNN.pt per rate")
+    drop_rate: float = flag(0.0, "probability of replacing a sample's whole condition by zeros (classifier-free)")
+    log_interval: int = flag(10, "write progress.csv / log.txt every this many steps")
+    save_interval: int = flag(10000, "save a checkpoint every this many steps (and at the end)")
+    resume_checkpoint: str = flag("", "'latest', a checkpoint folder, or a model/ema .pt file ('' to start fresh)")
+    fp16_scale_growth: float = flag(1e-3, "fp16 loss-scale growth in log2 per step (doubles every 1/x steps)")
+    is_train: bool = flag(True, "read the Train split (False: the Test split)")
+    gpu: str = flag("", "deprecated; select GPUs with CUDA_VISIBLE_DEVICES or the launcher (see image_train.py)")
+    max_steps: int = flag(0, "stop after this many steps in total, counting resumed ones (0: no limit)")
+    log_dir: str = flag("", "run folder (default: $OPENAI_LOGDIR, else runs/train-<time>)")
+    seed: int = flag(0, "seed of the initial weights, timesteps, noise, condition dropout and crops")
+    grad_clip: float = flag(0.0, "clip the global gradient norm to this value (0: off)")
+    keep_checkpoints: int = flag(0, "keep only the newest N complete checkpoints (0: keep all)")
+    precision: str = flag("auto", "fp32, bf16 or fp16 autocast; auto: fp16 with --use_fp16 on CUDA, else fp32")
+    num_workers: int = flag(0, "data-loading worker processes per rank")
+    deterministic: bool = flag(False, "deterministic kernels (bitwise-reproducible resume; slower on GPU)")
+    progress: bool = flag(True, "show a progress bar on the terminal")
 
 
 def parse_ema_rates(ema_rate: Any) -> list[float]:

@@ -36,7 +36,7 @@ def main(argv=None) -> dict:
     apply_threads(args.num_threads)
     table = resolve_class_table(args.dataset_mode, args.class_table or None, args.num_classes)
     result = dg.diagnose(args.run_dir, args.data_dir, args.split, table, args.tile, args.device, args.max_images,
-                         args.progress)
+                         args.progress, args.precision)
     if args.out_json:
         dg.write(result, args.out_json)
     print(dg.render(result))

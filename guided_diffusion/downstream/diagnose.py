@@ -30,7 +30,6 @@ import numpy as np
 
 from .. import fileio
 from ..data.readers import read_dataset
-from ..errors import DiffMixError
 from .targets import HV, NC, NP, hover_maps
 
 FIELDS = ("np_dice", "instance_dice", "hv_corr", "border_energy_median", "true_nuclei", "markers", "predicted_nuclei")
@@ -116,21 +115,16 @@ def pixel_scores(model, net, samples, tile: int, device, dtype=None) -> Dict[str
 
 
 def diagnose(run_dir: str, data_dir: str, split: str, table, tile: Optional[int] = None, device: str = "auto",
-             max_images: int = 0, progress: bool = True) -> Dict[str, Any]:
+             max_images: int = 0, progress: bool = True, precision: str = "auto") -> Dict[str, Any]:
     """Stage numbers of the finished run ``run_dir`` on every labelled image of ``data_dir``/``split``
     (the first ``max_images`` when > 0): ``{"images": [{stem, **stage_scores}], "mean": {...}, ...}``."""
     from tqdm.auto import tqdm
 
-    from .nets import NetConfig, check_input_size
+    from .nets import check_input_size
     from .predict import default_tile, predict_image
-    from .train import load_trained, resolve_device
+    from .train import load_segmenter
 
-    dev = resolve_device(device)
-    model, config = load_trained(run_dir, dev)
-    net = NetConfig(**config["net"])
-    if net.num_classes != table.num_classes:
-        raise DiffMixError(f"{run_dir}: the segmenter predicts {net.num_classes} classes, but the data has "
-                           f"{table.num_classes} ({table.name})")
+    model, net, dev, dtype = load_segmenter(run_dir, device, precision, table)
     tile = default_tile(tile)
     check_input_size(net, tile, "--tile")
     samples = read_dataset(data_dir, table, split, progress=False)
@@ -138,7 +132,7 @@ def diagnose(run_dir: str, data_dir: str, split: str, table, tile: Optional[int]
         samples = samples[:max_images]
     rows: List[Dict[str, Any]] = []
     for s in tqdm(samples, desc="diagnose", unit="image", disable=not progress):
-        rows.append({"stem": s.files.stem, **stage_scores(predict_image(model, net, s.image, tile, dev), s.inst_map)})
+        rows.append({"stem": s.files.stem, **stage_scores(predict_image(model, net, s.image, tile, dev, dtype), s.inst_map)})
     mean = {}
     for k in FIELDS:  # NaN (undefined, e.g. no predicted mask) is left out; all NaN stays NaN
         v = np.array([r[k] for r in rows], np.float64)

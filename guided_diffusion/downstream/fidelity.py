@@ -97,17 +97,13 @@ def label_fidelity(run_dir: str, synthetic_dirs: Sequence[str], real_dir: str, o
                    progress: bool = True) -> Dict[str, Any]:
     """:func:`measure_fidelity` with the network of a finished training run (``run_dir``)."""
     from ..data.classes import resolve_class_table
-    from .nets import NetConfig
     from .predict import default_tile
-    from .train import autocast_dtype, load_trained, resolve_device
+    from .train import load_segmenter
 
     table = resolve_class_table(dataset_mode, class_table or None, num_classes)
-    dev = resolve_device(device)
-    model, config = load_trained(run_dir, dev)
-    net = NetConfig(**config["net"])
-    result = measure_fidelity(model, net, table, synthetic_dirs, real_dir, out_dir, split, default_tile(tile), dev,
-                              autocast_dtype(precision, dev), grid_rows, progress, extra={"run_dir": run_dir})
-    return result
+    model, net, dev, dtype = load_segmenter(run_dir, device, precision)
+    return measure_fidelity(model, net, table, synthetic_dirs, real_dir, out_dir, split, default_tile(tile), dev,
+                            dtype, grid_rows, progress, extra={"run_dir": run_dir})
 
 
 def measure_fidelity(model, net, table, synthetic_dirs: Sequence[str], real_dir: str, out_dir: str, split: str,
@@ -120,11 +116,10 @@ def measure_fidelity(model, net, table, synthetic_dirs: Sequence[str], real_dir:
     both sets, image counts and the settings.
     """
     from ..metrics import evaluate_folders
+    from .nets import check_classes
     from .predict import predict_arrays, write_predictions
 
-    if net.num_classes != table.num_classes:
-        raise DiffMixError(f"the segmenter predicts {net.num_classes} classes, but the data has "
-                           f"{table.num_classes} ({table.name})")
+    check_classes(net, table)
     if not synthetic_dirs:
         raise DiffMixError("no synthetic sources given")
     synthetic = ddata.read_synthetic(synthetic_dirs, table, min_size=None, progress=progress)
@@ -209,11 +204,10 @@ def patch_scorer(model, net, table, tile: int, device, dtype=None):
     import tempfile
 
     from ..metrics import evaluate_folders
+    from .nets import check_classes
     from .predict import predict_arrays
 
-    if net.num_classes != table.num_classes:
-        raise DiffMixError(f"the segmenter predicts {net.num_classes} classes, but the data has "
-                           f"{table.num_classes} ({table.name})")
+    check_classes(net, table)
     merged = dict(classes_merged=np.array(1), num_classes=np.array(table.num_classes))
 
     def score(images: np.ndarray, inst_maps: np.ndarray, type_maps: np.ndarray) -> Dict[str, float]:
@@ -234,10 +228,8 @@ def patch_scorer(model, net, table, tile: int, device, dtype=None):
 
 def segmenter_scorer(run_dir: str, table, tile: Optional[int] = None, device: str = "auto", precision: str = "auto"):
     """:func:`patch_scorer` with the network of a finished training run (``run_dir``)."""
-    from .nets import NetConfig
     from .predict import default_tile
-    from .train import autocast_dtype, load_trained, resolve_device
+    from .train import load_segmenter
 
-    dev = resolve_device(device)
-    model, config = load_trained(run_dir, dev)
-    return patch_scorer(model, NetConfig(**config["net"]), table, default_tile(tile), dev, autocast_dtype(precision, dev))
+    model, net, dev, dtype = load_segmenter(run_dir, device, precision, table)
+    return patch_scorer(model, net, table, default_tile(tile), dev, dtype)

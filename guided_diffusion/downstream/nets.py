@@ -104,6 +104,13 @@ def check_input_size(cfg: NetConfig, size: int, what: str) -> None:
         raise DiffMixError(f"{what} {size}: must be at least 16 px (four 2x down-samplings)")
 
 
+def check_classes(net: NetConfig, table, where: str = "") -> None:
+    """Raise if the network's classes differ from the data's class table (``where`` prefixes the message)."""
+    if net.num_classes != table.num_classes:
+        raise DiffMixError(f"{where + ': ' if where else ''}the segmenter predicts {net.num_classes} classes, but the "
+                           f"data has {table.num_classes} ({table.name})")
+
+
 def load_encoder(model: nn.Module, path: str) -> int:
     """Copy the encoder weights of a local checkpoint into a MONAI HoVerNet.
 

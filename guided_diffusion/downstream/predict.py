@@ -27,7 +27,7 @@ from ..data.condition import image_to_tensor
 from ..errors import DiffMixError
 from .nets import HOVERNET_SIZE, NetConfig, check_input_size
 from .targets import HV, NC, NP
-from .train import autocast_dtype, forward, load_trained, resolve_device
+from .train import forward, load_segmenter
 
 RECORD = "prediction.json"
 
@@ -118,13 +118,11 @@ def predict_folder(run_dir: str, data_dir: str, out_dir: str, split: str = "Test
                    device: str = "auto", precision: str = "auto", progress: bool = True) -> List[str]:
     """:func:`write_predictions` with the network of a finished training run; ``out_dir/prediction.json``
     (what made the predictions) is written last."""
-    dev = resolve_device(device)
-    model, config = load_trained(run_dir, dev)
-    net = NetConfig(**config["net"])
+    model, net, dev, dtype = load_segmenter(run_dir, device, precision)
     tile = default_tile(tile)
-    written = write_predictions(model, net, data_dir, out_dir, split, tile, dev, autocast_dtype(precision, dev), progress)
+    written = write_predictions(model, net, data_dir, out_dir, split, tile, dev, dtype, progress)
     fileio.write_json(fileio.join(out_dir, RECORD), {
         "run_dir": run_dir, "data_dir": data_dir, "split": split, "tile": tile, "n_images": len(written),
-        "net": config["net"],
+        "net": net.to_dict(),
     })
     return written

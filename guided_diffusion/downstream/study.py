@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from .. import fileio
-from ..config import dataclass_to_argv
+from ..config import dataclass_to_argv, flag
 from ..data.readers import find_folder, read_dataset, resolve_split_dir
 from ..errors import DiffMixError
 from . import data as ddata
@@ -61,44 +61,40 @@ RESULT = "result.json"
 _RUNTIME_FIELDS = ("out_dir", "progress", "num_threads", "device", "jobs")
 
 
-def _f(default: Any, help: str) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help})
-
-
 @dataclasses.dataclass
 class StudyConfig:
     """Settings of ``scripts/utility_study.py``; preset-controlled fields default to None (= preset)."""
 
-    data_dir: str = _f("", "real dataset root holding the train and test splits (CoNSeP layout)")
-    dataset_mode: str = _f("consep", "consep, glysac or custom")
-    num_classes: Optional[int] = _f(None, "classes incl. background (custom mode)")
-    class_table: str = _f("", "custom mode: class table JSON")
-    train_split: str = _f("Train", "split to train on")
-    test_split: str = _f("Test", "held-out split to evaluate on")
-    balance_dirs: str = _f("", "synthetic sources from balancing maps (image_sample.py run folders), comma-separated")
-    enlarge_dirs: str = _f("", "synthetic sources from enlarging maps, comma-separated")
-    gradmix_dirs: str = _f("", "GradMix image folders (gradmix.py --write_images true output), comma-separated")
-    arms: str = _f("", f"arms to run, comma-separated from {', '.join(ARMS)} "
+    data_dir: str = flag("", "real dataset root holding the train and test splits (CoNSeP layout)")
+    dataset_mode: str = flag("consep", "consep, glysac or custom")
+    num_classes: Optional[int] = flag(None, "classes incl. background (custom mode)")
+    class_table: str = flag("", "custom mode: class table JSON")
+    train_split: str = flag("Train", "split to train on")
+    test_split: str = flag("Test", "held-out split to evaluate on")
+    balance_dirs: str = flag("", "synthetic sources from balancing maps (image_sample.py run folders), comma-separated")
+    enlarge_dirs: str = flag("", "synthetic sources from enlarging maps, comma-separated")
+    gradmix_dirs: str = flag("", "GradMix image folders (gradmix.py --write_images true output), comma-separated")
+    arms: str = flag("", f"arms to run, comma-separated from {', '.join(ARMS)} "
                        f"(default: {', '.join(DEFAULT_ARMS)}, plus gradmix when --gradmix_dirs is given)")
-    out_dir: str = _f("", "study folder (runs/, tables, figure, report.md); rerun it to resume")
-    preset: str = _f("cpu", f"settings preset: {', '.join(PRESETS)}")
-    seeds: Optional[str] = _f(None, "comma-separated seeds (preset: 0,1,2)")
-    steps: Optional[int] = _f(None, "training steps per run (preset)")
-    batch_size: Optional[int] = _f(None, "crops per step (preset)")
-    crop_size: Optional[int] = _f(None, "training crop size (preset)")
-    arch: Optional[str] = _f(None, "small or hovernet (preset)")
-    width: Optional[int] = _f(None, "small network width (preset)")
-    lr: Optional[float] = _f(None, "Adam learning rate (preset)")
-    lr_drop_at: Optional[float] = _f(None, "fraction of steps after which lr x 0.1 (preset)")
-    tile: Optional[int] = _f(None, "inference window in pixels (preset)")
-    synthetic_fraction: Optional[float] = _f(None, "share of each batch from synthetic sources in the synthetic "
+    out_dir: str = flag("", "study folder (runs/, tables, figure, report.md); rerun it to resume")
+    preset: str = flag("cpu", f"settings preset: {', '.join(PRESETS)}")
+    seeds: Optional[str] = flag(None, "comma-separated seeds (preset: 0,1,2)")
+    steps: Optional[int] = flag(None, "training steps per run (preset)")
+    batch_size: Optional[int] = flag(None, "crops per step (preset)")
+    crop_size: Optional[int] = flag(None, "training crop size (preset)")
+    arch: Optional[str] = flag(None, "small or hovernet (preset)")
+    width: Optional[int] = flag(None, "small network width (preset)")
+    lr: Optional[float] = flag(None, "Adam learning rate (preset)")
+    lr_drop_at: Optional[float] = flag(None, "fraction of steps after which lr x 0.1 (preset)")
+    tile: Optional[int] = flag(None, "inference window in pixels (preset)")
+    synthetic_fraction: Optional[float] = flag(None, "share of each batch from synthetic sources in the synthetic "
                                                    "arms (default: by pool size)")
-    device: str = _f("auto", "cpu, cuda, cuda:N; auto: cuda if available")
-    precision: str = _f("auto", "fp32 or bf16; auto: bf16 on a capable GPU")
-    num_threads: int = _f(0, "torch CPU threads per run (0: torch's default, or CPU cores / --jobs with --jobs > 1)")
-    jobs: int = _f(1, "arm x seed runs trained side by side, each in its own process (CPU: up to one per core; "
+    device: str = flag("auto", "cpu, cuda, cuda:N; auto: cuda if available")
+    precision: str = flag("auto", "fp32 or bf16; auto: bf16 on a capable GPU")
+    num_threads: int = flag(0, "torch CPU threads per run (0: torch's default, or CPU cores / --jobs with --jobs > 1)")
+    jobs: int = flag(1, "arm x seed runs trained side by side, each in its own process (CPU: up to one per core; "
                       "logs in runs/<arm>/seed<k>/worker.log)")
-    progress: bool = _f(True, "show progress bars")
+    progress: bool = flag(True, "show progress bars")
 
 
 def _source_groups(cfg: StudyConfig) -> Dict[str, str]:
@@ -329,13 +325,10 @@ def _worker(spec: str, arm: str, seed: str) -> None:
 
 def _pixel_scores(cfg: StudyConfig, settings: Dict[str, Any], run_dir: str, test_samples) -> Dict[str, Any]:
     from .diagnose import pixel_scores
-    from .nets import NetConfig
-    from .train import autocast_dtype, load_trained, resolve_device
+    from .train import load_segmenter
 
-    dev = resolve_device(cfg.device)
-    model, config = load_trained(fileio.join(run_dir, "train"), dev)
-    return pixel_scores(model, NetConfig(**config["net"]), test_samples, settings["tile"], dev,
-                        autocast_dtype(cfg.precision, dev))
+    model, net, dev, dtype = load_segmenter(fileio.join(run_dir, "train"), cfg.device, cfg.precision)
+    return pixel_scores(model, net, test_samples, settings["tile"], dev, dtype)
 
 
 def run_arm_seed(cfg: StudyConfig, settings: Dict[str, Any], arm: str, seed: int, pools: Pools, test_labels: str,

@@ -22,12 +22,13 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from .. import fileio, runlock
+from ..config import flag
 from ..data.classes import ClassTable, resolve_class_table
 from ..data.readers import LabeledImage
 from ..data.training import TrainCropDataset
 from ..errors import DiffMixError
 from . import data as ddata
-from .nets import ARCHS, NetConfig, build_network, check_input_size, load_encoder, parameter_count
+from .nets import ARCHS, NetConfig, build_network, check_classes, check_input_size, load_encoder, parameter_count
 
 PRECISIONS = ("auto", "fp32", "bf16")
 CONFIG, STATE, MODEL, RECORD, PROGRESS = "config.json", "train_state.pt", "model.safetensors", "train.json", "progress.csv"
@@ -35,39 +36,35 @@ CONFIG, STATE, MODEL, RECORD, PROGRESS = "config.json", "train_state.pt", "model
 _RUNTIME_FIELDS = ("out_dir", "progress", "save_interval", "num_threads", "device")
 
 
-def _f(default: Any, help: str) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help})
-
-
 @dataclasses.dataclass
 class HoverTrainConfig:
     """Settings of one downstream training run (the flags of ``scripts/hovernet_train.py``)."""
 
-    data_dir: str = _f("", "real dataset root(s) in the CoNSeP layout, comma-separated")
-    synthetic_dirs: str = _f("", "synthetic sources, comma-separated: image_sample.py run folders, .npy folders, "
+    data_dir: str = flag("", "real dataset root(s) in the CoNSeP layout, comma-separated")
+    synthetic_dirs: str = flag("", "synthetic sources, comma-separated: image_sample.py run folders, .npy folders, "
                                  "or Images/+Labels/ folders (gradmix.py --write_images)")
-    dataset_mode: str = _f("consep", "consep, glysac or custom (class table of the real data)")
-    num_classes: Optional[int] = _f(None, "classes incl. background (custom: required without --class_table)")
-    class_table: str = _f("", "custom mode: class table JSON")
-    split: str = _f("Train", "split of the real dataset roots to train on")
-    out_dir: str = _f("", "run folder (config, checkpoints, final weights)")
-    arch: str = _f("small", f"network: {' or '.join(ARCHS)} (MONAI HoVerNet fast mode, 256 px)")
-    width: int = _f(16, "small network: base feature width")
-    crop_size: int = _f(128, "training crop size in pixels (every source image must be at least this large)")
-    batch_size: int = _f(8, "crops per step")
-    steps: int = _f(2000, "training steps (the fixed budget that makes arms comparable)")
-    lr: float = _f(1e-3, "Adam learning rate")
-    lr_drop_at: float = _f(0.75, "multiply the learning rate by 0.1 after this fraction of the steps")
-    weight_decay: float = _f(0.0, "Adam weight decay")
-    synthetic_fraction: Optional[float] = _f(None, "share of each batch from synthetic sources "
+    dataset_mode: str = flag("consep", "consep, glysac or custom (class table of the real data)")
+    num_classes: Optional[int] = flag(None, "classes incl. background (custom: required without --class_table)")
+    class_table: str = flag("", "custom mode: class table JSON")
+    split: str = flag("Train", "split of the real dataset roots to train on")
+    out_dir: str = flag("", "run folder (config, checkpoints, final weights)")
+    arch: str = flag("small", f"network: {' or '.join(ARCHS)} (MONAI HoVerNet fast mode, 256 px)")
+    width: int = flag(16, "small network: base feature width")
+    crop_size: int = flag(128, "training crop size in pixels (every source image must be at least this large)")
+    batch_size: int = flag(8, "crops per step")
+    steps: int = flag(2000, "training steps (the fixed budget that makes arms comparable)")
+    lr: float = flag(1e-3, "Adam learning rate")
+    lr_drop_at: float = flag(0.75, "multiply the learning rate by 0.1 after this fraction of the steps")
+    weight_decay: float = flag(0.0, "Adam weight decay")
+    synthetic_fraction: Optional[float] = flag(None, "share of each batch from synthetic sources "
                                                    "(default: by pool size, i.e. the union sampled uniformly)")
-    seed: int = _f(0, "seed of the initial weights and of every crop")
-    precision: str = _f("auto", "fp32 or bf16 autocast; auto: bf16 on a GPU that supports it, else fp32")
-    device: str = _f("auto", "cpu, cuda, cuda:N; auto: cuda if available")
-    encoder_checkpoint: str = _f("", "arch hovernet: local encoder weights (MONAI HoVerNet names, .pt or .safetensors)")
-    save_interval: int = _f(200, "save the resumable state every this many steps")
-    num_threads: int = _f(0, "torch CPU threads (0: torch's default)")
-    progress: bool = _f(True, "show a progress bar")
+    seed: int = flag(0, "seed of the initial weights and of every crop")
+    precision: str = flag("auto", "fp32 or bf16 autocast; auto: bf16 on a GPU that supports it, else fp32")
+    device: str = flag("auto", "cpu, cuda, cuda:N; auto: cuda if available")
+    encoder_checkpoint: str = flag("", "arch hovernet: local encoder weights (MONAI HoVerNet names, .pt or .safetensors)")
+    save_interval: int = flag(200, "save the resumable state every this many steps")
+    num_threads: int = flag(0, "torch CPU threads (0: torch's default)")
+    progress: bool = flag(True, "show a progress bar")
 
     def net_config(self, num_classes: int) -> NetConfig:
         return NetConfig(arch=self.arch, num_classes=num_classes, width=self.width)
@@ -303,3 +300,14 @@ def load_trained(run_dir: str, device: Any = "cpu") -> Tuple[torch.nn.Module, di
     except RuntimeError as err:
         raise DiffMixError(f"{model_path}: weights do not fit the network of {cfg_path} ({str(err)[:200]})") from None
     return model.to(device).eval(), config
+
+
+def load_segmenter(run_dir: str, device: str = "auto", precision: str = "auto", table=None):
+    """A finished run's network ready for inference: ``(model, net, device, dtype)`` (``dtype``: the
+    autocast dtype of ``precision`` on that device, or None). With ``table``, its classes are checked."""
+    dev = resolve_device(device)
+    model, config = load_trained(run_dir, dev)
+    net = NetConfig(**config["net"])
+    if table is not None:
+        check_classes(net, table, run_dir)
+    return model, net, dev, autocast_dtype(precision, dev)
