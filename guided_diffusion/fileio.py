@@ -142,6 +142,47 @@ def check_output_dir(path: str, flag: str) -> None:
         raise DiffMixError(f"{path}: {flag} is not writable ({probe}: permission denied or read-only)")
 
 
+def check_not_input(out_dir: str, inputs: dict, flag: str) -> None:
+    """Refuse an output folder that is, is inside, or contains an input folder of the same command.
+
+    Writing there could overwrite the inputs (ground-truth labels replaced by predictions, say).
+    Local paths are compared as real paths (symbolic links and ``..`` resolved, the output folder
+    need not exist yet); remote ones as written.
+
+    Args:
+        out_dir: the output folder (``''``/None: nothing to check).
+        inputs: ``{input flag: folder}``; empty folders are skipped.
+        flag: the output folder's flag, for the message.
+
+    Raises:
+        DiffMixError naming ``out_dir``, ``flag`` and the input flag and folder.
+    """
+    if not out_dir:
+        return
+
+    def key(path: str) -> str:
+        return str(path).rstrip("/") if is_remote(path) else os.path.realpath(path)
+
+    def within(inner: str, outer: str) -> bool:
+        return inner == outer or inner.startswith(outer.rstrip("/" + os.sep) + ("/" if is_remote(outer) else os.sep))
+
+    out = key(out_dir)
+    for in_flag, path in inputs.items():
+        if not path or is_remote(path) != is_remote(out_dir):
+            continue
+        src = key(path)
+        if out == src:
+            relation = "is"
+        elif within(out, src):
+            relation = "is inside"
+        elif within(src, out):
+            relation = "contains"
+        else:
+            continue
+        raise DiffMixError(f"{out_dir}: {flag} {relation} the input folder {in_flag} {path}; writing there "
+                           "could overwrite the inputs: choose an output folder outside them")
+
+
 def write_bytes(path: str, data: bytes) -> None:
     with atomic_open(path, "wb") as f:
         f.write(data)

@@ -14,26 +14,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import fileio
+from .plotting import pyplot, save_figure
 from .data.classes import resolve_class_table
 from .data.labels import relabel_contiguous
 from .data.readers import read_label_file, resolve_labels_form
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: str) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
-    fileio.write_bytes(path, buf.getvalue())
-    return path
 
 
 def read_progress(run_dir: str) -> List[Dict[str, float]]:
@@ -55,7 +39,7 @@ def read_progress(run_dir: str) -> List[Dict[str, float]]:
 
 def plot_loss_curve(runs: Sequence[Tuple[str, str]], path: str) -> Optional[str]:
     """Training loss (and its mse / vb parts) against step for each ``(label, run_dir)``."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 3.5))
     plotted = False
     for label, run_dir in runs:
@@ -76,7 +60,7 @@ def plot_loss_curve(runs: Sequence[Tuple[str, str]], path: str) -> Optional[str]
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("SDM training loss (pre-training, then classifier-free fine-tuning)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _records(synthesis_dir: str) -> List[Dict[str, Any]]:
@@ -88,12 +72,13 @@ def _records(synthesis_dir: str) -> List[Dict[str, Any]]:
 
 def _real_label_path(record: Dict[str, Any]) -> Optional[str]:
     """The real label file a GradMix map was made from (its GradMix record names it)."""
+    from .gradmix import read_map_record
+
     label_source = record.get("label_source", "")
-    labels_dir = os.path.dirname(label_source)
-    gm_record = fileio.join(os.path.dirname(labels_dir), "Records", record.get("map_name", "") + ".json")
-    if not label_source or not fileio.exists(gm_record):
+    gm = read_map_record(label_source)
+    if gm is None:
         return label_source or None  # the dataset's own labels were used
-    return fileio.read_json(gm_record).get("source_label")
+    return gm.get("source_label")
 
 
 def plot_pipeline(record: Dict[str, Any], class_table, path: str) -> Optional[str]:
@@ -116,7 +101,7 @@ def plot_pipeline(record: Dict[str, Any], class_table, path: str) -> Optional[st
         ("GradMix virtual label map", label_overlay(real, npy[..., 3], npy[..., 4])),
         ("DiffMix synthetic patch", npy[..., :3].astype(np.uint8)),
     ]
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6))
     for i, (ax, (title, img)) in enumerate(zip(axes, panels)):
         ax.imshow(img)
@@ -126,30 +111,18 @@ def plot_pipeline(record: Dict[str, Any], class_table, path: str) -> Optional[st
             ax.annotate("", xy=(1.12, 0.5), xytext=(1.0, 0.5), xycoords="axes fraction",
                         arrowprops=dict(arrowstyle="->", lw=2))
     fig.suptitle("DiffMix: real label -> virtual label (GradMix) -> SDM synthesis (SDEdit DDIM + guidance)", fontsize=10)
-    return _save(fig, path)
-
-
-def _gradmix_record(record: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    """The GradMix JSON record of the label map a synthesis record used (None for dataset labels)."""
-    labels_dir = os.path.dirname(record.get("label_source", ""))
-    path = fileio.join(os.path.dirname(labels_dir), "Records", record.get("map_name", "") + ".json")
-    return fileio.read_json(path) if labels_dir and fileio.exists(path) else None
+    return save_figure(fig, path)
 
 
 def changed_nuclei(record: Dict[str, Any]) -> tuple:
     """``(kind, mask bool [S, S])``: the nuclei GradMix placed (balancing) or moved (enlarging) inside
     a synthesis record's crop; kind is None and the mask empty for the dataset's own labels."""
+    from .gradmix import changed_mask
+
     crop = record["crop"]
-    x0, y0, h, w = int(crop["x0"]), int(crop["y0"]), int(crop["height"]), int(crop["width"])
-    gm = _gradmix_record(record)
-    if gm is None:
-        return None, np.zeros((h, w), bool)
-    if gm["kind"] == "balance":
-        ids = [e["target_id"] for e in gm["edits"] if e.get("donor_image") is not None]
-    else:
-        ids = [e["id"] for e in gm["edits"] if e.get("moved")]
-    inst = np.asarray(fileio.read_mat(record["label_source"])["inst_map"])
-    return gm["kind"], np.isin(inst[y0 : y0 + h, x0 : x0 + w], ids)
+    window = (crop["y0"], crop["x0"], crop["height"], crop["width"])
+    kind, mask = changed_mask(record.get("label_source", ""), window)
+    return (kind, mask) if kind is not None else (None, np.zeros(window[2:], bool))
 
 
 def outline(image: np.ndarray, mask: np.ndarray, colour=(255, 230, 0)) -> np.ndarray:

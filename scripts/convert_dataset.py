@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 
+from guided_diffusion import fileio
 from guided_diffusion.config import HelpFormatter, str2bool
 from guided_diffusion.data.formats import FORMAT_MODES
 from guided_diffusion.errors import DiffMixError, run_cli
@@ -48,6 +49,7 @@ def main(argv=None) -> dict:
         return summary
     if not args.dataset_mode or not args.out_dir:
         raise DiffMixError("--data_dir needs --dataset_mode (pannuke, conic or lizard) and --out_dir")
+    fileio.check_not_input(args.out_dir, {"--data_dir": args.data_dir}, "--out_dir")
     splits = [s for s in args.splits.replace(" ", "").split(",") if s]
     summary = convert_to_consep(args.data_dir, args.dataset_mode, args.out_dir, splits, progress=args.progress)
     counts = ", ".join(f"{s}: {len(v['stems'])}" for s, v in summary["splits"].items())

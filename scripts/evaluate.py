@@ -85,6 +85,7 @@ def main(argv=None) -> dict:
         raise DiffMixError(f"--radius must be a positive number of pixels, got {args.radius}")
     if args.out_dir:
         fileio.check_output_dir(args.out_dir, "--out_dir")
+        fileio.check_not_input(args.out_dir, {"--true_dir": args.true_dir, "--pred_dir": args.pred_dir}, "--out_dir")
     mode = args.dataset_mode
     if mode is None and args.class_table:
         mode = "custom"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 
+from guided_diffusion import fileio
 from guided_diffusion.config import HelpFormatter
 from guided_diffusion.downstream.cli import add_inference_flags, add_run_flags, apply_threads
 from guided_diffusion.errors import run_cli
@@ -27,6 +28,8 @@ def main(argv=None) -> list:
     p.add_argument("--out_dir", required=True, help="folder for the .mat predictions")
     add_inference_flags(p)
     args = p.parse_args(argv)
+    # Predictions into the data (e.g. --out_dir D/Test/Labels) would replace the ground truth.
+    fileio.check_not_input(args.out_dir, {"--data_dir": args.data_dir}, "--out_dir")
 
     from guided_diffusion.downstream.predict import predict_folder
 

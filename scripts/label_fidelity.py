@@ -31,7 +31,7 @@ def main(argv=None) -> dict:
     p.add_argument("--split", default="Test", help="real split to score on")
     p.add_argument("--out_dir", required=True, help="output folder")
     add_class_flags(p)
-    p.add_argument("--grid_rows", type=int, default=6, help="patches shown in fidelity_grid.png")
+    p.add_argument("--grid_rows", type=int, default=6, help="patches shown in fidelity_grid.png (0 = no figure)")
     add_inference_flags(p)
     args = p.parse_args(argv)
 

@@ -29,3 +29,24 @@ def spec_dir() -> Path:
     if not SPEC.is_dir():
         pytest.skip(f"state-dict spec files not found at {SPEC}")
     return SPEC
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a module (tiny convolutions gain nothing from threads, and on a
+    shared 2-core machine two threads mostly wait on each other); restored afterwards. Modules use it
+    with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` as a module (its ``main(argv)`` runs a command in-process)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

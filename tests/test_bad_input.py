@@ -37,6 +37,11 @@ SCRIPTS = {
     "train": "scripts/image_train.py",
     "toy": "datasets/make_toy.py",
     "demo": "scripts/demo.py",
+    "hover_predict": "scripts/hovernet_predict.py",
+    "hover_train": "scripts/hovernet_train.py",
+    "study": "scripts/utility_study.py",
+    "fidelity": "scripts/label_fidelity.py",
+    "convert": "scripts/convert_dataset.py",
 }
 _modules: dict = {}
 
@@ -129,7 +134,8 @@ class Case:
     argv: Callable  # (env, out, tmp) -> list of str
     fragments: Sequence[str]  # each must appear in the error line; "{out}" etc. are filled in
     prepare: Optional[Callable] = None  # (env, out, tmp, monkeypatch) -> None
-    out_kind: str = "absent"  # absent: out must not exist after; consistent: no .tmp / record-less outputs
+    out_kind: str = "absent"  # absent: out must not exist after; consistent: no .tmp / record-less outputs;
+    # unchanged: the folder extra["keep"](env, out, tmp) (default out) holds the same files and bytes after
     extra: dict = field(default_factory=dict)
 
 
@@ -186,6 +192,46 @@ def eval_argv(*extra, **kw):
         t, p = eval_dirs(tmp, **kw)
         return ["--true_dir", t, "--pred_dir", p, "--out_dir", out, "--no_progress", *extra]
     return build
+
+
+def fill(e, out, tmp, extra):
+    return [str(x).format(**e, out=out, tmp=tmp) for x in extra]
+
+
+def hover_train_argv(*extra):
+    return lambda e, out, tmp: ["--data_dir", e["data"], "--dataset_mode", "consep", "--out_dir", out, "--arch", "small",
+                                "--width", "4", "--crop_size", "32", "--batch_size", "1", "--steps", "1",
+                                "--progress", "false", *fill(e, out, tmp, extra)]
+
+
+def study_argv(*extra):
+    return lambda e, out, tmp: ["--data_dir", e["data"], "--dataset_mode", "consep", "--arms", "real", "--preset", "quick",
+                                "--out_dir", out, "--num_threads", "1", "--progress", "false", *fill(e, out, tmp, extra)]
+
+
+def predict_into(rel_data: str, rel_out: str):
+    """hovernet_predict.py on a copy of the toy dataset (tmp/data) with --data_dir / --out_dir relative to it."""
+    def build(e, out, tmp):
+        root = copy_dataset(e["data"], str(tmp / "data"))
+        return ["--run_dir", e["empty_run"], "--data_dir", os.path.join(root, rel_data), "--split", "Train",
+                "--out_dir", os.path.join(root, rel_out), "--progress", "false"]
+    return build
+
+
+def eval_into(which: str, sub: str = ""):
+    """evaluate.py with --out_dir = the true or pred folder (or a folder ``sub`` inside it)."""
+    def build(e, out, tmp):
+        t, p = eval_dirs(tmp)
+        return ["--true_dir", t, "--pred_dir", p, "--out_dir", os.path.join(str(tmp / which), sub), "--no_progress"]
+    return build
+
+
+def symlink(target: str, link: str):
+    return lambda e, out, tmp, mp: os.symlink(target.format(**e, tmp=tmp), link.format(**e, tmp=tmp))
+
+
+def keep(rel: str):
+    return {"keep": lambda e, out, tmp: str(tmp / rel)}
 
 
 def replace_label(stem: str, **arrays):
@@ -303,11 +349,56 @@ CASES = [
     # ---------------------------------------------------------------- demo.py
     Case("demo-missing-data", "demo", lambda e, out, t: ["--data_dir", e["missing"], "--out_dir", out], ["{missing}", "--data_dir"]),
     Case("demo-out-is-file", "demo", lambda e, out, t: ["--out_dir", e["file"], "--preset", "quick"], ["{file}", "--out_dir"], out_kind="none"),
+    # ---------------------------------------------------------------- image_sample.py: non-finite numbers
+    Case("sample-eta-nan", "sample", sample_argv("--eta", "nan"), ["--eta nan", "finite"]),
+    Case("sample-s-inf", "sample", sample_argv("--s", "inf"), ["--s inf", "finite"]),
+    Case("sample-s-nan", "sample", sample_argv("--s", "nan"), ["--s nan", "finite"]),
+    # ---------------------------------------------------------------- an output folder over the inputs
+    Case("hover-predict-into-labels", "hover_predict", predict_into("", "Train/Labels"),
+         ["{tmp}/data/Train/Labels", "--out_dir is inside the input folder --data_dir"], out_kind="unchanged", extra=keep("data")),
+    Case("hover-predict-out-contains-data", "hover_predict", predict_into("Train", ""),
+         ["--out_dir contains the input folder --data_dir"], out_kind="unchanged", extra=keep("data")),
+    Case("eval-out-is-pred-dir", "evaluate", eval_into("pred"), ["{tmp}/pred", "--out_dir is the input folder --pred_dir"],
+         out_kind="unchanged", extra=keep("pred")),
+    Case("eval-out-inside-true-dir", "evaluate", eval_into("true", "eval"), ["--out_dir is inside the input folder --true_dir"],
+         out_kind="unchanged", extra=keep("true")),
+    Case("convert-out-inside-data", "convert",
+         lambda e, out, t: ["--data_dir", out, "--dataset_mode", "pannuke", "--out_dir", out + "/consep", "--progress", "false"],
+         ["{out}/consep", "--out_dir is inside the input folder --data_dir"],
+         prepare=lambda e, out, tmp, mp: copy_dataset(e["data"], out), out_kind="unchanged"),
+    # ---------------------------------------------------------------- hovernet_train.py / utility_study.py
+    Case("hover-train-negative-seed", "hover_train", hover_train_argv("--seed", "-1"), ["--seed -1", ">= 0"]),
+    Case("hover-train-lr-nan", "hover_train", hover_train_argv("--lr", "nan"), ["--lr nan", "finite"]),
+    Case("hover-train-weight-decay-nan", "hover_train", hover_train_argv("--weight_decay", "nan"), ["--weight_decay nan", "finite"]),
+    Case("hover-train-weight-decay-negative", "hover_train", hover_train_argv("--weight_decay", "-1"), ["--weight_decay -1", ">= 0"]),
+    Case("hover-train-data-twice", "hover_train", hover_train_argv("--data_dir", "{data},{data}/"),
+         ["{data}/", "listed twice in --data_dir"]),
+    Case("hover-train-synthetic-twice", "hover_train", hover_train_argv("--synthetic_dirs", "{data}/Train,{tmp}/link"),
+         ["{tmp}/link", "listed twice in --synthetic_dirs", "{data}/Train"], prepare=symlink("{data}/Train", "{tmp}/link")),
+    Case("study-negative-seed", "study", study_argv("--seeds", "-1"), ["--seeds -1", ">= 0"]),
+    Case("study-synthetic-twice", "study", study_argv("--arms", "real,balance", "--balance_dirs", "{data}/Train,{data}/Train"),
+         ["{data}/Train", "listed twice in --balance_dirs"]),
+    # ---------------------------------------------------------------- label_fidelity.py
+    Case("fidelity-negative-grid-rows", "fidelity",
+         lambda e, out, t: ["--run_dir", e["empty_run"], "--synthetic_dirs", e["data"] + "/Train", "--real_dir", e["data"],
+                            "--split", "Train", "--out_dir", out, "--grid_rows", "-2", "--progress", "false"],
+         ["--grid_rows -2", ">= 0"]),
 ]
 
 
 def files_under(path: str) -> set:
     return {os.path.relpath(os.path.join(d, n), path) for d, _, names in os.walk(path) for n in names}
+
+
+def tree(path: str) -> dict:
+    """Every folder (None) and file (its bytes) under ``path``, by relative path."""
+    out = {}
+    for d, dirs, names in os.walk(path):
+        out.update({os.path.relpath(os.path.join(d, n), path): None for n in dirs})
+        for n in names:
+            with open(os.path.join(d, n), "rb") as f:
+                out[os.path.relpath(os.path.join(d, n), path)] = f.read()
+    return out
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -317,6 +408,8 @@ def test_bad_input(case, env, tmp_path, monkeypatch, capsys):
     if case.prepare:
         case.prepare(env, out, tmp_path, monkeypatch)
     before = files_under(out) if os.path.isdir(out) else None
+    kept = case.extra.get("keep", lambda e, o, t: o)(env, out, tmp_path) if case.out_kind == "unchanged" else None
+    kept_before = tree(kept) if kept else None
     mod = script(case.command)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
@@ -341,6 +434,8 @@ def test_bad_input(case, env, tmp_path, monkeypatch, capsys):
         records = {os.path.splitext(os.path.basename(f))[0] for f in now if f.endswith(".json")}
         outputs = [f for f in new if f.endswith((".png", ".mat", ".npy")) and "/" in f]
         assert all(os.path.splitext(os.path.basename(f))[0] in records for f in outputs), new
+    elif case.out_kind == "unchanged":
+        assert kept_before and tree(kept) == kept_before, set(tree(kept)) ^ set(kept_before)
 
 
 def test_catalogue_size():

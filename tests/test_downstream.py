@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("monai")
 pytest.importorskip("skimage")
 
+from conftest import load_script  # noqa: E402
 from guided_diffusion import fileio  # noqa: E402
 from guided_diffusion.data.classes import CONSEP, identity_table  # noqa: E402
 from guided_diffusion.data.readers import read_dataset  # noqa: E402
@@ -240,6 +241,7 @@ def test_fidelity_of_synthetic_patches_equal_to_the_real_images_is_one(toy, tmp_
     assert len(defined) >= 6 and all(v == pytest.approx(1.0) for v in defined)
     for name in ("fidelity.json", "fidelity.md", "fidelity_grid.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0
+    assert r["figure"] == "fidelity_grid.png" and "(fidelity_grid.png)" in open(os.path.join(out, "fidelity.md")).read()
 
     # intended maps that disagree with the images (every epithelial nucleus relabelled spindle)
     wrong = write_npy_folder(tmp_path / "wrong", test, lambda t: np.where(t == 3, 4, t))
@@ -247,6 +249,22 @@ def test_fidelity_of_synthetic_patches_equal_to_the_real_images_is_one(toy, tmp_
                           progress=False)
     assert r2["synthetic"]["dice"] == r["synthetic"]["dice"]  # same nuclei, other classes
     assert r2["fidelity"]["f1_type"]["3"] in (None, 0.0) and r2["fidelity"]["f1_type"]["4"] < 1
+
+
+def test_fidelity_with_grid_rows_zero_writes_and_mentions_no_figure(toy, tmp_path):
+    from guided_diffusion.downstream.fidelity import measure_fidelity
+
+    test = read_dataset(toy, CONSEP, "Test", progress=False)
+    model, net = imperfect_oracle(test), NetConfig("small", 5)
+    args = (model, net, CONSEP, [write_npy_folder(tmp_path / "same", test)], toy)
+    out = tmp_path / "fid"
+    r = measure_fidelity(*args, str(out), "Test", 256, torch.device("cpu"), grid_rows=0, progress=False)
+    assert r["figure"] is None and not (out / "fidelity_grid.png").exists()
+    for name in ("fidelity.md", "fidelity.json"):
+        assert "fidelity_grid" not in (out / name).read_text()
+    with pytest.raises(DiffMixError, match="--grid_rows -2"):  # would slice patches from the end
+        measure_fidelity(*args, str(tmp_path / "neg"), "Test", 256, torch.device("cpu"), grid_rows=-2, progress=False)
+    assert not (tmp_path / "neg").exists()
 
 
 def test_in_memory_patch_scorer_scores_as_the_fidelity_check(toy, tmp_path):
@@ -275,15 +293,6 @@ def test_in_memory_patch_scorer_scores_as_the_fidelity_check(toy, tmp_path):
 def study_argv(toy, balance, enlarge, out):
     return ["--data_dir", toy, "--dataset_mode", "consep", "--balance_dirs", balance, "--enlarge_dirs", enlarge,
             "--preset", "quick", "--out_dir", out, "--num_threads", "1", "--progress", "false"]
-
-
-def load_script(name):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, f"scripts/{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def synthetic_sources(toy, tmp_path):

@@ -35,12 +35,7 @@ def dataset(request, tmp_path_factory):
     return request.param, str(root)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_dataset_stats_cli(dataset, tmp_path, capsys):

@@ -50,14 +50,7 @@ def tiny_model(respacing: str = "ddim10", seed: int = 0):
     return model.eval(), diffusion
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny 32 px convolutions gain nothing from threads, and on a shared 2-core machine two
-    threads can stall each other badly; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -446,3 +439,46 @@ def test_idx_img_map_names_with_double_underscore_stems():
     assert keep(SimpleNamespace(map_name="slide__A__balance000"))
     assert not keep(SimpleNamespace(map_name="slide__A__enlarge000"))
     assert keep(SimpleNamespace(map_name="other__enlarge003"))  # every map of a selected image
+
+
+def test_changed_only_keeps_the_patches_that_hold_a_changed_nucleus(setup, tmp_path, capsys):
+    """--changed_only: of the four 32 px patches of a 64 px map, only those holding a nucleus that the
+    map's GradMix record lists as placed are synthesised."""
+    inst, types = read_label_file(os.path.join(setup["data"], "Train", "Labels", setup["stem"] + ".mat"), CONSEP)
+    inst, types = inst.copy(), types.copy()
+    inst[40:44, 40:44], types[40:44, 40:44] = 999, 1  # a "placed" nucleus inside the bottom-right patch only
+    label_dir = tmp_path / "gradmix"
+    name = f"{setup['stem']}__balance000"
+    write_label_mat(str(label_dir / "Labels" / f"{name}.mat"), inst, types, classes_merged=np.array(1),
+                    num_classes=np.array(5))
+    fileio.write_json(str(label_dir / "Records" / f"{name}.json"),
+                      {"kind": "balance", "edits": [{"target_id": 999, "donor_image": "elsewhere"},
+                                                    {"target_id": 1, "donor_image": None}]})
+    run_main(base_argv(setup, tmp_path / "out", "--label_dir", str(label_dir), "--changed_only", "True",
+                       "--figure_rows", "0"))
+    run_dir = tmp_path / "out" / "s1.5_ddim10_p50"
+    records = [json.load(open(run_dir / "records" / n)) for n in os.listdir(run_dir / "records")]
+    assert [(r["crop"]["y0"], r["crop"]["x0"]) for r in records] == [(32, 32)]
+    assert json.load(open(run_dir / "run.json"))["changed_only"] is True
+    with pytest.raises(SystemExit) as exc:
+        run_main(base_argv(setup, tmp_path / "out2", "--changed_only", "True"))
+    assert exc.value.code == 2 and "--changed_only True needs --label_dir" in capsys.readouterr().err
+
+
+def test_a_model_that_produces_nan_writes_nothing_for_its_batch(setup, tmp_path, capsys):
+    """A checkpoint with a NaN weight samples NaN: refused before the batch's outputs are written (they
+    would be black patches that look complete), naming the model and the first affected output."""
+    model, _ = tiny_model()
+    with torch.no_grad():
+        model.out[-1].weight.view(-1)[0] = float("nan")  # the output conv: every pixel becomes NaN
+    ckpt = str(tmp_path / "nan_run" / "ema_0.9999_000010.pt")
+    save_state_dict(ckpt, model.state_dict())
+    save_config(str(tmp_path / "nan_run" / "config.json"), dict(TINY, timestep_respacing=""))
+    out = tmp_path / "out"
+    err = _expect_error(base_argv(setup, out, "--model_path", ckpt, "--figure_rows", "0", "--batch_size", "2"), capsys,
+                        ckpt, "non-finite values", f"for output {setup['stem']}", "nothing written for this batch",
+                        "kept: 0 complete patches")
+    assert len([line for line in err.splitlines() if line.startswith("error: ")]) == 1
+    run_dir = out / "s1.5_ddim10_p50"
+    for folder in ("samples", "npy_patch", "records"):
+        assert not (run_dir / folder).exists() or not os.listdir(run_dir / folder)

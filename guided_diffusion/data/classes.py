@@ -1,6 +1,6 @@
 """Class tables: how raw nucleus type ids of a dataset are merged into the classes the model sees.
 
-Merging happens in exactly one place: :func:`guided_diffusion.data.readers.merge_types`, which
+Merging happens in exactly one place: :func:`guided_diffusion.data.label_arrays.merge_types`, which
 every label-file reader of the package (training, synthesis, GradMix, statistics, evaluation)
 goes through. Label maps that this project writes after merging (GradMix outputs) carry the
 ``.mat`` keys ``classes_merged`` (= 1) and ``num_classes`` (= N); for those the table is not

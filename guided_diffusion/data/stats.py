@@ -16,6 +16,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .. import fileio
+from ..plotting import figure_bytes, pyplot
 from ..errors import DiffMixError
 from .classes import ClassTable, resolve_class_table
 from .labels import instance_table
@@ -193,28 +194,10 @@ def _csv_bytes(rows: List[dict]) -> bytes:
     return buf.getvalue().encode()
 
 
-def _png_bytes(fig) -> bytes:
-    import matplotlib.pyplot as plt  # lazy: matplotlib takes ~1 s to import; only figures need it
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: never needs a display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def write_statistics(stats: LabelStats, out_dir: str, prefix: str = "stats", title: str = "") -> Tuple[str, str]:
     """Write ``<prefix>.csv`` (one row per class) and ``<prefix>.png`` (nuclei per class and mean
     area bar charts). Returns the two paths."""
-    plt = _pyplot()
+    plt = pyplot()
     csv_path = fileio.join(out_dir, prefix + ".csv")
     png_path = fileio.join(out_dir, prefix + ".png")
     fileio.write_bytes(csv_path, _csv_bytes(stats.rows()))
@@ -228,7 +211,7 @@ def write_statistics(stats: LabelStats, out_dir: str, prefix: str = "stats", tit
     for ax in axes:
         ax.tick_params(axis="x", rotation=30)
     fig.suptitle(title or f"{stats.num_maps} label maps")
-    fileio.write_bytes(png_path, _png_bytes(fig))
+    fileio.write_bytes(png_path, figure_bytes(fig))
     return csv_path, png_path
 
 
@@ -245,7 +228,7 @@ def write_comparison(
     ``before``/``after`` are :class:`LabelStats` or count tables int [num_classes] (index 0 =
     background, not plotted). Returns the two paths.
     """
-    plt = _pyplot()
+    plt = pyplot()
     if class_names is None:
         class_names = before.class_names if isinstance(before, LabelStats) else None
     b = np.asarray(before.counts if isinstance(before, LabelStats) else before, np.int64)
@@ -276,7 +259,7 @@ def write_comparison(
     ax.set_xticks(x, list(class_names[1:]), rotation=30)
     ax.set_ylabel("nuclei")
     ax.legend()
-    fileio.write_bytes(png_path, _png_bytes(fig))
+    fileio.write_bytes(png_path, figure_bytes(fig))
     return csv_path, png_path
 
 

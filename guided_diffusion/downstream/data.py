@@ -19,6 +19,7 @@ seeded epochs. A batch is a pure function of (seed, step): resuming needs only t
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from .. import fileio
+from ..config import flag
 from ..data.classes import ClassTable, identity_table
 from ..data.labels import instance_table
 from ..data.readers import (
@@ -37,6 +39,19 @@ from ..train_state import derive_seed
 from .targets import hovernet_targets
 
 _TAG_REAL, _TAG_SYNTH = 11, 12
+
+
+@dataclass
+class RealSplits:
+    """The real data of a study: dataset root, its class table, the train and held-out splits
+    (the first flags of the studies and evidence commands)."""
+
+    data_dir: str = flag("", "real dataset root holding the train and held-out splits")
+    dataset_mode: str = flag("consep", "dataset mode of the real data: its class table and reader")
+    num_classes: Optional[int] = flag(None, "classes incl. background (custom mode)")
+    class_table: str = flag("", "custom mode: class table JSON")
+    train_split: str = flag("Train", "split to train on")
+    test_split: str = flag("Test", "held-out split to evaluate on")
 
 
 def split_list(value: str) -> List[str]:
@@ -81,10 +96,23 @@ def synthetic_files(path: str, num_classes: int) -> List[SampleFiles]:
     )
 
 
+def refuse_listed_twice(paths: Sequence[str], option: str) -> None:
+    """Refuse a source listed twice in ``option`` (compared as real paths: ``D``, ``D/`` and a link to
+    ``D`` are one folder): its images would count twice in the pools."""
+    seen: Dict[str, str] = {}
+    for p in paths:
+        key = p.rstrip("/") if fileio.is_remote(p) else os.path.realpath(p)
+        if key in seen:
+            same = "" if seen[key] == p else f" (the same folder as {seen[key]})"
+            raise DiffMixError(f"{p}: listed twice in {option}{same}; each source counts once, list it once")
+        seen[key] = p
+
+
 def read_real(data_dirs: Sequence[str], table: ClassTable, split: str, min_size: int, progress: bool = True) -> List[LabeledImage]:
     """Every labelled image of ``split`` in each real dataset root (validated, classes merged)."""
     if not data_dirs:
         raise DiffMixError("no real training data: pass --data_dir")
+    refuse_listed_twice(data_dirs, "--data_dir")
     out: List[LabeledImage] = []
     for d in data_dirs:
         out += read_dataset(d, table, split, min_size=min_size, progress=progress)
@@ -93,6 +121,7 @@ def read_real(data_dirs: Sequence[str], table: ClassTable, split: str, min_size:
 
 def read_synthetic(paths: Sequence[str], table: ClassTable, min_size: int, progress: bool = True) -> List[LabeledImage]:
     """Every patch of the synthetic sources, labels checked against ``0..table.num_classes-1``."""
+    refuse_listed_twice(paths, "--synthetic_dirs")
     merged = identity_table(table.num_classes, table.names, name=f"{table.name} (merged)")
     out: List[LabeledImage] = []
     for p in paths:

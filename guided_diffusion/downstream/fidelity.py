@@ -11,7 +11,7 @@ means rare-class nuclei in the map do not come out as rare-class nuclei in the i
 Outputs in ``out_dir``: ``intended/`` and ``pred_synthetic/`` (``.mat``), ``pred_real/``,
 ``eval_synthetic/`` and ``eval_real/`` (metrics reports), ``fidelity.json``, ``fidelity.md`` and
 ``fidelity_grid.png`` (synthetic patches with intended vs predicted nuclei, patches with the most
-rare-class nuclei first).
+rare-class nuclei first; none with ``grid_rows`` 0).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from ..errors import DiffMixError
 from . import data as ddata
 
 METRICS = ("dice", "aji", "pq", "f1_detection")
+GRID = "fidelity_grid.png"
 
 
 def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
@@ -48,6 +49,12 @@ def compare(synthetic: Dict[str, Any], real: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+def check_grid_rows(rows: int) -> None:
+    """``--grid_rows``: patches in ``fidelity_grid.png``; 0 = no figure (a negative count is refused)."""
+    if rows < 0:
+        raise DiffMixError(f"--grid_rows {rows}: must be >= 0 (0 = no figure)")
+
+
 def _unique_stems(samples: Sequence[LabeledImage]) -> None:
     seen: Dict[str, str] = {}
     for s in samples:
@@ -62,7 +69,7 @@ def plot_grid(samples: Sequence[LabeledImage], predictions: Dict[str, tuple], ro
     nuclei of class 1 (the rare class in CoNSeP/GLySAC) first; classes tinted, outlines black."""
     from matplotlib.patches import Patch
 
-    from ..report import _pyplot, _save
+    from ..plotting import pyplot, save_figure
     from ..synthesis.outputs import _PALETTE, label_overlay
 
     def rare(s: LabeledImage) -> int:
@@ -72,7 +79,7 @@ def plot_grid(samples: Sequence[LabeledImage], predictions: Dict[str, tuple], ro
     chosen = sorted(samples, key=lambda s: (-rare(s), s.files.stem))[:rows]
     if not chosen:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(len(chosen), 3, figsize=(7.5, 2.6 * len(chosen)), squeeze=False)
     for r, s in enumerate(chosen):
         inst, types = predictions[s.files.stem]
@@ -88,7 +95,7 @@ def plot_grid(samples: Sequence[LabeledImage], predictions: Dict[str, tuple], ro
     handles = [Patch(color=_PALETTE[k] / 255, label=n) for k, n in enumerate(class_names) if k > 0]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def label_fidelity(run_dir: str, synthetic_dirs: Sequence[str], real_dir: str, out_dir: str, split: str = "Test",
@@ -100,6 +107,7 @@ def label_fidelity(run_dir: str, synthetic_dirs: Sequence[str], real_dir: str, o
     from .predict import default_tile
     from .train import load_segmenter
 
+    check_grid_rows(grid_rows)
     table = resolve_class_table(dataset_mode, class_table or None, num_classes)
     model, net, dev, dtype = load_segmenter(run_dir, device, precision)
     return measure_fidelity(model, net, table, synthetic_dirs, real_dir, out_dir, split, default_tile(tile), dev,
@@ -120,6 +128,7 @@ def measure_fidelity(model, net, table, synthetic_dirs: Sequence[str], real_dir:
     from .predict import predict_arrays, write_predictions
 
     check_classes(net, table)
+    check_grid_rows(grid_rows)
     if not synthetic_dirs:
         raise DiffMixError("no synthetic sources given")
     synthetic = ddata.read_synthetic(synthetic_dirs, table, min_size=None, progress=progress)
@@ -156,10 +165,12 @@ def measure_fidelity(model, net, table, synthetic_dirs: Sequence[str], real_dir:
         "class_names": class_names, "synthetic": syn, "real": real, "fidelity": compare(syn, real),
         "true_nuclei_per_class": {"synthetic": counts(ev_syn), "real": counts(ev_real)},
         "n_images": {"synthetic": len(synthetic), "real": ev_real["settings"]["n_images"]},
+        "figure": None,
         "finished": datetime.datetime.now().isoformat(timespec="seconds"),
     }
+    if grid_rows and plot_grid(synthetic, predictions, grid_rows, fileio.join(out_dir, GRID), list(table.names)):
+        result["figure"] = GRID
     fileio.write_json(fileio.join(out_dir, "fidelity.json"), result)
-    plot_grid(synthetic, predictions, grid_rows, fileio.join(out_dir, "fidelity_grid.png"), list(table.names))
     fileio.write_bytes(fileio.join(out_dir, "fidelity.md"), render(result).encode())
     return result
 
@@ -186,8 +197,9 @@ def render(result: Dict[str, Any]) -> str:
         "Nuclei per class (intended in synthetic / real ground truth): "
         + ", ".join(f"{names[c]} {result['true_nuclei_per_class']['synthetic'].get(c, 0)} / "
                     f"{result['true_nuclei_per_class']['real'].get(c, 0)}" for c in names), "",
-        "![synthetic patches: intended vs predicted](fidelity_grid.png)", "",
     ]
+    if result.get("figure"):
+        lines += [f"![synthetic patches: intended vs predicted]({result['figure']})", ""]
     return "\n".join(lines)
 
 

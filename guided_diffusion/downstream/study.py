@@ -62,15 +62,9 @@ _RUNTIME_FIELDS = ("out_dir", "progress", "num_threads", "device", "jobs")
 
 
 @dataclasses.dataclass
-class StudyConfig:
+class StudyConfig(ddata.RealSplits):
     """Settings of ``scripts/utility_study.py``; preset-controlled fields default to None (= preset)."""
 
-    data_dir: str = flag("", "real dataset root holding the train and test splits (CoNSeP layout)")
-    dataset_mode: str = flag("consep", "consep, glysac or custom")
-    num_classes: Optional[int] = flag(None, "classes incl. background (custom mode)")
-    class_table: str = flag("", "custom mode: class table JSON")
-    train_split: str = flag("Train", "split to train on")
-    test_split: str = flag("Test", "held-out split to evaluate on")
     balance_dirs: str = flag("", "synthetic sources from balancing maps (image_sample.py run folders), comma-separated")
     enlarge_dirs: str = flag("", "synthetic sources from enlarging maps, comma-separated")
     gradmix_dirs: str = flag("", "GradMix image folders (gradmix.py --write_images true output), comma-separated")
@@ -117,6 +111,8 @@ def resolve(cfg: StudyConfig) -> Dict[str, Any]:
         raise DiffMixError(f"--seeds {out['seeds']!r}: expected comma-separated integers") from None
     if not out["seeds"] or len(set(out["seeds"])) != len(out["seeds"]):
         raise DiffMixError(f"--seeds {out['seeds']!r}: expected distinct seeds")
+    if min(out["seeds"]) < 0:
+        raise DiffMixError(f"--seeds {','.join(map(str, out['seeds']))}: seeds must be >= 0")
     arms = ddata.split_list(cfg.arms) or list(DEFAULT_ARMS) + (["gradmix"] if cfg.gradmix_dirs else [])
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
@@ -126,6 +122,9 @@ def resolve(cfg: StudyConfig) -> Dict[str, Any]:
         for g in ARMS[arm][1]:
             if not ddata.split_list(groups[g]):
                 raise DiffMixError(f"arm {arm} needs --{g}_dirs (synthetic sources); or choose --arms")
+        # the arm's pool is the union of its groups: a folder in two of them would count twice
+        ddata.refuse_listed_twice([d for g in ARMS[arm][1] for d in ddata.split_list(groups[g])],
+                                  " / ".join(f"--{g}_dirs" for g in ARMS[arm][1]))
     out["arms"] = arms
     return out
 
@@ -201,34 +200,22 @@ def format_pixel_table(summary: Dict[str, Any], class_names: Dict[int, str]) -> 
 
 def plot_f1(summary: Dict[str, Any], class_names: Dict[int, str], path: str) -> str:
     """Grouped bars of F1 per class (and detection F1), one bar per arm, sd error bars."""
-    from ..report import _pyplot, _save
+    from ..plotting import bar_chart
 
-    plt = _pyplot()
-    groups = ["detection"] + list(class_names.values())
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(groups), 3.6))
-    n = len(summary)
-    width = 0.8 / max(1, n)
-    for i, (arm, e) in enumerate(summary.items()):
+    series = {}
+    for arm, e in summary.items():
         cells = [e["f1_detection"]] + [e["f1_type"][c] for c in class_names]
-        means = [np.nan if c["mean"] is None else c["mean"] for c in cells]
-        sds = [0.0 if c["sd"] is None else c["sd"] for c in cells]
-        xs = np.arange(len(groups)) + (i - (n - 1) / 2) * width
-        ax.bar(xs, means, width, yerr=sds, capsize=3, label=ARMS[arm][0])
-    ax.set_xticks(np.arange(len(groups)), groups)
-    ax.set_ylabel("F1 (mean ± sd over seeds)")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=8, loc="upper right")
-    ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path)
+        series[ARMS[arm][0]] = ([c["mean"] for c in cells], [c["sd"] for c in cells])
+    return bar_chart(["detection"] + list(class_names.values()), series, path, "F1 (mean ± sd over seeds)")
 
 
-def _command(script: str, argv: Sequence[str]) -> str:
+def command_line(script: str, argv: Sequence[str]) -> str:
     import shlex
 
     return " ".join(["python", script] + [shlex.quote(a) for a in argv])
 
 
-def _machine() -> str:
+def machine() -> str:
     import os
 
     import monai
@@ -373,10 +360,10 @@ def run_arm_seed(cfg: StudyConfig, settings: Dict[str, Any], arm: str, seed: int
         "final_loss": record["final_loss_mean_last_10pct"], "synthetic_items": record["synthetic_items"],
         "items": record["items"],
         "commands": [
-            _command("scripts/hovernet_train.py", train_argv),
-            _command("scripts/hovernet_predict.py", ["--run_dir", tcfg.out_dir, "--data_dir", cfg.data_dir, "--split",
+            command_line("scripts/hovernet_train.py", train_argv),
+            command_line("scripts/hovernet_predict.py", ["--run_dir", tcfg.out_dir, "--data_dir", cfg.data_dir, "--split",
                                                      cfg.test_split, "--out_dir", pred_dir, "--tile", str(settings["tile"])]),
-            _command("scripts/evaluate.py", ["--true_dir", test_labels, "--pred_dir", pred_dir, "--out_dir",
+            command_line("scripts/evaluate.py", ["--true_dir", test_labels, "--pred_dir", pred_dir, "--out_dir",
                                              fileio.join(run_dir, "eval")] + table_argv),
         ],
     }
@@ -431,7 +418,7 @@ def run_study(cfg: StudyConfig, argv: Optional[Sequence[str]] = None) -> Dict[st
     real, synthetic = _read_sources(cfg, settings, table, settings["arms"], cfg.progress)
     for arm in settings["arms"]:  # fails before any output if a run's settings cannot work
         validate(train_config(cfg, settings, arm, settings["seeds"][0], cfg.out_dir))
-    command = _command("scripts/utility_study.py", list(argv) if argv is not None else sys.argv[1:])
+    command = command_line("scripts/utility_study.py", list(argv) if argv is not None else sys.argv[1:])
     fileio.makedirs(cfg.out_dir)
     fileio.write_json(fileio.join(cfg.out_dir, "study.json"), {"identity": identity, "command": command})
 
@@ -450,7 +437,7 @@ def run_study(cfg: StudyConfig, argv: Optional[Sequence[str]] = None) -> Dict[st
             rows.append(run_arm_seed(cfg, settings, arm, seed, pools, test_labels, test))
     summary = summarise(rows, settings["arms"], class_names)
     result = {"settings": settings, "class_names": class_names, "data": data_summary, "summary": summary,
-              "runs": rows, "command": command, "machine": _machine(),
+              "runs": rows, "command": command, "machine": machine(),
               "finished": datetime.datetime.now().isoformat(timespec="seconds"),
               "wall_seconds_this_invocation": time.perf_counter() - t0}
     write_outputs(cfg, result)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -78,6 +79,10 @@ def validate(cfg: HoverTrainConfig) -> None:
     problems = []
     if not cfg.out_dir:
         problems.append("--out_dir is required")
+    for f in dataclasses.fields(cfg):  # nan passes comparisons such as "lr <= 0"
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"--{f.name} {value}: must be a finite number")
     if cfg.arch not in ARCHS:
         problems.append(f"--arch {cfg.arch!r}: expected one of {', '.join(ARCHS)}")
     if cfg.steps < 1 or cfg.batch_size < 1:
@@ -86,6 +91,10 @@ def validate(cfg: HoverTrainConfig) -> None:
         problems.append(f"--lr must be > 0 and --lr_drop_at in (0, 1] (got {cfg.lr}, {cfg.lr_drop_at})")
     if cfg.precision not in PRECISIONS:
         problems.append(f"--precision {cfg.precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if cfg.weight_decay < 0:
+        problems.append(f"--weight_decay {cfg.weight_decay}: must be >= 0")
+    if cfg.seed < 0:
+        problems.append(f"--seed {cfg.seed}: must be >= 0")
     if cfg.save_interval < 1:
         problems.append(f"--save_interval must be >= 1 (got {cfg.save_interval})")
     if cfg.encoder_checkpoint and cfg.arch != "hovernet":

@@ -31,4 +31,7 @@ __getattr__, __dir__ = lazy_attributes(__name__, globals(), {
     "map_name": "pipeline",
     "map_rng": "pipeline",
     "run_gradmix": "pipeline",
+    "read_map_record": "pipeline",
+    "changed_ids": "pipeline",
+    "changed_mask": "pipeline",
 })

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import posixpath
 from typing import Optional, Sequence
 
 import numpy as np
@@ -371,6 +372,47 @@ def _record(files, kind, k, name, seed, settings, edits, source_counts) -> dict:
         "summary": summary,
         "edits": edits,
     }
+
+
+def record_path(label_path: str) -> str:
+    """The JSON record of the GradMix map at ``label_path`` (``<out_dir>/Labels/<name>.mat`` ->
+    ``<out_dir>/Records/<name>.json``); the path is returned whether or not it exists."""
+    labels_dir, file_name = posixpath.split(str(label_path).replace("\\", "/"))
+    return fileio.join(posixpath.dirname(labels_dir), "Records", posixpath.splitext(file_name)[0] + ".json")
+
+
+def read_map_record(label_path: str) -> Optional[dict]:
+    """The GradMix record of the map at ``label_path``, or None when it is not a GradMix map (the
+    dataset's own labels, a HoVer-Net ``.npy``)."""
+    path = record_path(label_path)
+    return fileio.read_json(path) if label_path and fileio.exists(path) else None
+
+
+def changed_ids(record: dict) -> list:
+    """Instance ids (in the output map, full size) of the nuclei a GradMix map changed: the placed
+    donors of a balancing map, the moved nuclei of an enlarging map."""
+    if record["kind"] == "balance":
+        return [int(e["target_id"]) for e in record["edits"] if e.get("donor_image") is not None]
+    return [int(e["id"]) for e in record["edits"] if e.get("moved")]
+
+
+def changed_mask(label_path: str, window: Optional[tuple] = None):
+    """``(kind, mask bool [h, w])``: the nuclei a GradMix map changed (:func:`changed_ids`) inside
+    ``window`` = ``(y0, x0, h, w)`` of the map at ``label_path`` (None: the whole map); ``(None, None)``
+    when the file is not a GradMix map."""
+    from ..data.readers import read_label_arrays
+
+    record = read_map_record(label_path)
+    if record is None:
+        return None, None
+    label, problems = read_label_arrays(label_path, require_types=False)
+    if label is None:
+        raise DiffMixError("; ".join(problems))
+    inst = label.inst_map
+    if window is not None:
+        y0, x0, h, w = (int(v) for v in window)
+        inst = inst[y0 : y0 + h, x0 : x0 + w]
+    return record["kind"], np.isin(inst, changed_ids(record))
 
 
 def class_count_summary(out_dir: str, names: Sequence[str], num_classes: int) -> dict:

@@ -54,7 +54,7 @@ def read_instance_labels(path: str, class_table=None) -> InstanceLabels:
         path: the file.
         class_table: optional :class:`guided_diffusion.data.classes.ClassTable`; when given, the
             ids of ``type_map`` (per pixel, before the per-instance majority vote) and of a stored
-            ``inst_type`` are merged with it by the data layer (:func:`~guided_diffusion.data.readers.merge_types`).
+            ``inst_type`` are merged with it by the data layer (:func:`~guided_diffusion.data.label_arrays.merge_types`).
     """
     label = load_label_file(path, class_table, require_types=False, instance_keys=True)
     inst = label.inst_map.astype(np.int64)

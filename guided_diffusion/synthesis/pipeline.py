@@ -88,6 +88,21 @@ def _selection(cfg: SampleConfig):
     return wanted_stems, selected
 
 
+def _holding_changed(patches: Sequence[Any]) -> List[Any]:
+    """The patches whose window holds a nucleus GradMix changed (its record lists which)."""
+    from ..gradmix import changed_mask
+
+    kept = []
+    for p in patches:
+        kind, mask = changed_mask(p.label_source, (p.y0, p.x0, *p.inst_map.shape))
+        if kind is None:
+            raise DiffMixError(f"{p.label_source}: --changed_only needs GradMix maps with their Records/ "
+                               "(this label map has no record)")
+        if mask.any():
+            kept.append(p)
+    return kept
+
+
 def _record(job: Job, cfg: SampleConfig, layout: OutputLayout, settings: Dict[str, Any], inst: np.ndarray, types: np.ndarray) -> dict:
     p = job.patch
     counts = {str(int(c)): int(n) for c, n in zip(*np.unique(types[inst > 0], return_counts=True))}
@@ -112,7 +127,7 @@ def _record(job: Job, cfg: SampleConfig, layout: OutputLayout, settings: Dict[st
 # Settings that change what a finished output contains: resuming into a folder made with other
 # values would mix two runs, so it is refused. (batch_size, num_samples, fast, devices do not.)
 _IDENTITY_KEYS = ("seed", "sampler", "solver_steps", "eta", "guidance_scale", "timestep_respacing", "ddim_percent",
-                  "clip_denoised", "checkpoint", "precision", "data_dir", "label_dir", "stride", "model_config",
+                  "clip_denoised", "checkpoint", "precision", "data_dir", "label_dir", "stride", "changed_only", "model_config",
                   "dataset_mode", "class_table", "split")
 
 
@@ -143,6 +158,17 @@ def _check_patches(patches: Sequence[Any], image_size: int, num_classes: int) ->
                 f"{p.label_source}: type values up to {int(p.type_map.max())} do not fit the model's "
                 f"num_classes {num_classes} (check --dataset_mode / --num_classes against the checkpoint)"
             )
+
+
+def _check_finite(sample: torch.Tensor, batch: Sequence[Job], model_path: str, kept) -> None:
+    """Refuse a sampled batch float [N, 3, H, W] holding NaN or inf: it would be written as black or
+    white patches that look like outputs. ``kept()`` says what earlier batches left complete."""
+    bad = (~torch.isfinite(sample)).flatten(1).any(1).nonzero()
+    if len(bad):
+        raise DiffMixError(
+            f"{model_path or 'the model'}: the model produced non-finite values (NaN or inf) for output "
+            f"{batch[int(bad[0])].name}; nothing written for this batch (check the checkpoint's weights, or try "
+            f"--precision fp32); {kept()}")
 
 
 def _write_outputs(layout: OutputLayout, job: Job, image: np.ndarray, cfg: SampleConfig, settings: Dict[str, Any],
@@ -211,6 +237,10 @@ def run_synthesis(
             patches = [p for p in patches if keep(p)]
             if not patches:
                 raise DiffMixError(f"--idx_img {cfg.idx_img}: no label map of that name in {cfg.label_dir or cfg.data_dir}")
+        if cfg.changed_only:
+            patches = _holding_changed(patches)
+            if not patches:
+                raise DiffMixError(f"--changed_only: no patch of the selected maps in {cfg.label_dir} holds a changed nucleus")
     _check_patches(patches, image_size, num_classes)
 
     sched = smp.as_schedule(diffusion)
@@ -239,7 +269,7 @@ def run_synthesis(
     }
     layout = OutputLayout(fileio.join(cfg.results_path, cfg.run_name or default_run_name(cfg, respacing)))
     identity = {**settings, "seed": int(cfg.seed), "data_dir": cfg.data_dir, "label_dir": cfg.label_dir,
-                "stride": int(cfg.stride), "model_config": model_cfg, "dataset_mode": cfg.dataset_mode,
+                "stride": int(cfg.stride), "changed_only": bool(cfg.changed_only), "model_config": model_cfg, "dataset_mode": cfg.dataset_mode,
                 "class_table": _class_table_identity(cfg.class_table), "split": cfg.split}
     _check_resume(layout, identity)
     jobs = plan_jobs(patches, cfg.samples_per_map, cfg.num_samples, cfg.seed)
@@ -279,6 +309,8 @@ def run_synthesis(
                 PerSampleNoise([j.noise_seed for j in batch]), sampler=cfg.sampler, eta=cfg.eta,
                 clip=cfg.clip_denoised, shape=(len(batch), 3, image_size, image_size), device=device, solver=solver,
             )
+            _check_finite(sample, batch, cfg.model_path, lambda: (
+                f"kept: {len(written) + len(skipped)} complete patches of this rank in {layout.root}"))
             for job, image in zip(batch, to_uint8(sample)):
                 _write_outputs(layout, job, image, cfg, settings, hint=lambda: (
                     f"kept: {len(written) + len(skipped)} complete patches of this rank in {layout.root} "

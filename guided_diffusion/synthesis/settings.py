@@ -4,6 +4,7 @@ checkpoint loading, and the device of this rank."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict
@@ -43,6 +44,7 @@ class SampleConfig:
     label_dir: str = field(default="", metadata={"help": "GradMix output folder (<stem>__balance000.mat ...); '' = the dataset's own labels"})
     class_table: str = field(default="", metadata={"help": "custom mode: class mapping JSON ('' = identity over num_classes)"})
     idx_img: str = field(default="", metadata={"help": "comma list of image indices (sorted stems), image stems or label-map names; '' = all"})
+    changed_only: bool = field(default=False, metadata={"help": "with --label_dir: only the patches that hold a nucleus GradMix placed (balancing) or moved (enlarging), as its Records/ say"})
     stride: int = field(default=0, metadata={"help": "patch grid stride in pixels (0 = image_size)"})
     model_path: str = field(default="", metadata={"help": "checkpoint (.pt / .safetensors); config.json beside it is read"})
     results_path: str = field(default="", metadata={"help": "output root; a run folder s<s>_<respacing>_p<percent> is made inside"})
@@ -70,6 +72,10 @@ class SampleConfig:
     use_ddim: bool = field(default=False, metadata={"help": "official flag, ignored (use --sampler)"})
 
     def validate(self) -> None:
+        for f in dataclasses.fields(self):  # nan slips through checks such as "s < 1", inf through most
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise DiffMixError(f"--{f.name} {value}: must be a finite number")
         if self.labels_merged not in LABELS_MERGED:
             raise DiffMixError(f"--labels_merged {self.labels_merged!r}: expected one of {', '.join(LABELS_MERGED)}")
         if self.sampler not in SAMPLERS:
@@ -102,6 +108,8 @@ class SampleConfig:
                                    f"not {self.dataset_mode!r}")
         if not self.results_path:
             raise DiffMixError("--results_path is required")
+        if self.changed_only and not self.label_dir:
+            raise DiffMixError("--changed_only True needs --label_dir (a GradMix output folder with Records/)")
 
 
 def default_run_name(cfg: SampleConfig, timestep_respacing: str) -> str:

@@ -207,7 +207,7 @@ def read_image(files) -> np.ndarray:
 def check_labels(files, table) -> Tuple[Optional[np.ndarray], Optional[np.ndarray], List[str]]:
     """Read and validate a sample's label maps without raising: ``(inst int32, type int32 merged,
     problems)`` (maps None on a problem; each problem names the file)."""
-    from ..readers import maps_from_arrays
+    from ..label_arrays import maps_from_arrays
 
     try:
         inst, raw = get_format(files.format).read_labels(files)
