@@ -31,6 +31,15 @@ def flag(default: Any, help: str) -> Any:
     return dataclasses.field(default=default, metadata={"help": help})
 
 
+def nonfinite_flags(cfg: Any) -> list:
+    """One ``--name value: must be a finite number`` message per float field of the dataclass
+    ``cfg`` holding NaN or inf (NaN passes every comparison such as ``lr <= 0``)."""
+    import math
+
+    return [f"--{f.name} {getattr(cfg, f.name)}: must be a finite number" for f in dataclasses.fields(cfg)
+            if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name))]
+
+
 def str2bool(v: Any) -> bool:
     """Parse a boolean flag value: yes/true/t/y/1 or no/false/f/n/0 (any case), as officially."""
     if isinstance(v, bool):

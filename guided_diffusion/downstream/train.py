@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import math
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from .. import fileio, runlock
-from ..config import flag
+from ..config import flag, nonfinite_flags
 from ..data.classes import ClassTable, resolve_class_table
 from ..data.readers import LabeledImage
 from ..data.training import TrainCropDataset
@@ -79,10 +78,7 @@ def validate(cfg: HoverTrainConfig) -> None:
     problems = []
     if not cfg.out_dir:
         problems.append("--out_dir is required")
-    for f in dataclasses.fields(cfg):  # nan passes comparisons such as "lr <= 0"
-        value = getattr(cfg, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            problems.append(f"--{f.name} {value}: must be a finite number")
+    problems += nonfinite_flags(cfg)
     if cfg.arch not in ARCHS:
         problems.append(f"--arch {cfg.arch!r}: expected one of {', '.join(ARCHS)}")
     if cfg.steps < 1 or cfg.batch_size < 1:

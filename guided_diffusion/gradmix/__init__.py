@@ -34,4 +34,5 @@ __getattr__, __dir__ = lazy_attributes(__name__, globals(), {
     "read_map_record": "pipeline",
     "changed_ids": "pipeline",
     "changed_mask": "pipeline",
+    "image_path": "pipeline",
 })

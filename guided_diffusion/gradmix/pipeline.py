@@ -374,11 +374,21 @@ def _record(files, kind, k, name, seed, settings, edits, source_counts) -> dict:
     }
 
 
+def _sibling(label_path: str, folder: str, ext: str) -> str:
+    labels_dir, file_name = posixpath.split(str(label_path).replace("\\", "/"))
+    return fileio.join(posixpath.dirname(labels_dir), folder, posixpath.splitext(file_name)[0] + ext)
+
+
 def record_path(label_path: str) -> str:
     """The JSON record of the GradMix map at ``label_path`` (``<out_dir>/Labels/<name>.mat`` ->
     ``<out_dir>/Records/<name>.json``); the path is returned whether or not it exists."""
-    labels_dir, file_name = posixpath.split(str(label_path).replace("\\", "/"))
-    return fileio.join(posixpath.dirname(labels_dir), "Records", posixpath.splitext(file_name)[0] + ".json")
+    return _sibling(label_path, "Records", ".json")
+
+
+def image_path(label_path: str) -> str:
+    """The GradMix image of the map at ``label_path`` (``<out_dir>/Images/<name>.png``; balancing maps
+    written with ``write_images``); the path is returned whether or not it exists."""
+    return _sibling(label_path, "Images", ".png")
 
 
 def read_map_record(label_path: str) -> Optional[dict]:

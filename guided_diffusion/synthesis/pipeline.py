@@ -103,6 +103,27 @@ def _holding_changed(patches: Sequence[Any]) -> List[Any]:
     return kept
 
 
+def _gradmix_starts(patches: Sequence[Any]) -> List[Any]:
+    """The patches with GradMix's composed image (same window) in place of the real one."""
+    from ..gradmix import image_path
+
+    images: Dict[str, np.ndarray] = {}
+    out = []
+    for p in patches:
+        path = image_path(p.label_source)
+        if path not in images:
+            if not fileio.exists(path):
+                raise DiffMixError(f"{path}: --start gradmix needs the GradMix image of map {p.map_name} "
+                                   "(balancing maps written by gradmix.py --write_images true)")
+            images[path] = fileio.read_image(path)
+        h, w = p.image.shape[:2]
+        window = images[path][p.y0 : p.y0 + h, p.x0 : p.x0 + w]
+        if window.shape != p.image.shape:
+            raise DiffMixError(f"{path}: GradMix image size {images[path].shape[:2]} does not cover patch {p.name}")
+        out.append(dataclasses.replace(p, image=np.ascontiguousarray(window)))
+    return out
+
+
 def _record(job: Job, cfg: SampleConfig, layout: OutputLayout, settings: Dict[str, Any], inst: np.ndarray, types: np.ndarray) -> dict:
     p = job.patch
     counts = {str(int(c)): int(n) for c, n in zip(*np.unique(types[inst > 0], return_counts=True))}
@@ -127,7 +148,7 @@ def _record(job: Job, cfg: SampleConfig, layout: OutputLayout, settings: Dict[st
 # Settings that change what a finished output contains: resuming into a folder made with other
 # values would mix two runs, so it is refused. (batch_size, num_samples, fast, devices do not.)
 _IDENTITY_KEYS = ("seed", "sampler", "solver_steps", "eta", "guidance_scale", "timestep_respacing", "ddim_percent",
-                  "clip_denoised", "checkpoint", "precision", "data_dir", "label_dir", "stride", "changed_only", "model_config",
+                  "clip_denoised", "checkpoint", "precision", "data_dir", "label_dir", "stride", "changed_only", "start_image", "model_config",
                   "dataset_mode", "class_table", "split")
 
 
@@ -241,6 +262,8 @@ def run_synthesis(
             patches = _holding_changed(patches)
             if not patches:
                 raise DiffMixError(f"--changed_only: no patch of the selected maps in {cfg.label_dir} holds a changed nucleus")
+        if cfg.start == "gradmix":
+            patches = _gradmix_starts(patches)
     _check_patches(patches, image_size, num_classes)
 
     sched = smp.as_schedule(diffusion)
@@ -258,7 +281,8 @@ def run_synthesis(
         "respaced_steps": sched.num_timesteps,
         "ddim_percent": float(cfg.ddim_percent),
         "steps": steps,
-        "start": "pure noise" if pure_noise else "noised real patch (SDEdit)",
+        "start": "pure noise" if pure_noise else f"noised {'GradMix image' if cfg.start == 'gradmix' else 'real patch'} (SDEdit)",
+        "start_image": cfg.start,
         "start_timestep": int(sched.timestep_map[steps - 1]),
         "clip_denoised": bool(cfg.clip_denoised),
         "checkpoint": cfg.model_path,

@@ -4,7 +4,6 @@ checkpoint loading, and the device of this rank."""
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict
@@ -13,13 +12,14 @@ import torch
 
 from .. import fileio
 from ..checkpoints import load_model_weights
-from ..config import CONFIG_NAME, ModelConfig, config_path_for_checkpoint, load_config_for_checkpoint
+from ..config import CONFIG_NAME, nonfinite_flags, ModelConfig, config_path_for_checkpoint, load_config_for_checkpoint
 from ..data.classes import LABELS_MERGED, LABELS_MERGED_HELP
 from ..errors import DiffMixError
 from ..precision import check_precision, resolve_precision
 from ..script_util import create_model_and_diffusion
 
 SAMPLERS = ("ddim", "ddpm", "dpmpp2m")
+STARTS = ("real", "gradmix")
 
 # Keys of ModelConfig that describe *how to sample*, not the trained network: they come from the
 # sampling flags (default ddim100), never from the training config saved beside the checkpoint.
@@ -44,6 +44,7 @@ class SampleConfig:
     label_dir: str = field(default="", metadata={"help": "GradMix output folder (<stem>__balance000.mat ...); '' = the dataset's own labels"})
     class_table: str = field(default="", metadata={"help": "custom mode: class mapping JSON ('' = identity over num_classes)"})
     idx_img: str = field(default="", metadata={"help": "comma list of image indices (sorted stems), image stems or label-map names; '' = all"})
+    start: str = field(default="real", metadata={"help": "what SDEdit noises: real (the real patch, the paper's) or gradmix (GradMix's composed image of the same map, <label_dir>/Images/, gradmix.py --write_images true)"})
     changed_only: bool = field(default=False, metadata={"help": "with --label_dir: only the patches that hold a nucleus GradMix placed (balancing) or moved (enlarging), as its Records/ say"})
     stride: int = field(default=0, metadata={"help": "patch grid stride in pixels (0 = image_size)"})
     model_path: str = field(default="", metadata={"help": "checkpoint (.pt / .safetensors); config.json beside it is read"})
@@ -72,10 +73,9 @@ class SampleConfig:
     use_ddim: bool = field(default=False, metadata={"help": "official flag, ignored (use --sampler)"})
 
     def validate(self) -> None:
-        for f in dataclasses.fields(self):  # nan slips through checks such as "s < 1", inf through most
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise DiffMixError(f"--{f.name} {value}: must be a finite number")
+        problems = nonfinite_flags(self)
+        if problems:
+            raise DiffMixError(problems[0])
         if self.labels_merged not in LABELS_MERGED:
             raise DiffMixError(f"--labels_merged {self.labels_merged!r}: expected one of {', '.join(LABELS_MERGED)}")
         if self.sampler not in SAMPLERS:
@@ -108,6 +108,10 @@ class SampleConfig:
                                    f"not {self.dataset_mode!r}")
         if not self.results_path:
             raise DiffMixError("--results_path is required")
+        if self.start not in STARTS:
+            raise DiffMixError(f"--start {self.start!r}: expected one of {', '.join(STARTS)}")
+        if self.start == "gradmix" and not self.label_dir:
+            raise DiffMixError("--start gradmix needs --label_dir (a GradMix output folder with Images/)")
         if self.changed_only and not self.label_dir:
             raise DiffMixError("--changed_only True needs --label_dir (a GradMix output folder with Records/)")
 

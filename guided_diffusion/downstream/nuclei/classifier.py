@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ... import fileio, runlock
-from ...config import flag
+from ...config import flag, nonfinite_flags
 from ...errors import DiffMixError
 from ...train_state import derive_seed
 
@@ -69,11 +69,13 @@ class ClassifierConfig:
             problems.append(f"--width must be >= 8 (got {self.width})")
         if self.stem_stride not in (1, 2):
             problems.append(f"--stem_stride must be 1 or 2 (got {self.stem_stride})")
-        for name, lo, hi in (("lr", 0.0, math.inf), ("lr_drop_at", 0.0, 1.0), ("weight_decay", -1e-300, math.inf),
-                             ("jitter", -1e-300, 1.0)):
-            v = float(getattr(self, name))
-            if not (math.isfinite(v) and lo < v <= hi):
-                problems.append(f"--{name} {v} is out of range")
+        problems += nonfinite_flags(self)
+        for name, lo, hi in (("lr", 0.0, math.inf), ("lr_drop_at", 0.0, 1.0)):
+            if not lo < getattr(self, name) <= hi:
+                problems.append(f"--{name} {getattr(self, name)}: must be in ({lo:g}, {hi:g}]")
+        for name, hi in (("weight_decay", math.inf), ("jitter", 1.0)):
+            if not 0 <= getattr(self, name) <= hi:
+                problems.append(f"--{name} {getattr(self, name)}: must be in [0, {hi:g}]")
         if int(self.seed) != self.seed or self.seed < 0:
             problems.append(f"--seed must be a non-negative integer (got {self.seed})")
         if problems:
@@ -277,7 +279,7 @@ def load_classifier(run_dir: str, device: str = "cpu") -> Tuple[ImageClassifier,
         raise DiffMixError(f"{cfg_path}: not a classifier config ({type(err).__name__}: {err})") from None
     try:
         model.load_state_dict(load_state_dict(model_path))
-    except RuntimeError as err:
+    except RuntimeError:
         raise DiffMixError(f"{model_path}: weights do not fit the network of {cfg_path}") from None
     return model.to(device).eval(), config
 

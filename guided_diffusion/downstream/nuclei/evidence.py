@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import re
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
@@ -292,6 +292,9 @@ def run_evidence(cfg: EvidenceConfig, ccfg: ClassifierConfig, argv: Optional[Seq
         if int(model_config.get("num_outputs", -1)) != len(classes):
             raise DiffMixError(f"{cfg.classifier}: the classifier predicts {model_config.get('num_outputs')} classes, "
                                f"the data has {len(classes)} ({table.name})")
+        if int(model_config.get("crop_size", -1)) != size:
+            raise DiffMixError(f"{cfg.classifier}: the classifier was trained on {model_config.get('crop_size')} px "
+                               f"crops, not --crop_size {size}")
         classifier_dir, masks_used = cfg.classifier, uses_masks(model_config)
     else:
         classifier_dir, masks_used = fileio.join(cfg.out_dir, "classifier"), ccfg.mask_channel
