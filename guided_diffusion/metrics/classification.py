@@ -281,16 +281,21 @@ def bootstrap_mean_diff(metric: Callable, true, preds_a: Sequence, preds_b: Sequ
 # --------------------------------------------------------------------------------------------
 
 
+def _finite_float(arr: np.ndarray, name: str, what: str) -> np.ndarray:
+    """``arr`` as float64, or a DiffMixError when it is not numeric or holds NaN / inf."""
+    if arr.dtype.kind not in "iuf":
+        raise DiffMixError(f"{name}: {what} must be numeric, got dtype {arr.dtype}")
+    arr = arr.astype(np.float64, copy=False)
+    if not np.all(np.isfinite(arr)):
+        raise DiffMixError(f"{name}: {what} contain NaN or infinite values")
+    return arr
+
+
 def _features(values, name: str) -> np.ndarray:
     arr = np.asarray(values)
     if arr.ndim != 2:
         raise DiffMixError(f"{name}: expected a 2-D feature array [N, D], got shape {arr.shape}")
-    if arr.dtype.kind not in "iuf":
-        raise DiffMixError(f"{name}: features must be numeric, got dtype {arr.dtype}")
-    arr = arr.astype(np.float64, copy=False)
-    if not np.all(np.isfinite(arr)):
-        raise DiffMixError(f"{name}: features contain NaN or infinite values")
-    return arr
+    return _finite_float(arr, name, "features")
 
 
 def _mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
@@ -367,12 +372,7 @@ def _seed_values(values, name: str) -> np.ndarray:
         arr = np.asarray(values)
     if arr.ndim != 1:
         raise DiffMixError(f"{name}: expected a 1-D array with one value per seed, got shape {arr.shape}")
-    if arr.dtype.kind not in "iuf":
-        raise DiffMixError(f"{name}: values must be numbers, got dtype {arr.dtype}")
-    arr = arr.astype(np.float64, copy=False)
-    if not np.all(np.isfinite(arr)):
-        raise DiffMixError(f"{name}: values contain NaN or infinite entries")
-    return arr
+    return _finite_float(arr, name, "values")
 
 
 def paired_test(a, b) -> dict:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -304,8 +304,3 @@ def predict(model: ImageClassifier, crops: np.ndarray, masks: Optional[np.ndarra
 
 def uses_masks(config: dict) -> bool:
     return bool(config.get("settings", {}).get("mask_channel"))
-
-
-def split_seeds(seed: int, count: int) -> Sequence[int]:
-    """``count`` derived seeds of ``seed`` (for sub-runs such as the C2ST folds)."""
-    return [derive_seed(seed, 97, k) % (2 ** 31) for k in range(count)]

@@ -237,3 +237,29 @@ def read_source(path: str, table: ClassTable, size: int, *, split: str = "Test",
         return from_samples(samples, size, [changed_mask(s.files.label)[1] for s in samples], source=path)
     samples = read_dataset(path, table, split, progress=progress, dataset_mode=dataset_mode)
     return from_samples(samples, size, source=f"{path} ({split})")
+
+
+@dataclass
+class RealNuclei:
+    """The real data of a nucleus command: class table, classes ``1..C-1`` with their names, and the
+    nuclei of the train and held-out splits."""
+
+    table: ClassTable
+    classes: List[int]
+    names: dict
+    train: NucleusSet
+    test: NucleusSet
+
+
+def read_real_nuclei(cfg, size: int, progress: bool = True) -> RealNuclei:
+    """The train and held-out nuclei of ``cfg`` (a :class:`~guided_diffusion.downstream.data.RealSplits`)."""
+    from ..train import resolve_table
+
+    table = resolve_table(cfg)
+    classes = list(range(1, table.num_classes))
+
+    def read(split):
+        return read_source(cfg.data_dir, table, size, split=split, dataset_mode=cfg.dataset_mode, progress=progress)
+
+    return RealNuclei(table, classes, {c: str(table.names[c]) for c in classes}, read(cfg.train_split),
+                      read(cfg.test_split))

@@ -246,7 +246,6 @@ def run_evidence(cfg: EvidenceConfig, ccfg: ClassifierConfig, argv: Optional[Seq
 
     import torch
 
-    from ..train import resolve_table
     from ..study import command_line, machine
 
     runs_dirs = split_list(cfg.synthetic_dirs)
@@ -265,15 +264,10 @@ def run_evidence(cfg: EvidenceConfig, ccfg: ClassifierConfig, argv: Optional[Seq
                                              "--classifier": cfg.classifier}, "--out_dir")
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    table = resolve_table(cfg)
-    classes = list(range(1, table.num_classes))
-    names = {c: str(table.names[c]) for c in classes}
     size = cfg.crop_size
     # Everything is read and checked before any training or output.
-    real_test = C.read_source(cfg.data_dir, table, size, split=cfg.test_split, dataset_mode=cfg.dataset_mode,
-                              progress=cfg.progress)
-    real_train = C.read_source(cfg.data_dir, table, size, split=cfg.train_split, dataset_mode=cfg.dataset_mode,
-                               progress=cfg.progress)
+    real = C.read_real_nuclei(cfg, size, cfg.progress)
+    table, classes, names, real_train, real_test = real.table, real.classes, real.names, real.train, real.test
     runs = []
     for d in runs_dirs:
         if not C.is_synthesis_run(d):

@@ -192,8 +192,6 @@ def run_study(cfg: NucleusStudyConfig, ccfg: ClassifierConfig, argv: Optional[Se
     """Run (or resume) the study; every source is read and checked before anything is written."""
     import torch
 
-    from ..train import resolve_table
-
     if not cfg.out_dir or not cfg.data_dir:
         raise DiffMixError("--out_dir and --data_dir are required")
     if cfg.n_boot < 1 or cfg.crop_size < 4:
@@ -206,13 +204,9 @@ def run_study(cfg: NucleusStudyConfig, ccfg: ClassifierConfig, argv: Optional[Se
             fileio.check_not_input(cfg.out_dir, {"--data_dir" if d == cfg.data_dir else f"--{group}_dirs": d}, "--out_dir")
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    table = resolve_table(cfg)
-    classes = list(range(1, table.num_classes))
-    names = {c: str(table.names[c]) for c in classes}
     size = cfg.crop_size
-    read = dict(dataset_mode=cfg.dataset_mode, progress=cfg.progress)
-    test = C.read_source(cfg.data_dir, table, size, split=cfg.test_split, **read)
-    real = C.read_source(cfg.data_dir, table, size, split=cfg.train_split, **read)
+    nuclei = C.read_real_nuclei(cfg, size, cfg.progress)
+    table, classes, names, real, test = nuclei.table, nuclei.classes, nuclei.names, nuclei.train, nuclei.test
     sources = _sources(cfg)
     needed = sorted({g for a in arms for g in ARMS[a][1]})
     synthetic = {g: C.concat([C.read_source(d, table, size, progress=cfg.progress) for d in sources[g]]) for g in needed}
