@@ -374,15 +374,36 @@ class GaussianDiffusion:
         decoder_nll = _mean_flat(decoder_nll) / np.log(2.0)
         return {"output": th.where(t == 0, decoder_nll, kl), "pred_xstart": out["pred_xstart"]}
 
-    def training_losses(self, model, x_start, t, model_kwargs=None, noise=None):
+    def min_snr_weight(self, t: th.Tensor, gamma: float) -> th.Tensor:
+        """Min-SNR-gamma weights of the MSE term (Hang et al., ICCV 2023), float32 ``[N]``.
+
+        With SNR(t) = abar_t / (1 - abar_t): min(SNR, gamma) / SNR for an epsilon-predicting model
+        (the x_0-space weight min(SNR, gamma) carried over to the noise error), min(SNR, gamma)
+        for one that predicts x_0. Large-SNR (small t) steps are down-weighted, so the easy
+        low-noise steps no longer dominate the gradient.
+        """
+        if not gamma > 0:
+            raise ValueError(f"min-SNR gamma must be > 0, got {gamma}")
+        abar = th.as_tensor(self.alphas_cumprod, dtype=th.float64, device=t.device)[t]
+        snr = abar / (1.0 - abar)
+        clipped = th.clamp(snr, max=float(gamma))
+        if self.model_mean_type == ModelMeanType.EPSILON:
+            return (clipped / snr).float()
+        if self.model_mean_type == ModelMeanType.START_X:
+            return clipped.float()
+        raise ValueError(f"min-SNR weighting needs an epsilon or x_0 model, not {self.model_mean_type}")
+
+    def training_losses(self, model, x_start, t, model_kwargs=None, noise=None, mse_weight=None):
         """Per-sample losses for one timestep each.
 
         :param x_start: float ``[N, C, H, W]`` clean images in [-1, 1].
         :param t: long ``[N]`` timestep indices.
+        :param mse_weight: optional float ``[N]`` weights of the MSE term in ``loss`` (e.g.
+            :meth:`min_snr_weight`); the VB term is not weighted and ``mse`` stays unweighted.
         :return: dict of float ``[N]`` tensors: ``loss``, and for MSE losses ``mse`` (mean over
             non-batch dims of (target - prediction)^2) and, with learned variance, ``vb`` (the VLB
             term in bits/dim with the prediction detached; scaled by T/1000 for RESCALED_MSE);
-            ``loss = mse + vb``.
+            ``loss = mse_weight * mse + vb``.
         """
         model_kwargs = {} if model_kwargs is None else model_kwargs
         if noise is None:
@@ -422,7 +443,8 @@ class GaussianDiffusion:
         if model_output.shape != target.shape:
             raise ValueError(f"model output {tuple(model_output.shape)} does not match {tuple(target.shape)}")
         terms["mse"] = _mean_flat((target - model_output) ** 2)
-        terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
+        mse = terms["mse"] if mse_weight is None else terms["mse"] * mse_weight.to(terms["mse"].dtype)
+        terms["loss"] = mse + terms["vb"] if "vb" in terms else mse
         return terms
 
     def _prior_bpd(self, x_start: th.Tensor) -> th.Tensor:

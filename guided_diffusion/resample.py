@@ -4,6 +4,11 @@
 the weighted loss is an unbiased estimate of the uniform-t objective. ``loss-second-moment``
 (Nichol & Dhariwal 2021) samples t proportional to sqrt(E[L_t^2]) once every t has a full loss
 history, reducing the variance of the VLB objective.
+
+``t_max`` (DiffMix's "train where you sample") is a different objective, not an estimator of the
+uniform one: t is drawn uniformly from [0, t_max] with weight 1. DiffMix's synthesis starts part-way
+(ddim_percent 55 starts at t <= 540 of 1000), so capacity spent on larger t is never used; such a
+model cannot sample from pure noise, and synthesis refuses a start above its ``t_max``.
 """
 
 from __future__ import annotations
@@ -18,9 +23,14 @@ import torch.distributed as dist
 from .errors import DiffMixError
 
 
-def create_named_schedule_sampler(name: str, diffusion) -> "ScheduleSampler":
+def create_named_schedule_sampler(name: str, diffusion, t_max: int = 0) -> "ScheduleSampler":
     """``"uniform"`` -> :class:`UniformSampler`; ``"loss-second-moment"`` ->
-    :class:`LossSecondMomentResampler` (both over ``diffusion.num_timesteps``)."""
+    :class:`LossSecondMomentResampler` (both over ``diffusion.num_timesteps``). ``t_max`` > 0
+    (uniform only): :class:`TruncatedUniformSampler` over [0, t_max]."""
+    if t_max:
+        if name != "uniform":
+            raise DiffMixError(f"--t_max works with --schedule_sampler uniform only (got {name!r})")
+        return TruncatedUniformSampler(diffusion, t_max)
     if name == "uniform":
         return UniformSampler(diffusion)
     if name == "loss-second-moment":
@@ -67,6 +77,25 @@ class UniformSampler(ScheduleSampler):
 
     def weights(self) -> np.ndarray:
         return self._weights
+
+
+class TruncatedUniformSampler(ScheduleSampler):
+    """t uniform on [0, t_max] with weight 1 (see the module docstring: a chosen objective, so no
+    importance reweighting towards the full range)."""
+
+    def __init__(self, diffusion, t_max: int):
+        T = diffusion.num_timesteps
+        if not 0 < int(t_max) < T:
+            raise DiffMixError(f"--t_max {t_max}: must be in 1..{T - 1} (0: the full range of {T} steps)")
+        self.diffusion, self.t_max = diffusion, int(t_max)
+        self._weights = (np.arange(T) <= self.t_max).astype(np.float64)
+
+    def weights(self) -> np.ndarray:
+        return self._weights
+
+    def sample(self, batch_size: int, device, generator: Optional[torch.Generator] = None):
+        t = torch.randint(0, self.t_max + 1, (batch_size,), generator=generator, device=device)
+        return t, torch.ones(batch_size, dtype=torch.float32, device=device)
 
 
 class LossAwareSampler(ScheduleSampler):

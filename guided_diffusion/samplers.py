@@ -35,6 +35,8 @@ from tqdm.auto import tqdm
 from .errors import DiffMixError
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# keep(x, abar) -> x with a known region replaced by a reference noised to level abar (1.0 = clean).
+Keep = Callable[[torch.Tensor, float], torch.Tensor]
 Level = Union[float, np.floating, torch.Tensor]
 Indices = Union[int, Sequence[int]]
 
@@ -380,6 +382,35 @@ def dpmpp_2m_update(
 # ---------------------------------------------------------------------------------------------
 
 
+def known_region(reference: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor) -> Keep:
+    """RePaint-style known-region replacement (Lugmayr et al. 2022) for the samplers' ``keep``.
+
+    ``keep(x, abar)`` returns ``x`` with the pixels under ``mask`` set to
+    ``sqrt(abar) * reference + sqrt(1 - abar) * noise``: the reference as the forward process would
+    have it at that noise level; at abar = 1 the reference itself. One fixed noise for every level
+    keeps the known region on the path a deterministic sampler would follow from that reference.
+
+    Args:
+        reference: float ``[N, C, H, W]`` in [-1, 1] (e.g. the GradMix image holding the donors).
+        mask: bool ``[N, 1 or C, H, W]``, True where the reference is kept.
+        noise: float ``[N, C, H, W]`` standard normal, drawn once per sample.
+
+    Outside the mask ``x`` passes through untouched (``torch.where``), so an all-False mask gives
+    exactly the plain sampler's result.
+    """
+    if reference.shape != noise.shape or mask.shape[0] != reference.shape[0] or mask.shape[2:] != reference.shape[2:]:
+        raise ValueError(f"known_region: reference {tuple(reference.shape)}, mask {tuple(mask.shape)} and "
+                         f"noise {tuple(noise.shape)} do not match")
+    mask = mask.bool()
+
+    def keep(x: torch.Tensor, abar: float) -> torch.Tensor:
+        a = float(abar)
+        known = (reference.float() * math.sqrt(a) + noise.float() * math.sqrt(max(1.0 - a, 0.0))).to(x.dtype)
+        return torch.where(mask, known, x)
+
+    return keep
+
+
 def start_steps(num_steps: int, ddim_percent: float) -> int:
     """Steps to run for ``ddim_percent`` *percent* of ``num_steps`` respaced steps: the exact floor, >= 1.
 
@@ -528,6 +559,7 @@ def sample_ddim(
     clip: bool = True,
     progress: bool = False,
     callback: Optional[Callable[[Dict[str, Any]], None]] = None,
+    keep: Optional[Keep] = None,
 ) -> torch.Tensor:
     """DDIM sampling over respaced ``indices`` (an int k means k, k-1, ..., 0).
 
@@ -540,6 +572,8 @@ def sample_ddim(
     :param noise_fn: ``x -> noise shaped like x``, replacing ``generator`` (e.g. per-sample
         generators, so a sample's noise does not depend on its batch).
     :param callback: called after each step with ``{"i", "x", "pred_xstart"}``.
+    :param keep: known-region replacement (:func:`known_region`), applied to the state before every
+        model call and to the result; None leaves the loop as it is.
     :return: float32 ``[N, C, H, W]`` sample (in [-1, 1] up to the last step's rounding when clip).
 
     For contiguous indices this equals ``GaussianDiffusion.ddim_sample_loop`` bit for bit; for a
@@ -551,13 +585,15 @@ def sample_ddim(
     for k, i in enumerate(progress_iter(idx, progress, "ddim")):
         abar = sched.alphas_cumprod[i]
         abar_prev = sched.alphas_cumprod[idx[k + 1]] if k + 1 < len(idx) else sched.alphas_cumprod_prev[i]
+        if keep is not None:
+            x = keep(x, float(abar))
         pred, _ = _split_output(denoiser(x, sched.model_timesteps(_timesteps(i, x))), x)
         pred_xstart = _pred_xstart(sched, x, pred, abar, clip)
         noise = noise_fn(x) if noise_fn is not None else randn_like(x, generator)
         x = ddim_update(x, pred_xstart, abar, abar_prev, eta, noise, nonzero=i != 0)
         if callback is not None:
             callback({"i": i, "x": x, "pred_xstart": pred_xstart})
-    return x
+    return x if keep is None else keep(x, 1.0)
 
 
 @torch.no_grad()
@@ -571,6 +607,7 @@ def sample_ddpm(
     clip: bool = True,
     progress: bool = False,
     callback: Optional[Callable[[Dict[str, Any]], None]] = None,
+    keep: Optional[Keep] = None,
 ) -> torch.Tensor:
     """DDPM ancestral sampling over consecutive respaced ``indices`` (int k -> k..0).
 
@@ -583,6 +620,8 @@ def sample_ddpm(
     x = x_start_state
     for i in progress_iter(idx, progress, "ddpm"):
         t = _timesteps(i, x)
+        if keep is not None:
+            x = keep(x, float(sched.alphas_cumprod[i]))
         pred, var_values = _split_output(denoiser(x, sched.model_timesteps(t)), x)
         pred_xstart = _pred_xstart(sched, x, pred, sched.alphas_cumprod[i], clip)
         mean = posterior_mean(sched, pred_xstart, x, t)
@@ -591,7 +630,7 @@ def sample_ddpm(
         x = ancestral_update(mean, log_variance, noise, nonzero=i != 0)
         if callback is not None:
             callback({"i": i, "x": x, "pred_xstart": pred_xstart})
-    return x
+    return x if keep is None else keep(x, 1.0)
 
 
 @torch.no_grad()
@@ -604,6 +643,7 @@ def sample_dpmpp_2m(
     clip: bool = True,
     progress: bool = False,
     callback: Optional[Callable[[Dict[str, Any]], None]] = None,
+    keep: Optional[Keep] = None,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) over respaced ``indices`` (an int k means k, k-1, ..., 0).
 
@@ -611,7 +651,7 @@ def sample_dpmpp_2m(
     clean data (the last step returns the x_0 prediction, as DDIM does). Deterministic: ``generator``
     is accepted for interface symmetry and not used. Being second order it reaches DDIM's many-step
     result with far fewer steps when the steps are roughly even in log-SNR; with few steps evenly
-    spaced in t, the uneven last gap can make it worse than DDIM.
+    spaced in t, the uneven last gap can make it worse than DDIM. ``keep``: as in :func:`sample_ddim`.
     """
     del generator  # deterministic solver
     sched = as_schedule(schedule)
@@ -621,10 +661,12 @@ def sample_dpmpp_2m(
     for k, i in enumerate(progress_iter(idx, progress, "dpm++2m")):
         abar = float(sched.alphas_cumprod[i])
         abar_next = float(sched.alphas_cumprod[idx[k + 1]] if k + 1 < len(idx) else sched.alphas_cumprod_prev[i])
+        if keep is not None:
+            x = keep(x, abar)
         pred, _ = _split_output(denoiser(x, sched.model_timesteps(_timesteps(i, x))), x)
         pred_xstart = _pred_xstart(sched, x, pred, abar, clip)
         x, h = dpmpp_2m_update(x, pred_xstart, abar, abar_next, prev_xstart, h_prev)
         prev_xstart, h_prev = pred_xstart, h
         if callback is not None:
             callback({"i": i, "x": x, "pred_xstart": pred_xstart})
-    return x
+    return x if keep is None else keep(x, 1.0)

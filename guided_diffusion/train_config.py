@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .config import flag
+from .config import flag, nonfinite_flags
 from .data.classes import LABELS_MERGED, LABELS_MERGED_HELP
 from .errors import DiffMixError
 from .precision import check_precision
@@ -47,6 +47,12 @@ class TrainConfig:
     num_workers: int = flag(0, "data-loading worker processes per rank")
     deterministic: bool = flag(False, "deterministic kernels (bitwise-reproducible resume; slower on GPU)")
     progress: bool = flag(True, "show a progress bar on the terminal")
+    # DiffMix's CPU recipe options (docs/REAL_DATA.md); the defaults keep the official objective.
+    t_max: int = flag(0, "draw training timesteps only from [0, t_max] (0: all); such a model cannot "
+                         "sample from pure noise, and synthesis refuses a start above t_max")
+    snr_gamma: float = flag(0.0, "min-SNR-gamma weighting of the MSE term, e.g. 5 (0: off)")
+    rare_crop_share: float = flag(0.0, "share of training crops centred on a rare-class nucleus (the class "
+                                       "table's minor classes, else class 1); 0: plain random crops")
 
 
 def parse_ema_rates(ema_rate: Any) -> list[float]:
@@ -67,7 +73,7 @@ def parse_ema_rates(ema_rate: Any) -> list[float]:
 
 def validate_train_config(cfg: TrainConfig) -> None:
     """Raise :class:`DiffMixError` for settings that cannot work (checked before any heavy work)."""
-    problems = []
+    problems = nonfinite_flags(cfg)
     if cfg.batch_size < 1:
         problems.append(f"--batch_size must be >= 1 (got {cfg.batch_size})")
     if cfg.microbatch == 0 or cfg.microbatch < -1:
@@ -82,6 +88,12 @@ def validate_train_config(cfg: TrainConfig) -> None:
     for name in ("lr_anneal_steps", "max_steps", "keep_checkpoints", "num_workers"):
         if getattr(cfg, name) < 0:
             problems.append(f"--{name} must be >= 0 (got {getattr(cfg, name)})")
+    if cfg.t_max < 0:
+        problems.append(f"--t_max must be >= 0 (got {cfg.t_max})")
+    if cfg.snr_gamma < 0:
+        problems.append(f"--snr_gamma must be >= 0 (got {cfg.snr_gamma})")
+    if not 0.0 <= cfg.rare_crop_share <= 1.0:
+        problems.append(f"--rare_crop_share must be in [0, 1] (got {cfg.rare_crop_share})")
     if cfg.grad_clip < 0:
         problems.append(f"--grad_clip must be >= 0 (got {cfg.grad_clip})")
     if cfg.fp16_scale_growth <= 0:

@@ -120,7 +120,8 @@ class TrainLoop:
 
     Args (official names first):
         model: the U-Net on its device (float32 parameters); called as ``model(x, t, y=cond)``.
-        diffusion: provides ``training_losses(model, x, t, model_kwargs, noise)`` and ``num_timesteps``.
+        diffusion: provides ``training_losses(model, x, t, model_kwargs, noise, mse_weight)``,
+            ``min_snr_weight(t, gamma)`` and ``num_timesteps``.
         data: iterator of ``(x float [B,3,S,S] in [-1,1], {"y": float [B,C,S,S], ...})``. If it has
             ``state_dict()``/``load_state_dict()`` its position is saved and restored with checkpoints.
         batch_size: images per step on this rank; microbatch: chunk size for accumulation (-1: off).
@@ -137,6 +138,7 @@ class TrainLoop:
         grad_clip: max global grad norm (0: off). keep_checkpoints: newest N kept (0: all).
         precision: auto/fp32/bf16/fp16. config: flat settings dict written to config.json.
         progress: show a tqdm progress bar on rank 0.
+        snr_gamma: min-SNR-gamma weighting of the MSE term (0: off, the official loss).
         prepare_folder: create the run folder and write ``config.json`` now (False: the caller
             calls :meth:`prepare_folder` later, after its own checks).
     """
@@ -170,6 +172,7 @@ class TrainLoop:
         config: Optional[Mapping[str, Any]] = None,
         progress: bool = True,
         prepare_folder: bool = True,
+        snr_gamma: float = 0.0,
         gpu: Any = None,  # official keyword, ignored: devices come from the launcher
     ):
         self.model = model
@@ -186,6 +189,7 @@ class TrainLoop:
         self.lr_anneal_steps = int(lr_anneal_steps)
         self.max_steps = int(max_steps)
         self.grad_clip = float(grad_clip)
+        self.snr_gamma = float(snr_gamma)
         self.keep_checkpoints = int(keep_checkpoints)
         self.schedule_sampler = schedule_sampler if schedule_sampler is not None else UniformSampler(diffusion)
         self.num_classes = num_classes
@@ -352,6 +356,7 @@ class TrainLoop:
         y, _ = drop_condition(y, self.drop_rate, self.generator)
         t, weights = self.schedule_sampler.sample(n, self.device, self.generator)
         noise = torch.randn(x.shape, generator=self.generator, device=self.device, dtype=x.dtype)
+        mse_weight = self.diffusion.min_snr_weight(t, self.snr_gamma) if self.snr_gamma > 0 else None
         for i in range(0, n, self.microbatch):
             sl = slice(i, i + self.microbatch)
             last = i + self.microbatch >= n
@@ -359,7 +364,8 @@ class TrainLoop:
             with sync:
                 with autocast_context(self.precision, self.device):
                     losses = self.diffusion.training_losses(
-                        self.ddp_model, x[sl], t[sl], model_kwargs={"y": y[sl]}, noise=noise[sl]
+                        self.ddp_model, x[sl], t[sl], model_kwargs={"y": y[sl]}, noise=noise[sl],
+                        mse_weight=None if mse_weight is None else mse_weight[sl],
                     )
                 if hasattr(self.schedule_sampler, "update_with_local_losses"):
                     self.schedule_sampler.update_with_local_losses(t[sl], losses["loss"].detach())

@@ -87,7 +87,7 @@ def train(model_cfg: Any, train_cfg: TrainConfig, data: Optional[Iterator] = Non
     torch.manual_seed(train_cfg.seed)
     model, diffusion = create_model_and_diffusion(**model_cfg.to_dict())
     model.to(dist_util.dev())
-    sampler = create_named_schedule_sampler(train_cfg.schedule_sampler, diffusion)
+    sampler = create_named_schedule_sampler(train_cfg.schedule_sampler, diffusion, train_cfg.t_max)
     if data is None:
         logger.log(f"reading {train_cfg.data_dir} ({train_cfg.dataset_mode})...")
         data = load_data(
@@ -102,6 +102,7 @@ def train(model_cfg: Any, train_cfg: TrainConfig, data: Optional[Iterator] = Non
             num_workers=train_cfg.num_workers,
             progress=info.rank == 0,
             labels_merged=train_cfg.labels_merged,
+            rare_crop_share=train_cfg.rare_crop_share,
         )
         data_classes = getattr(data, "num_classes", model_cfg.num_classes)
         if data_classes != model_cfg.num_classes:
@@ -136,6 +137,7 @@ def train(model_cfg: Any, train_cfg: TrainConfig, data: Optional[Iterator] = Non
         config=flat_config(model_cfg, train_cfg, precision_resolved=precision, world_size=info.world_size),
         progress=train_cfg.progress,
         prepare_folder=False,
+        snr_gamma=train_cfg.snr_gamma,
     )
 
     # Everything checked: from here on the run folder is written.

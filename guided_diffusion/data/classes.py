@@ -116,8 +116,9 @@ class ClassTable:
         )
 
     @property
-    def is_identity(self) -> bool:
-        return self.lut == tuple(range(self.num_classes))
+    def rare_classes(self) -> tuple:
+        """The rare classes (merged ids): ``minor``, else DiffMix's default, class 1."""
+        return tuple(self.minor) or (1,)
 
     def as_merged(self) -> "ClassTable":
         """The table that reads labels already holding this table's merged classes (identity, same names)."""

@@ -52,6 +52,8 @@ class Patch:
         x0, y0: top-left corner of the window in the source image (pixels).
         map_name: the label map's stem (``img_1`` or ``img_1__balance000``).
         index: the patch's index on its map's grid (row-major).
+        known: optional ``(image uint8 [S, S, 3], mask bool [S, S])`` kept during sampling
+            (the placed GradMix donors; see ``image_sample.py --keep_donors``).
     """
 
     image: np.ndarray
@@ -63,6 +65,7 @@ class Patch:
     y0: int
     map_name: str
     index: int = 0
+    known: Optional[Tuple[np.ndarray, np.ndarray]] = None
 
     @property
     def name(self) -> str:

@@ -5,6 +5,12 @@ function of ``(seed, r, k, j)``. Files are visited in epochs (each file of the r
 epoch, in a seeded random order unless ``deterministic``); the crop window, rot90 and flips come
 from an item seed derived from ``(seed, r, k, j)``. So restoring :class:`DataState` (seed, step)
 reproduces the exact batch stream, with or without worker processes.
+
+Rare-aware crops (``rare_crop_share`` > 0): each batch item is, with that probability (its own
+seeded draw), a crop of an image holding a rare-class nucleus, placed so that a randomly chosen such
+nucleus' centroid lies in the middle half of the window. The model then sees the rare class in about
+that share of its crops instead of the few per cent a plain random crop gives (CoNSeP "other": 2.3 %
+of nuclei). With share 0 the keys and crops are exactly the plain stream's.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from .readers import LabeledImage, read_dataset
 # Tags keep the file-order and crop random streams independent although both derive from seed.
 _TAG_ORDER = 1
 _TAG_CROP = 2
+_TAG_RARE = 3
 
 
 @dataclass
@@ -81,6 +88,7 @@ class TrainCropDataset(torch.utils.data.Dataset):
         image_size: int,
         random_flip: bool = True,
         random_rotate: bool = True,
+        rare_classes: Sequence[int] = (),
     ):
         self.samples = list(samples)
         self.image_size = int(image_size)
@@ -90,19 +98,32 @@ class TrainCropDataset(torch.utils.data.Dataset):
             h, w = s.shape
             if h < self.image_size or w < self.image_size:
                 raise DiffMixError(f"{s.files.image}: image {w}x{h} is smaller than the crop size {self.image_size}")
+        # float [K, 2] (y, x) centroids of each image's rare-class nuclei (rare-aware crops).
+        self.rare_centres = [nucleus_centres(s.inst_map, s.type_map, rare_classes) for s in self.samples] \
+            if rare_classes else [np.zeros((0, 2))] * len(self.samples)
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def crop_params(self, index: int, seed: int) -> Tuple[int, int, int, bool, bool]:
-        """(x0, y0, rot, flip_lr, flip_ud) for image ``index`` under ``seed``.
+    def crop_params(self, index: int, seed: int, rare: bool = False) -> Tuple[int, int, int, bool, bool]:
+        """(x0, y0, rot, flip_lr, flip_ud) for image ``index`` under ``seed``; ``rare``: a window
+        whose middle half holds the centroid of one of the image's rare-class nuclei.
 
         All four values are always drawn so the stream does not depend on the augmentation flags.
         """
         h, w = self.samples[index].shape
+        s = self.image_size
         rng = np.random.default_rng(int(seed))
-        y0 = int(rng.integers(0, h - self.image_size + 1))
-        x0 = int(rng.integers(0, w - self.image_size + 1))
+        y0 = int(rng.integers(0, h - s + 1))
+        x0 = int(rng.integers(0, w - s + 1))
+        if rare:
+            centres = self.rare_centres[index]
+            if not len(centres):
+                raise ValueError(f"image {index} holds no rare-class nucleus")
+            cy, cx = centres[int(rng.integers(len(centres)))]
+            jitter = rng.integers(-(s // 4), s // 4 + 1, size=2)
+            y0 = int(np.clip(round(cy) - s // 2 + jitter[0], 0, h - s))
+            x0 = int(np.clip(round(cx) - s // 2 + jitter[1], 0, w - s))
         rot = int(rng.integers(0, 4))
         flips = rng.random(2) < 0.5
         return (
@@ -113,10 +134,10 @@ class TrainCropDataset(torch.utils.data.Dataset):
             bool(flips[1]) and self.random_flip,
         )
 
-    def __getitem__(self, key: Union[int, Tuple[int, int]]) -> dict:
-        index, seed = key if isinstance(key, tuple) else (key, key)
+    def __getitem__(self, key: Union[int, Tuple[int, int], Tuple[int, int, bool]]) -> dict:
+        index, seed, rare = (tuple(key) + (False,))[:3] if isinstance(key, tuple) else (key, key, False)
         sample = self.samples[index]
-        x0, y0, rot, flip_lr, flip_ud = self.crop_params(index, seed)
+        x0, y0, rot, flip_lr, flip_ud = self.crop_params(index, seed, rare)
         s = self.image_size
         window = (slice(y0, y0 + s), slice(x0, x0 + s))
         image = augment(sample.image[window], rot, flip_lr, flip_ud)
@@ -131,19 +152,39 @@ class TrainCropDataset(torch.utils.data.Dataset):
         }
 
 
+def nucleus_centres(inst_map: np.ndarray, type_map: np.ndarray, classes: Sequence[int]) -> np.ndarray:
+    """float64 ``[K, 2]`` (y, x) centroids of the nuclei whose type is in ``classes``.
+
+    ``inst_map`` int [H, W] (0 = background), ``type_map`` int [H, W] merged classes.
+    """
+    from scipy import ndimage
+
+    ids = np.unique(inst_map[np.isin(type_map, list(classes)) & (inst_map > 0)])
+    if not len(ids):
+        return np.zeros((0, 2))
+    return np.asarray(ndimage.center_of_mass(np.ones(inst_map.shape), inst_map, ids), dtype=np.float64).reshape(-1, 2)
+
+
 class CropPlan:
-    """Which (image index, item seed) each batch item of each global step uses, on one rank.
+    """Which dataset key each batch item of each global step uses, on one rank.
 
     Args:
         shard: dataset indices this rank draws from.
         batch_size: items per step on this rank.
         seed, rank: see module docstring.
         deterministic: visit the shard in its listed order each epoch instead of a seeded shuffle.
+        rare_images: indices (in ``shard``) of images holding a rare-class nucleus.
+        rare_share: probability that an item is a rare-aware crop of one of ``rare_images``.
     """
 
-    def __init__(self, shard: Sequence[int], batch_size: int, seed: int, rank: int = 0, deterministic: bool = False):
+    def __init__(self, shard: Sequence[int], batch_size: int, seed: int, rank: int = 0, deterministic: bool = False,
+                 rare_images: Sequence[int] = (), rare_share: float = 0.0):
         if not shard:
             raise DiffMixError("no training images for this rank")
+        if rare_share > 0 and not len(rare_images):
+            raise DiffMixError("--rare_crop_share: no training image of this rank holds a rare-class nucleus")
+        self.rare_images = np.asarray(rare_images, dtype=np.int64)
+        self.rare_share = float(rare_share)
         self.shard = np.asarray(shard, dtype=np.int64)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
@@ -159,14 +200,20 @@ class CropPlan:
             self._order_cache = (epoch, self.shard[rng.permutation(len(self.shard))])
         return self._order_cache[1]
 
-    def batch_keys(self, step: int) -> List[Tuple[int, int]]:
-        """The dataset keys ``(index, item_seed)`` of global step ``step``."""
+    def batch_keys(self, step: int) -> List[tuple]:
+        """The dataset keys of global step ``step``: ``(index, item_seed)``, or ``(index, item_seed,
+        True)`` for a rare-aware crop."""
         n = len(self.shard)
         keys = []
         for j in range(self.batch_size):
+            seed = item_seed(self.seed, self.rank, step, j)
+            if self.rare_share > 0:
+                rng = np.random.default_rng([self.seed, self.rank, step, j, _TAG_RARE])
+                if rng.random() < self.rare_share:
+                    keys.append((int(self.rare_images[rng.integers(len(self.rare_images))]), seed, True))
+                    continue
             g = step * self.batch_size + j
-            index = int(self._epoch_order(g // n)[g % n])
-            keys.append((index, item_seed(self.seed, self.rank, step, j)))
+            keys.append((int(self._epoch_order(g // n)[g % n]), seed))
         return keys
 
 
@@ -283,6 +330,7 @@ def load_data(
     start_step: int = 0,
     progress: bool = True,
     labels_merged: str = "auto",
+    rare_crop_share: float = 0.0,
 ) -> CropBatches:
     """Training batches for the SDM U-Net (the official name ``load_data`` is kept).
 
@@ -296,6 +344,8 @@ def load_data(
             pannuke, conic and lizard read the datasets as distributed, ``split`` naming folds).
         image_folder, label_folder: folder names inside the split (defaults: Images, Labels).
         labels_merged: "auto", "yes" or "no" (see :func:`guided_diffusion.data.readers.resolve_labels_form`).
+        rare_crop_share: share of rare-aware crops (module docstring); the rare classes are the
+            class table's :attr:`~guided_diffusion.data.classes.ClassTable.rare_classes`.
     """
     if batch_size < 1 or image_size < 1:
         raise DiffMixError(f"batch_size ({batch_size}) and image_size ({image_size}) must be positive")
@@ -306,6 +356,9 @@ def load_data(
         labels_merged=labels_merged,
     )
     rank, world = rank_world()
-    dataset = TrainCropDataset(samples, image_size, random_flip=random_flip, random_rotate=random_rotate)
-    plan = CropPlan(shard_indices(len(samples), rank, world), batch_size, seed, rank, deterministic)
+    rare = table.rare_classes if rare_crop_share > 0 else ()
+    dataset = TrainCropDataset(samples, image_size, random_flip=random_flip, random_rotate=random_rotate, rare_classes=rare)
+    shard = shard_indices(len(samples), rank, world)
+    plan = CropPlan(shard, batch_size, seed, rank, deterministic,
+                    rare_images=[i for i in shard if len(dataset.rare_centres[i])], rare_share=rare_crop_share)
     return CropBatches(dataset, plan, table.num_classes, no_instance, num_workers, start_step, table)

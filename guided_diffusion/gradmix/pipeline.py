@@ -164,8 +164,8 @@ def run_gradmix(
         (class counts, see :func:`class_count_summary`) when ``stats``.
     """
     table = resolve_class_table(dataset_mode, class_table, num_classes)
-    d_minor, _ = default_classes(table.num_classes)
-    minor_p = _parse_classes(minor, "minor") or table.minor or d_minor
+    default_classes(table.num_classes)  # enough classes for GradMix
+    minor_p = _parse_classes(minor, "minor") or table.rare_classes
     major_p = _parse_classes(major, "major") or tuple(c for c in range(1, table.num_classes) if c not in minor_p)
     minor_t, major_t = check_classes(minor_p, major_p)
     bad = [c for c in minor_t + major_t if c >= table.num_classes]

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from .. import __version__, fileio, runlock
 from .. import samplers as smp
 from ..completion import refuse_changed_settings, write_marked
+from ..config import load_config_for_checkpoint
 from ..data.condition import build_condition, image_to_tensor
 from ..data.readers import image_sources
 from ..data.sampling import VIRTUAL_MAP_RE, sampling_patches
@@ -103,25 +104,62 @@ def _holding_changed(patches: Sequence[Any]) -> List[Any]:
     return kept
 
 
+class _GradMixImages:
+    """GradMix's composed images (``<label_dir>/Images/``), read once each, cut to a patch's window."""
+
+    def __init__(self, flag: str):
+        self.flag, self.images = flag, {}
+
+    def window(self, p: Any) -> np.ndarray:
+        from ..gradmix import image_path
+
+        path = image_path(p.label_source)
+        if path not in self.images:
+            if not fileio.exists(path):
+                raise DiffMixError(f"{path}: {self.flag} needs the GradMix image of map {p.map_name} "
+                                   "(balancing maps written by gradmix.py --write_images true)")
+            self.images[path] = fileio.read_image(path)
+        h, w = p.image.shape[:2]
+        window = self.images[path][p.y0 : p.y0 + h, p.x0 : p.x0 + w]
+        if window.shape != p.image.shape:
+            raise DiffMixError(f"{path}: GradMix image size {self.images[path].shape[:2]} does not cover patch {p.name}")
+        return np.ascontiguousarray(window)
+
+
 def _gradmix_starts(patches: Sequence[Any]) -> List[Any]:
     """The patches with GradMix's composed image (same window) in place of the real one."""
-    from ..gradmix import image_path
+    images = _GradMixImages("--start gradmix")
+    return [dataclasses.replace(p, image=images.window(p)) for p in patches]
 
-    images: Dict[str, np.ndarray] = {}
+
+def _with_donors(patches: Sequence[Any], ring: int) -> List[Any]:
+    """The patches with ``known`` = (GradMix image window, its placed nuclei grown by ``ring`` px)."""
+    from scipy import ndimage
+
+    from ..gradmix import changed_mask
+
+    images = _GradMixImages("--keep_donors")
     out = []
     for p in patches:
-        path = image_path(p.label_source)
-        if path not in images:
-            if not fileio.exists(path):
-                raise DiffMixError(f"{path}: --start gradmix needs the GradMix image of map {p.map_name} "
-                                   "(balancing maps written by gradmix.py --write_images true)")
-            images[path] = fileio.read_image(path)
-        h, w = p.image.shape[:2]
-        window = images[path][p.y0 : p.y0 + h, p.x0 : p.x0 + w]
-        if window.shape != p.image.shape:
-            raise DiffMixError(f"{path}: GradMix image size {images[path].shape[:2]} does not cover patch {p.name}")
-        out.append(dataclasses.replace(p, image=np.ascontiguousarray(window)))
+        kind, mask = changed_mask(p.label_source, (p.y0, p.x0, *p.inst_map.shape))
+        if kind is None:
+            raise DiffMixError(f"{p.label_source}: --keep_donors needs GradMix maps with their Records/ "
+                               "(this label map has no record)")
+        if ring and mask.any():
+            mask = ndimage.binary_dilation(mask, structure=np.ones((3, 3), bool), iterations=ring)
+        out.append(dataclasses.replace(p, known=(images.window(p), mask)))
     return out
+
+
+def _known_region(batch: Sequence[Job], device: torch.device) -> Optional[smp.Keep]:
+    """The samplers' ``keep`` for a batch whose patches carry ``known`` donors (None otherwise). Its
+    noise comes from its own per-sample generators, so the plain noise stream is unchanged."""
+    if batch[0].patch.known is None:
+        return None
+    reference = image_to_tensor(np.stack([j.patch.known[0] for j in batch])).to(device)
+    mask = torch.from_numpy(np.stack([j.patch.known[1] for j in batch]))[:, None].to(device)
+    seeds = [int(np.random.SeedSequence([j.noise_seed, _TAG_KEEP]).generate_state(1)[0]) for j in batch]
+    return smp.known_region(reference, mask, PerSampleNoise(seeds).randn(reference.shape[1:], device))
 
 
 def _record(job: Job, cfg: SampleConfig, layout: OutputLayout, settings: Dict[str, Any], inst: np.ndarray, types: np.ndarray) -> dict:
@@ -145,10 +183,13 @@ def _record(job: Job, cfg: SampleConfig, layout: OutputLayout, settings: Dict[st
     }
 
 
+# Tags the donor-keeping noise stream, kept apart from the sample's own noise (derived from the same seed).
+_TAG_KEEP = 7
+
 # Settings that change what a finished output contains: resuming into a folder made with other
 # values would mix two runs, so it is refused. (batch_size, num_samples, fast, devices do not.)
 _IDENTITY_KEYS = ("seed", "sampler", "solver_steps", "eta", "guidance_scale", "timestep_respacing", "ddim_percent",
-                  "clip_denoised", "checkpoint", "precision", "data_dir", "label_dir", "stride", "changed_only", "start_image", "model_config",
+                  "clip_denoised", "checkpoint", "precision", "data_dir", "label_dir", "stride", "changed_only", "start_image", "keep_donors", "model_config",
                   "dataset_mode", "class_table", "split")
 
 
@@ -168,6 +209,16 @@ def _check_resume(layout: OutputLayout, identity: Dict[str, Any]) -> None:
             path, fileio.read_json(path), identity, _IDENTITY_KEYS, "this run folder",
             "resuming would mix two runs. Use another --results_path or --run_name, or the original settings.",
         )
+
+
+def _check_trained_range(model_path: str, start_timestep: int) -> None:
+    """Refuse a start above the ``t_max`` the model was trained to (``image_train.py --t_max``)."""
+    saved = load_config_for_checkpoint(model_path) if model_path and fileio.exists(model_path) else None
+    t_max = int((saved or {}).get("t_max") or 0)
+    if t_max and start_timestep > t_max:
+        raise DiffMixError(
+            f"{model_path}: this model was trained on timesteps 0..{t_max} only (--t_max {t_max}), but synthesis "
+            f"would start at t = {start_timestep}; lower --ddim_percent (pure noise is out of its range)")
 
 
 def _check_patches(patches: Sequence[Any], image_size: int, num_classes: int) -> None:
@@ -264,6 +315,8 @@ def run_synthesis(
                 raise DiffMixError(f"--changed_only: no patch of the selected maps in {cfg.label_dir} holds a changed nucleus")
         if cfg.start == "gradmix":
             patches = _gradmix_starts(patches)
+        if cfg.keep_donors >= 0:
+            patches = _with_donors(patches, cfg.keep_donors)
     _check_patches(patches, image_size, num_classes)
 
     sched = smp.as_schedule(diffusion)
@@ -284,6 +337,7 @@ def run_synthesis(
         "start": "pure noise" if pure_noise else f"noised {'GradMix image' if cfg.start == 'gradmix' else 'real patch'} (SDEdit)",
         "start_image": cfg.start,
         "start_timestep": int(sched.timestep_map[steps - 1]),
+        "keep_donors": int(cfg.keep_donors),
         "clip_denoised": bool(cfg.clip_denoised),
         "checkpoint": cfg.model_path,
         "model_config_source": model_config_source,
@@ -291,6 +345,7 @@ def run_synthesis(
         "fast": bool(cfg.fast),
         "version": __version__,
     }
+    _check_trained_range(cfg.model_path, settings["start_timestep"])
     layout = OutputLayout(fileio.join(cfg.results_path, cfg.run_name or default_run_name(cfg, respacing)))
     identity = {**settings, "seed": int(cfg.seed), "data_dir": cfg.data_dir, "label_dir": cfg.label_dir,
                 "stride": int(cfg.stride), "changed_only": bool(cfg.changed_only), "model_config": model_cfg, "dataset_mode": cfg.dataset_mode,
@@ -332,6 +387,7 @@ def run_synthesis(
                 with_autocast(denoiser, precision, device), sched, reference, steps,
                 PerSampleNoise([j.noise_seed for j in batch]), sampler=cfg.sampler, eta=cfg.eta,
                 clip=cfg.clip_denoised, shape=(len(batch), 3, image_size, image_size), device=device, solver=solver,
+                keep=_known_region(batch, device),
             )
             _check_finite(sample, batch, cfg.model_path, lambda: (
                 f"kept: {len(written) + len(skipped)} complete patches of this rank in {layout.root}"))

@@ -115,6 +115,7 @@ def sample_batch(
     shape: Optional[Sequence[int]] = None,
     device: Any = None,
     solver: Optional[Tuple[Any, Sequence[int]]] = None,
+    keep: Optional[smp.Keep] = None,
 ) -> torch.Tensor:
     """Synthesise one batch.
 
@@ -130,6 +131,8 @@ def sample_batch(
         device: where a pure-noise start lives (default: the reference's device, else the CPU).
         solver: dpmpp2m only: ``(schedule, indices)`` of :func:`solver_plan`: the solver runs over
             these indices of that schedule instead of every respaced step (same start state).
+        keep: known-region replacement (:func:`~guided_diffusion.samplers.known_region`: the
+            placed donors kept), or None.
 
     Returns:
         float32 ``[N, 3, H, W]`` sample in [-1, 1] (up to the last step's rounding).
@@ -154,13 +157,13 @@ def sample_batch(
         raise DiffMixError(f"a solver plan applies to the dpmpp2m sampler only (got {sampler!r})")
     draw = lambda like: noise.randn(per_sample, like.device)  # noqa: E731
     if sampler == "ddim":
-        return smp.sample_ddim(denoiser, x, sched, start, eta=eta, noise_fn=draw, clip=clip)
+        return smp.sample_ddim(denoiser, x, sched, start, eta=eta, noise_fn=draw, clip=clip, keep=keep)
     if sampler == "ddpm":
-        return smp.sample_ddpm(denoiser, x, sched, start, noise_fn=draw, clip=clip)
+        return smp.sample_ddpm(denoiser, x, sched, start, noise_fn=draw, clip=clip, keep=keep)
     if sampler == "dpmpp2m":
         if solver is not None:
-            return smp.sample_dpmpp_2m(denoiser, x, solver[0], solver[1], clip=clip)
-        return smp.sample_dpmpp_2m(denoiser, x, sched, start, clip=clip)
+            return smp.sample_dpmpp_2m(denoiser, x, solver[0], solver[1], clip=clip, keep=keep)
+        return smp.sample_dpmpp_2m(denoiser, x, sched, start, clip=clip, keep=keep)
     raise DiffMixError(f"unknown sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
 
 

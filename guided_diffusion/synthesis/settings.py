@@ -46,6 +46,7 @@ class SampleConfig:
     idx_img: str = field(default="", metadata={"help": "comma list of image indices (sorted stems), image stems or label-map names; '' = all"})
     start: str = field(default="real", metadata={"help": "what SDEdit noises: real (the real patch, the paper's) or gradmix (GradMix's composed image of the same map, <label_dir>/Images/, gradmix.py --write_images true)"})
     changed_only: bool = field(default=False, metadata={"help": "with --label_dir: only the patches that hold a nucleus GradMix placed (balancing) or moved (enlarging), as its Records/ say"})
+    keep_donors: int = field(default=-1, metadata={"help": "with --label_dir: keep GradMix's image inside each placed nucleus grown by this many pixels, noised to every step (RePaint-style), so the placed nucleus is a real one; -1 = off"})
     stride: int = field(default=0, metadata={"help": "patch grid stride in pixels (0 = image_size)"})
     model_path: str = field(default="", metadata={"help": "checkpoint (.pt / .safetensors); config.json beside it is read"})
     results_path: str = field(default="", metadata={"help": "output root; a run folder s<s>_<respacing>_p<percent> is made inside"})
@@ -112,6 +113,10 @@ class SampleConfig:
             raise DiffMixError(f"--start {self.start!r}: expected one of {', '.join(STARTS)}")
         if self.start == "gradmix" and not self.label_dir:
             raise DiffMixError("--start gradmix needs --label_dir (a GradMix output folder with Images/)")
+        if self.keep_donors < -1:
+            raise DiffMixError(f"--keep_donors {self.keep_donors}: must be -1 (off) or a ring width >= 0 in pixels")
+        if self.keep_donors >= 0 and not self.label_dir:
+            raise DiffMixError("--keep_donors needs --label_dir (a GradMix output folder with Images/ and Records/)")
         if self.changed_only and not self.label_dir:
             raise DiffMixError("--changed_only True needs --label_dir (a GradMix output folder with Records/)")
 
