@@ -10,10 +10,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from test_synthesis import TINY, base_argv, load_outputs, run_main, setup  # noqa: F401  (module fixture)
+from test_synthesis import TINY, base_argv, load_outputs, run_main, setup, tiny_model  # noqa: F401  (fixture)
 
 from guided_diffusion import fileio
 from guided_diffusion import samplers as smp
+from guided_diffusion.checkpoints import save_state_dict
 from guided_diffusion.config import save_config
 from guided_diffusion.data import CONSEP, write_label_mat
 from guided_diffusion.data.classes import identity_table
@@ -228,3 +229,55 @@ def test_a_model_trained_with_t_max_refuses_a_higher_start(setup, tmp_path, caps
     run_main(base_argv(setup, tmp_path / "ok", "--model_path", ckpt, "--figure_rows", "0", "--ddim_percent", "30",
                        "--num_samples", "1"))
     assert json.load(open(tmp_path / "ok" / "s1.5_ddim10_p30" / "run.json"))["start_timestep"] <= 30
+
+
+# ----------------------------------------------------------------------------- validation loss
+
+
+def test_denoising_scores_are_deterministic_and_match_their_definition():
+    from guided_diffusion.metrics.denoising import denoising_scores
+
+    diffusion = create_gaussian_diffusion(steps=100)
+
+    class Zero(torch.nn.Module):  # predicts eps = 0: the x_0 estimate is x_t / sqrt(abar)
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x, t, y=None):
+            return torch.zeros_like(x)
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(5, 3, 8, 8, generator=g) * 2 - 1
+    conds = torch.zeros(5, 2, 8, 8)
+    rows = denoising_scores(Zero(), diffusion, images, conds, [5, 50], seed=3, batch_size=2)
+    assert [r["t"] for r in rows] == [5, 50] and all(r["n"] == 5 for r in rows)
+    assert 0.8 < rows[0]["eps_mse"] < 1.2  # E[eps^2] = 1
+    assert rows[0]["psnr_db"] > rows[1]["psnr_db"]  # more noise, worse one-call estimate
+    assert denoising_scores(Zero(), diffusion, images, conds, [5, 50], seed=3, batch_size=5) == rows
+    assert denoising_scores(Zero(), diffusion, images, conds, [5], seed=4)[0] != rows[0]
+
+
+def test_sdm_validate_scores_checkpoints_on_the_same_patches(setup, tmp_path, capsys):  # noqa: F811
+    from conftest import load_script
+
+    other = tmp_path / "other"
+    other.mkdir()
+    save_state_dict(str(other / "ema.pt"), tiny_model(seed=1)[0].state_dict())
+    save_config(str(other / "config.json"), dict(TINY, timestep_respacing="", t_max=20))
+    out = tmp_path / "v.json"
+    argv = ["--data_dir", setup["data"], "--dataset_mode", "consep", "--split", "Train", "--timesteps", "10,40"]
+    rows = load_script("sdm_validate").main(argv + ["--model_paths", f"{setup['ckpt']},{other / 'ema.pt'}",
+                                                     "--out_json", str(out)])
+    assert [(r["t"], r["n"], r["beyond_t_max"]) for r in rows] == [(10, 4, False), (40, 4, False), (10, 4, False),
+                                                                  (40, 4, True)]
+    assert rows[0]["eps_mse"] != rows[2]["eps_mse"]
+    again = load_script("sdm_validate").main(argv + ["--model_paths", setup["ckpt"]])
+    assert [r["eps_mse"] for r in again] == [r["eps_mse"] for r in rows[:2]]  # same patches, same noise
+    assert json.load(open(out))["rows"] == rows
+    with pytest.raises(SystemExit) as exc:
+        run_cli_main = load_script("sdm_validate")
+        from guided_diffusion.errors import run_cli
+
+        run_cli(lambda: run_cli_main.main(["--data_dir", setup["data"], "--model_paths", setup["ckpt"], "--timesteps", "a"]))
+    assert exc.value.code == 2 and "--timesteps 'a'" in capsys.readouterr().err
