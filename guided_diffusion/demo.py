@@ -30,7 +30,7 @@ import numpy as np
 
 from . import fileio
 from .errors import DiffMixError
-from .pretrained import DEFAULT_MODEL, REPO_ROOT
+from .pretrained import DEFAULT_MODEL, REPO_ROOT, check_model_kind
 
 SAMPLE_DATA = os.path.join(REPO_ROOT, "datasets", "sample")
 
@@ -112,7 +112,46 @@ class DemoConfig:
                 f"--model_path '': preset {self.preset} has no training settings; use --retrain True to train "
                 "the shipped model's recipe, or --preset quick / paper"
             )
-        return DemoConfig(**values)
+        if not values["data_dir"] and values["toy_size"] is None:
+            raise DiffMixError(f"--data_dir '': preset {self.preset} has no toy-data settings; pass --toy_train, "
+                               "--toy_test and --toy_size, or use --preset quick / paper")
+        cfg = DemoConfig(**values)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Raise DiffMixError naming every bad flag of the resolved settings (None: unused by this
+        preset), before anything is written."""
+        import math
+
+        from .config import nonfinite_flags
+
+        problems = nonfinite_flags(self)
+
+        def need(name: str, ok, rule: str) -> None:
+            value = getattr(self, name)
+            finite = not isinstance(value, float) or math.isfinite(value)  # else reported above already
+            if value is not None and finite and not ok(value):
+                problems.append(f"--{name} {value}: must be {rule}")
+
+        for name in ("toy_train", "toy_size", "train_steps", "batch_size", "sample_batch_size", "log_interval",
+                     "image_size", "num_channels", "num_res_blocks", "spade_hidden"):
+            need(name, lambda v: v >= 1, ">= 1")
+        for name in ("seed", "toy_test", "finetune_steps", "margin", "num_balance", "num_enlarge",
+                     "max_synthesis_maps", "num_classes"):
+            need(name, lambda v: v >= 0, ">= 0")
+        need("toy_rare_share", lambda v: 0 <= v <= 1, "in [0, 1]")
+        need("lr", lambda v: v > 0, "> 0")
+        need("finetune_lr", lambda v: v > 0, "> 0")
+        need("drop_rate", lambda v: 0 <= v <= 1, "in [0, 1]")
+        if problems:
+            raise DiffMixError("; ".join(problems))
+        # Sampling flags by the synthesis stage's own rules (--s, --ddim_percent, --precision);
+        # the two paths only satisfy its required-path checks.
+        from .synthesis import SampleConfig
+
+        SampleConfig(data_dir=".", results_path=".", s=self.s, ddim_percent=self.ddim_percent,
+                     precision=self.precision, seed=self.seed).validate()
 
 
 def _model_config(cfg: DemoConfig, num_classes: int):
@@ -126,6 +165,17 @@ def _model_config(cfg: DemoConfig, num_classes: int):
         use_fp16=False, no_instance=False, learn_sigma=True, diffusion_steps=1000, noise_schedule="linear",
         spade_hidden=cfg.spade_hidden,
     )
+
+
+def _check_model_settings(model_cfg) -> None:
+    """Build the SDM of ``model_cfg`` on torch's meta device (no memory, no weights): its own checks
+    (channel multipliers, attention resolutions, head widths) run before anything is written."""
+    import torch
+
+    from .script_util import create_model_and_diffusion
+
+    with torch.device("meta"):
+        create_model_and_diffusion(**model_cfg.to_dict())
 
 
 @dataclass
@@ -251,15 +301,21 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
     if cfg.model_path:
         if not fileio.exists(cfg.model_path):
             raise DiffMixError(f"{cfg.model_path}: pretrained model not found (pass --model_path, or --model_path '' to train one)")
-        if load_config_for_checkpoint(cfg.model_path) is None:
+        saved = load_config_for_checkpoint(cfg.model_path)
+        if saved is None:
             raise DiffMixError(f"{cfg.model_path}: no config.json beside the model")
+        check_model_kind(saved, cfg.model_path, "sdm", "--model_path")
     table = resolve_class_table(cfg.dataset_mode, None, cfg.num_classes or None)
     # The fixed CoNSeP/GLySAC tables are looked up by mode; only custom data passes its table on.
     table_arg = table if cfg.dataset_mode == "custom" else None
     if cfg.model_path:
-        image_size = int(ModelConfig.from_dict(load_config_for_checkpoint(cfg.model_path), source=cfg.model_path).image_size)
+        image_size = int(ModelConfig.from_dict(saved, source=cfg.model_path).image_size)
     else:
         image_size = int(cfg.image_size)
+        _check_model_settings(_model_config(cfg, table.num_classes))
+    if not cfg.data_dir and cfg.toy_size < image_size:
+        # Training and synthesis crop image_size px from every tile (the data check below would fail).
+        raise DiffMixError(f"--toy_size {cfg.toy_size}: must be at least the SDM's image size {image_size} px")
 
     def check_data(folder: str) -> None:
         # Every file is checked (pairing, keys, sizes >= the crop, class table) before a stage writes.

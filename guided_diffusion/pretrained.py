@@ -14,15 +14,17 @@ The weights are safetensors, so loading a shipped model never unpickles anything
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import os
 import platform
-from typing import Any, Dict, List, Optional, Sequence
+import re
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from . import fileio
 from .checkpoint_folder import ema_filename, list_complete_checkpoints
-from .config import CONFIG_NAME
+from .config import CONFIG_NAME, ModelConfig, load_config_for_checkpoint
 from .errors import DiffMixError
 
 WEIGHTS_NAME = "model.safetensors"
@@ -30,6 +32,32 @@ RECORD_NAME = "training.json"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The small real-data SDM shipped with the project (trained by scripts/scripts_train/consep256_cpu.sh).
 DEFAULT_MODEL = os.path.join(REPO_ROOT, "models", "consep256_cpu", WEIGHTS_NAME)
+
+# The two kinds of model folder, told apart by their config.json (see model_kind).
+KINDS = {
+    "sdm": "a diffusion model (SDM: an image_train.py run or export_model.py folder)",
+    "segmenter": "a nuclei segmenter (a hovernet_train.py run)",
+}
+
+
+def model_kind(config: Mapping[str, Any]) -> Optional[str]:
+    """Which model a ``config.json`` describes: ``"segmenter"`` (a ``hovernet_train.py`` run: its
+    settings under ``"settings"`` and ``"net"``), ``"sdm"`` (model settings at the top level or under
+    ``"model"``, as training and :func:`export_model` write them), or None when it says neither."""
+    if "net" in config or "settings" in config:
+        return "segmenter"
+    model = config["model"] if isinstance(config.get("model"), dict) else config
+    if any(f.name in model for f in dataclasses.fields(ModelConfig)):
+        return "sdm"
+    return None
+
+
+def check_model_kind(config: Mapping[str, Any], path: str, need: str, flag: str) -> None:
+    """Refuse a model folder (or file) ``path`` whose ``config.json`` describes the other kind of
+    model than ``need`` ("sdm" or "segmenter"), which ``flag`` needs."""
+    kind = model_kind(config)
+    if kind is not None and kind != need:
+        raise DiffMixError(f"{path}: holds {KINDS[kind]}, but {flag} needs {KINDS[need]}")
 
 
 def _stage_record(run_dir: str) -> Dict[str, Any]:
@@ -60,6 +88,45 @@ def _stage_record(run_dir: str) -> Dict[str, Any]:
     }
 
 
+_RESUMED = re.compile(r"^resumed from (.+) at step \d+$")
+
+
+def _resumed_from(run_dir: str, config: Mapping[str, Any]) -> List[str]:
+    """Every checkpoint (or checkpoint folder) the run in ``run_dir`` started or resumed from: its
+    ``config.json`` ``resume_checkpoint`` and each ``resumed from PATH at step N`` line of its
+    ``log.txt`` (a restart rewrites config.json, often with ``latest``; the log is appended)."""
+    found = [str(config.get("resume_checkpoint") or "")]
+    log = fileio.join(run_dir, "log.txt")
+    if fileio.exists(log):
+        found += [m.group(1) for line in fileio.read_bytes(log).decode(errors="replace").splitlines()
+                  if (m := _RESUMED.match(line.strip()))]
+    return [p for p in found if p and p != "latest"]
+
+
+def _in_folder(path: str, folders: Sequence[str]) -> bool:
+    """Whether checkpoint ``path`` (a file, or a folder when it has no extension) lies in one of
+    ``folders``. Compared as written and as real paths: runs record paths relative to where they
+    were started, which need not be where the export runs."""
+    folder = os.path.dirname(path) if os.path.splitext(path)[1] else path
+    return any(f and (os.path.normpath(folder) == os.path.normpath(f) or os.path.realpath(folder) == os.path.realpath(f))
+               for f in folders)
+
+
+def check_stage_order(run_dirs: Sequence[str], configs: Sequence[Mapping[str, Any]]) -> None:
+    """Refuse training stages that do not chain: each stage after the first must have started (or
+    resumed) from a checkpoint of the stage before it. Else the export would take the wrong
+    stage's weights (``--run_dirs FINE,PRE`` exports the pre-training EMA) under a wrong record."""
+    from .downstream.data import refuse_listed_twice
+
+    refuse_listed_twice(run_dirs, "--run_dirs")
+    for (prev, prev_cfg), (cur, cur_cfg) in zip(zip(run_dirs, configs), zip(run_dirs[1:], configs[1:])):
+        sources = [p for p in _resumed_from(cur, cur_cfg) if not _in_folder(p, [cur, cur_cfg.get("log_dir", "")])]
+        if not any(_in_folder(p, [prev, prev_cfg.get("log_dir", "")]) for p in sources):
+            how = f"resumed from {sources[0]}" if sources else "started fresh"
+            raise DiffMixError(f"--run_dirs: {cur} does not continue {prev} ({cur} {how}); list the training "
+                               "stages in the order they ran, first stage first")
+
+
 def export_model(run_dirs: Sequence[str], out_dir: str, recipe: str = "", command: str = "") -> Dict[str, Any]:
     """Export the last of ``run_dirs`` (training stages in order) into a model folder.
 
@@ -79,14 +146,19 @@ def export_model(run_dirs: Sequence[str], out_dir: str, recipe: str = "", comman
 
     if not run_dirs:
         raise DiffMixError("export needs at least one training run folder")
+    configs = []
     for d in run_dirs:
-        if not fileio.exists(fileio.join(d, CONFIG_NAME)):
+        config = load_config_for_checkpoint(fileio.join(d, WEIGHTS_NAME))  # the config.json of folder d
+        if config is None:
             raise DiffMixError(f"{d}: not a training run folder (no {CONFIG_NAME})")
+        check_model_kind(config, d, "sdm", "--run_dirs")
+        configs.append(config)
+    check_stage_order(run_dirs, configs)
     last = run_dirs[-1]
     steps = list_complete_checkpoints(last)
     if not steps:
         raise DiffMixError(f"{last}: no complete checkpoint to export")
-    config = fileio.read_json(fileio.join(last, CONFIG_NAME))
+    config = configs[-1]
     rates = [float(r) for r in str(config.get("ema_rate", "")).split(",") if r.strip()]
     if not rates:
         raise DiffMixError(f"{last}/{CONFIG_NAME}: no ema_rate recorded")

@@ -64,16 +64,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     bal.add_argument("--minor", default=None, help="minor classes, e.g. 1 or 1,2; default: the dataset's rare "
                      "classes (pannuke 4 dead; conic/lizard 1,5 neutrophil, eosinophil), else 1")
     bal.add_argument("--major", default=None, help="major classes; default: every class not in --minor")
-    bal.add_argument("--margin", type=float, default=30, help="border exclusion (px) for targets and donors")
-    bal.add_argument("--fraction", type=float, default=0.8, help="share of eligible major nuclei replaced")
-    bal.add_argument("--size_ratio", type=float, default=2.3, help="donor fits if ratio * area <= dilated target area")
-    bal.add_argument("--dilate", type=int, default=2, help="target dilation (px) for the fit rule and blend region")
-    bal.add_argument("--max_tries", type=int, default=64, help="fitting donors tried per target")
+    bal.add_argument("--margin", type=float, default=gradmix.BALANCE_DEFAULTS["margin"], help="border exclusion (px) for targets and donors")
+    bal.add_argument("--fraction", type=float, default=gradmix.BALANCE_DEFAULTS["fraction"], help="share of eligible major nuclei replaced")
+    bal.add_argument("--size_ratio", type=float, default=gradmix.BALANCE_DEFAULTS["size_ratio"], help="donor fits if ratio * area <= dilated target area")
+    bal.add_argument("--dilate", type=int, default=gradmix.BALANCE_DEFAULTS["dilate"], help="target dilation (px) for the fit rule and blend region")
+    bal.add_argument("--max_tries", type=int, default=gradmix.BALANCE_DEFAULTS["max_tries"], help="fitting donors tried per target")
     bal.add_argument("--median_radii", type=_radii, default="1,1,5", help="R,G,B median radii for images")
 
     enl = p.add_argument_group("enlarging")
-    enl.add_argument("--enlarge_fraction", type=float, default=0.5, help="share of movable nuclei shifted")
-    enl.add_argument("--max_shift", type=int, default=3, help="shifts drawn from [-max_shift, max_shift] px")
+    enl.add_argument("--enlarge_fraction", type=float, default=gradmix.ENLARGE_DEFAULTS["enlarge_fraction"], help="share of movable nuclei shifted")
+    enl.add_argument("--max_shift", type=int, default=gradmix.ENLARGE_DEFAULTS["max_shift"], help="shifts drawn from [-max_shift, max_shift] px")
 
     p.add_argument("--stats", type=str2bool, default=True, help="print and save class counts before/after")
     p.add_argument("--progress", type=str2bool, default=True, help="show progress bars")

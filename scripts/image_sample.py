@@ -45,10 +45,13 @@ def create_argparser() -> argparse.ArgumentParser:
     return parser
 
 
-def explicit_flags(parser: argparse.ArgumentParser, argv) -> set:
-    """Destinations of the flags that appear on the command line (``--x v`` or ``--x=v``)."""
-    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
-    return {act.dest for act in parser._actions if given.intersection(act.option_strings)}
+def explicit_flags(argv, keys) -> set:
+    """The ``keys`` whose flags appear on the command line (parsed again with a marker as every default)."""
+    unset = object()  # not a string, so argparse does not convert it
+    parser = create_argparser()
+    parser.set_defaults(**{k: unset for k in keys})
+    args = parser.parse_args(argv)
+    return {k for k in keys if getattr(args, k) is not unset}
 
 
 def main(argv=None) -> None:
@@ -61,7 +64,7 @@ def main(argv=None) -> None:
     cfg.model_path = resolve_model_path(cfg.model_path)
 
     model_keys = [f.name for f in dataclasses.fields(ModelConfig)]
-    explicit = explicit_flags(parser, argv)
+    explicit = explicit_flags(argv, model_keys)
     defaults = {k: parser.get_default(k) for k in model_keys}
     overrides = {k: getattr(args, k) for k in model_keys if k in explicit}
     model_cfg, source = resolve_model_config(cfg.model_path, overrides, defaults)

@@ -42,6 +42,8 @@ SCRIPTS = {
     "study": "scripts/utility_study.py",
     "fidelity": "scripts/label_fidelity.py",
     "convert": "scripts/convert_dataset.py",
+    "export": "scripts/export_model.py",
+    "diagnose": "scripts/hovernet_diagnose.py",
 }
 _modules: dict = {}
 
@@ -78,11 +80,84 @@ def env(tmp_path_factory):
     (run / "empty.pt").write_bytes(b"")
     (root / "empty_run").mkdir()
     labels = os.path.join(data, "Train", "Labels")
+    seg = str(root / "seg")  # a finished hovernet_train.py run: config.json as training writes it, weights
+    write_segmenter(seg)
     return {
         "root": root, "data": data, "ckpt": ckpt, "file": str(root / "a_file"),
         "pickle": str(run / "pickle.pt"), "empty_pt": str(run / "empty.pt"),
         "empty_run": str(root / "empty_run"), "labels": labels, "missing": str(root / "does_not_exist"),
+        "seg": seg, "sdm": str(run),
     }
+
+
+def write_segmenter(folder: str, net: Optional[dict] = None) -> None:
+    """A tiny finished segmenter run (small network, width 4, 5 classes); ``net`` replaces its
+    ``"net"`` entry in config.json (the weights stay those of width 4)."""
+    from guided_diffusion.downstream.nets import NetConfig, build_network
+
+    real = NetConfig("small", 5, 4)
+    torch.manual_seed(0)
+    save_state_dict(os.path.join(folder, "model.safetensors"), build_network(real).state_dict())
+    fileio.write_json(os.path.join(folder, "config.json"), {"settings": {"arch": "small", "width": 4},
+                                                            "net": real.to_dict() if net is None else net})
+
+
+def edited_segmenter(change: Callable[[dict], object]):
+    """Prepare: tmp/seg, a copy of the segmenter whose config.json is ``change(config)`` (the dict
+    edited in place when it returns None)."""
+    def prepare(e, out, tmp, mp):
+        import shutil
+
+        shutil.copytree(e["seg"], str(tmp / "seg"))
+        path = str(tmp / "seg" / "config.json")
+        config = fileio.read_json(path)
+        new = change(config)
+        fileio.write_json(path, config if new is None else new)
+    return prepare
+
+
+def predict_argv(*extra, data=None):
+    """hovernet_predict.py on the toy Train split (or ``data(e, tmp)``) with the env's segmenter."""
+    return lambda e, out, tmp: ["--run_dir", e["seg"], "--data_dir", data(e, tmp) if data else e["data"], "--split",
+                                "Train", "--out_dir", out, "--progress", "false", "--device", "cpu",
+                                *fill(e, out, tmp, extra)]
+
+
+def diagnose_argv(*extra, data=None):
+    return lambda e, out, tmp: ["--run_dir", e["seg"], "--data_dir", data(e, tmp) if data else e["data"], "--split",
+                                "Train", "--dataset_mode", "consep", "--out_json", out + "/diagnosis.json",
+                                "--progress", "false", "--device", "cpu", *fill(e, out, tmp, extra)]
+
+
+def tiny_image(stem: str, h: int, w: int):
+    """Change: image ``stem`` of the Train split becomes h x w (its label map too)."""
+    def change(root):
+        fileio.write_png(os.path.join(root, "Train", "Images", stem + ".png"), np.full((h, w, 3), 200, np.uint8))
+        write_mat(os.path.join(root, "Train", "Labels", stem + ".mat"), inst_map=np.zeros((h, w), np.int32),
+                  type_map=np.zeros((h, w), np.int32))
+    return change
+
+
+def sdm_stages(pre_resume: str = "", fine_resume: str = "{tmp}/pre/model000002.pt"):
+    """Prepare: two SDM training stages tmp/pre and tmp/fine (config.json only: the stage order is
+    checked before any checkpoint is read), recording where each resumed from."""
+    def prepare(e, out, tmp, mp):
+        for name, resume in (("pre", pre_resume), ("fine", fine_resume)):
+            save_config(str(tmp / name / "config.json"), dict(TINY, resume_checkpoint=resume.format(tmp=tmp),
+                                                              log_dir=str(tmp / name), ema_rate="0.9999"))
+    return prepare
+
+
+def export_argv(runs: str):
+    return lambda e, out, tmp: ["--run_dirs", runs.format(**e, tmp=tmp), "--out_dir", out]
+
+
+def with_test_split(e, out, tmp, mp):
+    """Prepare: tmp/data, a copy of the toy dataset whose Test split is a copy of its Train split."""
+    import shutil
+
+    root = copy_dataset(e["data"], str(tmp / "data"))
+    shutil.copytree(os.path.join(root, "Train"), os.path.join(root, "Test"))
 
 
 def copy_dataset(src: str, dst: str) -> str:
@@ -383,6 +458,84 @@ CASES = [
          lambda e, out, t: ["--run_dir", e["empty_run"], "--synthetic_dirs", e["data"] + "/Train", "--real_dir", e["data"],
                             "--split", "Train", "--out_dir", out, "--grid_rows", "-2", "--progress", "false"],
          ["--grid_rows -2", ">= 0"]),
+]
+
+
+CASES += [
+    # ---------------------------------------------------------------- export_model.py: stages out of order (issue 22 #4)
+    Case("export-stages-reversed", "export", export_argv("{tmp}/fine,{tmp}/pre"),
+         ["--run_dirs: {tmp}/pre does not continue {tmp}/fine", "started fresh", "first stage first"],
+         prepare=sdm_stages()),
+    Case("export-stage-resumed-elsewhere", "export", export_argv("{tmp}/pre,{tmp}/fine"),
+         ["{tmp}/fine does not continue {tmp}/pre", "resumed from {tmp}/other/model000002.pt"],
+         prepare=sdm_stages(fine_resume="{tmp}/other/model000002.pt")),
+    Case("export-run-listed-twice", "export", export_argv("{tmp}/pre,{tmp}/pre/"),
+         ["{tmp}/pre/", "listed twice in --run_dirs"], prepare=sdm_stages()),
+    Case("export-segmenter-run", "export", export_argv("{seg}"),
+         ["{seg}: holds a nuclei segmenter", "--run_dirs needs a diffusion model"]),
+    # ---------------------------------------------------------------- an edited segmenter config.json (#7)
+    Case("hover-predict-config-without-net", "hover_predict", predict_argv("--run_dir", "{tmp}/seg"),
+         ["{tmp}/seg/config.json", '"net": missing'], prepare=edited_segmenter(lambda c: c.pop("net") and None)),
+    Case("hover-predict-config-width-string", "hover_predict", predict_argv("--run_dir", "{tmp}/seg"),
+         ["{tmp}/seg/config.json: net.width: expected an integer, got \"4\""],
+         prepare=edited_segmenter(lambda c: c["net"].update(width="4"))),
+    Case("hover-predict-config-unknown-key", "hover_predict", predict_argv("--run_dir", "{tmp}/seg"),
+         ["{tmp}/seg/config.json: net.depth: unknown setting"],
+         prepare=edited_segmenter(lambda c: c["net"].update(depth=3))),
+    Case("hover-predict-config-list", "hover_predict", predict_argv("--run_dir", "{tmp}/seg"),
+         ["{tmp}/seg/config.json", "expected a JSON object", "list"], prepare=edited_segmenter(lambda c: [c])),
+    Case("hover-predict-net-list", "hover_predict", predict_argv("--run_dir", "{tmp}/seg"),
+         ["{tmp}/seg/config.json", '"net": expected a JSON object'],
+         prepare=edited_segmenter(lambda c: c.update(net=["small", 5, 4]))),
+    Case("hover-predict-config-one-class", "hover_predict", predict_argv("--run_dir", "{tmp}/seg"),
+         ["{tmp}/seg/config.json: net", "num_classes must be >= 2"],
+         prepare=edited_segmenter(lambda c: c["net"].update(num_classes=1))),
+    # ---------------------------------------------------------------- the wrong kind of model (#8)
+    Case("hover-predict-sdm-folder", "hover_predict", predict_argv("--run_dir", "{sdm}"),
+         ["{sdm}: holds a diffusion model", "--run_dir needs a nuclei segmenter"]),
+    Case("diagnose-sdm-folder", "diagnose", diagnose_argv("--run_dir", "{sdm}"),
+         ["{sdm}: holds a diffusion model", "--run_dir needs a nuclei segmenter"]),
+    Case("fidelity-sdm-folder", "fidelity",
+         lambda e, out, t: ["--run_dir", e["sdm"], "--synthetic_dirs", e["data"] + "/Train", "--real_dir", e["data"],
+                            "--split", "Train", "--out_dir", out, "--progress", "false", "--device", "cpu"],
+         ["{sdm}: holds a diffusion model", "--run_dir needs a nuclei segmenter"]),
+    Case("sample-segmenter-model", "sample", sample_argv("--model_path", "{seg}/model.safetensors"),
+         ["{seg}/model.safetensors: holds a nuclei segmenter", "--model_path needs a diffusion model"]),
+    Case("demo-segmenter-model", "demo",
+         lambda e, out, t: ["--model_path", e["seg"] + "/model.safetensors", "--out_dir", out, "--progress", "false"],
+         ["{seg}/model.safetensors: holds a nuclei segmenter", "--model_path needs a diffusion model"]),
+    # ---------------------------------------------------------------- images below the segmenter's minimum (#9)
+    Case("hover-predict-1x1-image", "hover_predict",
+         predict_argv(data=lambda e, t: dataset_with(e, t, tiny_image("toy_train_001", 1, 1))),
+         ["toy_train_001.png", "image 1x1 (WxH)", "minimum of 16 px"]),
+    Case("hover-predict-3x64-image", "hover_predict",
+         predict_argv(data=lambda e, t: dataset_with(e, t, tiny_image("toy_train_001", 3, 64))),
+         ["toy_train_001.png", "image 64x3 (WxH)", "minimum of 16 px"]),
+    Case("diagnose-1x1-image", "diagnose",
+         diagnose_argv(data=lambda e, t: dataset_with(e, t, tiny_image("toy_train_000", 1, 1))),
+         ["toy_train_000.png", "image 1x1 (WxH)", "minimum of 16 px"]),
+    # ---------------------------------------------------------------- a test split that is training data (#13)
+    Case("study-test-split-is-train", "study", study_argv("--test_split", "Train"),
+         ["--test_split Train", "is also training data (--train_split Train", "--allow_test_overlap True"]),
+    Case("study-data-dir-is-a-split", "study", study_argv("--data_dir", "{data}/Train"),
+         ["--test_split Test", "{data}/Train is also training data"]),
+    Case("study-test-split-is-synthetic", "study",
+         study_argv("--data_dir", "{tmp}/data", "--arms", "real,balance", "--balance_dirs", "{tmp}/data/Test/"),
+         ["--test_split Test", "also training data (--balance_dirs: {tmp}/data/Test/)"], prepare=with_test_split),
+    # ---------------------------------------------------------------- demo flags checked before --out_dir (#16)
+    Case("demo-toy-size-1", "demo", lambda e, out, t: ["--preset", "quick", "--out_dir", out, "--toy_size", "1"],
+         ["--toy_size 1", "at least the SDM's image size 32"]),
+    Case("demo-toy-rare-share-2", "demo", lambda e, out, t: ["--preset", "quick", "--out_dir", out, "--toy_rare_share", "2"],
+         ["--toy_rare_share 2.0", "in [0, 1]"]),
+    Case("demo-toy-rare-share-nan", "demo",
+         lambda e, out, t: ["--preset", "quick", "--out_dir", out, "--toy_rare_share", "nan"],
+         ["--toy_rare_share nan", "finite"]),
+    Case("demo-finetune-lr-negative", "demo",
+         lambda e, out, t: ["--preset", "quick", "--out_dir", out, "--finetune_lr", "-1"], ["--finetune_lr -1.0", "> 0"]),
+    Case("demo-guidance-below-one", "demo", lambda e, out, t: ["--preset", "quick", "--out_dir", out, "--s", "0.5"],
+         ["--s 0.5", ">= 1"]),
+    Case("demo-bad-channel-mult", "demo",
+         lambda e, out, t: ["--preset", "quick", "--out_dir", out, "--channel_mult", "1,x"], ["channel_mult '1,x'"]),
 ]
 
 

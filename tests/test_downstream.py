@@ -432,6 +432,19 @@ def test_bad_sources_give_one_line_errors_and_write_nothing(toy, tmp_path, capsy
     assert not os.path.exists(out)
 
 
+def test_study_on_a_training_split_runs_only_when_allowed_and_says_so(toy, tmp_path):
+    """--test_split Train is refused (tests/test_bad_input.py); --allow_test_overlap True runs it, and
+    the report does not call the split held out."""
+    study = load_script("utility_study")
+    out = str(tmp_path / "study")
+    study.main(["--data_dir", toy, "--dataset_mode", "consep", "--arms", "real", "--seeds", "0", "--preset", "quick",
+                "--test_split", "Train", "--allow_test_overlap", "True", "--out_dir", out, "--num_threads", "1",
+                "--progress", "false"])
+    report = open(os.path.join(out, "report.md")).read()
+    assert "NOT held out" in report and "held-out `Train`" not in report
+    assert "is also training data (--train_split Train" in fileio.read_json(os.path.join(out, "summary.json"))["test_overlap"]
+
+
 def test_synthetic_types_outside_the_classes_are_rejected(toy, tmp_path, capsys):
     from guided_diffusion.downstream.data import read_synthetic
 

@@ -110,3 +110,24 @@ def test_export_writes_a_model_folder_that_sampling_loads(tmp_path):
                                         ModelConfig.from_dict(load_config_for_checkpoint(str(out / "model.safetensors"))).to_dict(),
                                         torch.device("cpu"))
     assert model.output_blocks[0][0].in_norm.mlp_shared[0].out_channels == 16
+
+
+def test_stage_order_follows_the_log_and_paths_recorded_elsewhere(tmp_path):
+    """A restarted stage records resume_checkpoint "latest"; its log.txt still names the checkpoint of
+    the stage before. Paths recorded relative to another working directory match by the recorded
+    log_dir. Stages that do not chain are refused naming both folders."""
+    import pytest
+
+    from guided_diffusion.errors import DiffMixError
+    from guided_diffusion.pretrained import check_stage_order
+
+    pre, fine = str(tmp_path / "pre"), str(tmp_path / "fine")
+    os.makedirs(fine)
+    with open(os.path.join(fine, "log.txt"), "w") as f:
+        f.write(f"resumed from {pre}/model000002.pt at step 2\nresumed from {fine}/model000003.pt at step 3\n")
+    check_stage_order([pre, fine], [{"resume_checkpoint": ""}, {"resume_checkpoint": "latest"}])
+    check_stage_order([pre, fine], [{"resume_checkpoint": "", "log_dir": "runs/sdm/pre"},
+                                    {"resume_checkpoint": "runs/sdm/pre/model000002.pt"}])
+    check_stage_order([pre, fine], [{}, {"resume_checkpoint": pre}])  # a folder: its newest checkpoint
+    with pytest.raises(DiffMixError, match=f"{pre} does not continue {fine}"):
+        check_stage_order([fine, pre], [{"resume_checkpoint": "latest"}, {"resume_checkpoint": ""}])

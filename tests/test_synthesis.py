@@ -13,6 +13,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from train_helpers import TINY_UNET
 
 from guided_diffusion import fileio
 from guided_diffusion import samplers as smp
@@ -24,20 +25,8 @@ from guided_diffusion.data.readers import read_label_file
 from guided_diffusion.errors import run_cli
 from guided_diffusion.script_util import create_model_and_diffusion
 
-TINY = ModelConfig(
-    image_size=32,
-    num_classes=5,
-    num_channels=32,
-    num_res_blocks=1,
-    num_head_channels=16,
-    attention_resolutions="16",
-    channel_mult="1,2",
-    class_cond=True,
-    learn_sigma=True,
-    resblock_updown=True,
-    use_scale_shift_norm=True,
-    diffusion_steps=100,
-).to_dict()
+# The training tests' tiny U-Net (one definition), sampled in eval mode over 100 diffusion steps.
+TINY = ModelConfig(**dict(TINY_UNET, dropout=0.0, diffusion_steps=100)).to_dict()
 
 
 def tiny_model(respacing: str = "ddim10", seed: int = 0):

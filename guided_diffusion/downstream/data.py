@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ from ..data.classes import ClassTable, identity_table
 from ..data.labels import instance_table
 from ..data.readers import (
     LABEL_EXT, NPY_EXT, LabeledImage, SampleFiles, find_folder, is_dir, list_images, read_dataset, read_samples,
+    resolve_split_dir,
 )
 from ..data.training import CropPlan, TrainCropDataset
 from ..errors import DiffMixError
@@ -96,16 +97,36 @@ def synthetic_files(path: str, num_classes: int) -> List[SampleFiles]:
     )
 
 
+def folder_key(path: str) -> str:
+    """What identifies a folder: its real path (``D``, ``D/`` and a link to ``D`` are one folder);
+    remote paths as written, less a trailing slash."""
+    return path.rstrip("/") if fileio.is_remote(path) else os.path.realpath(path)
+
+
 def refuse_listed_twice(paths: Sequence[str], option: str) -> None:
-    """Refuse a source listed twice in ``option`` (compared as real paths: ``D``, ``D/`` and a link to
-    ``D`` are one folder): its images would count twice in the pools."""
+    """Refuse a source listed twice in ``option`` (compared by :func:`folder_key`): its images would
+    count twice in the pools."""
     seen: Dict[str, str] = {}
     for p in paths:
-        key = p.rstrip("/") if fileio.is_remote(p) else os.path.realpath(p)
+        key = folder_key(p)
         if key in seen:
             same = "" if seen[key] == p else f" (the same folder as {seen[key]})"
             raise DiffMixError(f"{p}: listed twice in {option}{same}; each source counts once, list it once")
         seen[key] = p
+
+
+def split_overlap(splits: RealSplits, synthetic: Mapping[str, Sequence[str]]) -> Optional[str]:
+    """Why the test split of ``splits`` is not held out, or None: its folder is also training data --
+    the real training split's folder (``--test_split Train``; or a ``--data_dir`` that is itself a
+    split folder, which every split name resolves to) or a synthetic source (``synthetic``:
+    ``{flag: folders}``). Both splits must exist."""
+    test, _ = resolve_split_dir(splits.data_dir, splits.test_split)
+    train, _ = resolve_split_dir(splits.data_dir, splits.train_split)
+    used = [(f"--train_split {splits.train_split}", train)] + [(f, d) for f, ds in synthetic.items() for d in ds]
+    for what, folder in used:
+        if folder_key(folder) == folder_key(test):
+            return f"--test_split {splits.test_split}: its folder {test} is also training data ({what}: {folder})"
+    return None
 
 
 def read_real(data_dirs: Sequence[str], table: ClassTable, split: str, min_size: int, progress: bool = True) -> List[LabeledImage]:

@@ -120,7 +120,7 @@ def diagnose(run_dir: str, data_dir: str, split: str, table, tile: Optional[int]
     (the first ``max_images`` when > 0): ``{"images": [{stem, **stage_scores}], "mean": {...}, ...}``."""
     from tqdm.auto import tqdm
 
-    from .nets import check_input_size
+    from .nets import check_image_sizes, check_input_size
     from .predict import default_tile, predict_image
     from .train import load_segmenter
 
@@ -130,6 +130,7 @@ def diagnose(run_dir: str, data_dir: str, split: str, table, tile: Optional[int]
     samples = read_dataset(data_dir, table, split, progress=False)
     if max_images > 0:
         samples = samples[:max_images]
+    check_image_sizes(((s.files.image, s.image.shape) for s in samples), f"dataset {data_dir}")
     rows: List[Dict[str, Any]] = []
     for s in tqdm(samples, desc="diagnose", unit="image", disable=not progress):
         rows.append({"stem": s.files.stem, **stage_scores(predict_image(model, net, s.image, tile, dev, dtype), s.inst_map)})

@@ -124,7 +124,7 @@ def measure_fidelity(model, net, table, synthetic_dirs: Sequence[str], real_dir:
     both sets, image counts and the settings.
     """
     from ..metrics import evaluate_folders
-    from .nets import check_classes
+    from .nets import check_classes, check_image_sizes
     from .predict import predict_arrays, write_predictions
 
     check_classes(net, table)
@@ -133,7 +133,9 @@ def measure_fidelity(model, net, table, synthetic_dirs: Sequence[str], real_dir:
         raise DiffMixError("no synthetic sources given")
     synthetic = ddata.read_synthetic(synthetic_dirs, table, min_size=None, progress=progress)
     _unique_stems(synthetic)
-    read_dataset(real_dir, table, split, progress=False)  # validated now, not after the synthetic predictions
+    real = read_dataset(real_dir, table, split, progress=False)  # validated now, not after the synthetic predictions
+    check_image_sizes(((s.files.image, s.image.shape) for s in synthetic + real), "the synthetic and real images")
+    del real  # write_predictions reads the split again, one image at a time
     real_folder, layout = resolve_split_dir(real_dir, split)
     real_labels = real_folder if layout == "npy" else find_folder(real_folder, "Labels")
 

@@ -27,8 +27,9 @@ type per instance) are the same for both.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Dict
+import json
+from dataclasses import MISSING, asdict, dataclass, fields
+from typing import Any, Dict, Iterable, Tuple
 
 import torch
 from torch import nn
@@ -38,6 +39,9 @@ from .targets import HV, NC, NP
 
 ARCHS = ("small", "hovernet")
 HOVERNET_SIZE = 256  # MONAI's fast-mode HoVer-Net takes exactly 256 x 256 inputs
+# The smallest crop, tile or image side: the small network's four 2x down-samplings need 16 px, and
+# MONAI's HoVer-Net post-processing (Sobel and watershed steps) fails on maps of a few pixels.
+MIN_SIZE = 16
 _ENCODER_PREFIXES = ("conv0.", "res_blocks.", "bottleneck.")
 
 
@@ -52,6 +56,42 @@ class NetConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def check(self, where: str = "") -> None:
+        """Raise DiffMixError if these settings build no network (``where`` prefixes the message)."""
+        lead = f"{where}: " if where else ""
+        if self.arch not in ARCHS:
+            raise DiffMixError(f"{lead}arch {self.arch!r}: expected one of {', '.join(ARCHS)}")
+        if self.num_classes < 2:
+            raise DiffMixError(f"{lead}num_classes must be >= 2 (background + 1 class), got {self.num_classes}")
+        if self.arch == "small" and self.width < 2:
+            raise DiffMixError(f"{lead}width must be >= 2, got {self.width}")
+
+    @classmethod
+    def from_dict(cls, values: Any, source: str) -> "NetConfig":
+        """The ``"net"`` entry of a run's ``config.json`` (file ``source``), checked field by field.
+
+        Stricter than :meth:`guided_diffusion.config.ModelConfig.from_dict`: training writes this
+        entry with JSON types, so a key it never writes, a missing key, a quoted number
+        (``"width": "4"``) or a non-object is a hand edit and is refused, naming the field.
+        """
+        if not isinstance(values, dict):
+            raise DiffMixError(f'{source}: "net": expected a JSON object of network settings, got {type(values).__name__}')
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise DiffMixError(f"{source}: net.{unknown[0]}: unknown setting (expected {', '.join(names)})")
+        missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in values]
+        if missing:
+            raise DiffMixError(f"{source}: net.{missing[0]}: missing")
+        for name, value in values.items():
+            want = str if name == "arch" else int
+            if type(value) is not want:  # exact type: JSON true would pass isinstance(..., int)
+                kind = "a string" if want is str else "an integer"
+                raise DiffMixError(f"{source}: net.{name}: expected {kind}, got {json.dumps(value)}")
+        cfg = cls(**values)
+        cfg.check(f"{source}: net")
+        return cfg
 
 
 class SmallHoVerNet(nn.Module):
@@ -83,25 +123,34 @@ class SmallHoVerNet(nn.Module):
 
 def build_network(cfg: NetConfig) -> nn.Module:
     """The network of ``cfg`` with freshly initialised weights (seed torch first for determinism)."""
-    if cfg.num_classes < 2:
-        raise DiffMixError(f"num_classes must be >= 2 (background + 1 class), got {cfg.num_classes}")
+    cfg.check()
     if cfg.arch == "small":
-        if cfg.width < 2:
-            raise DiffMixError(f"width must be >= 2, got {cfg.width}")
         return SmallHoVerNet(cfg.num_classes, cfg.width)
-    if cfg.arch == "hovernet":
-        from monai.networks.nets import HoVerNet
+    from monai.networks.nets import HoVerNet
 
-        return HoVerNet(mode="fast", out_classes=cfg.num_classes, decoder_padding=True)
-    raise DiffMixError(f"arch {cfg.arch!r}: expected one of {', '.join(ARCHS)}")
+    return HoVerNet(mode="fast", out_classes=cfg.num_classes, decoder_padding=True)
 
 
 def check_input_size(cfg: NetConfig, size: int, what: str) -> None:
     """Raise if a crop/tile ``size`` does not suit the architecture (HoVer-Net fast: exactly 256)."""
     if cfg.arch == "hovernet" and size != HOVERNET_SIZE:
         raise DiffMixError(f"{what} {size}: MONAI's fast-mode HoVer-Net takes exactly {HOVERNET_SIZE} px inputs")
-    if size < 16:
-        raise DiffMixError(f"{what} {size}: must be at least 16 px (four 2x down-samplings)")
+    if size < MIN_SIZE:
+        raise DiffMixError(f"{what} {size}: must be at least {MIN_SIZE} px (four 2x down-samplings)")
+
+
+def check_image_sizes(images: Iterable[Tuple[str, Tuple[int, ...]]], what: str) -> None:
+    """Refuse images a segmenter cannot predict: any side below :data:`MIN_SIZE` (larger images are
+    windowed, smaller-than-tile ones padded). ``images``: ``(path or name, shape [H, W, ...])``
+    pairs; every offender is listed (one line when there is one), ``what`` names the set."""
+    from ..data.readers import Problems
+
+    problems = Problems(what)
+    for path, shape in images:
+        h, w = shape[:2]
+        if h < MIN_SIZE or w < MIN_SIZE:
+            problems.add(path, f"image {w}x{h} (WxH) is smaller than the segmenter's minimum of {MIN_SIZE} px per side")
+    problems.raise_if_any()
 
 
 def check_classes(net: NetConfig, table, where: str = "") -> None:

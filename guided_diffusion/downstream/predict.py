@@ -2,7 +2,7 @@
 
 An image (uint8 [H, W, 3]) is scaled to [-1, 1] and run through the network in ``tile`` x ``tile``
 windows (``monai.inferers.sliding_window_inference``, 25 % overlap, Gaussian blending; an image
-smaller than a tile is padded). The three maps then go through
+smaller than a tile is padded; one with a side below ``nets.MIN_SIZE`` is refused). The three maps then go through
 ``HoVerNetInstanceMapPostProcessing`` (watershed on the HV-map gradients, MONAI's default
 thresholds) and ``HoVerNetNuclearTypePostProcessing`` (majority type per instance). Instances that
 MONAI drops from its instance table (no contour of >= 3 points) are removed from the map too.
@@ -25,7 +25,7 @@ from ..data.labels import relabel_contiguous, write_label_mat
 from ..data.readers import list_images, read_rgb
 from ..data.condition import image_to_tensor
 from ..errors import DiffMixError
-from .nets import HOVERNET_SIZE, NetConfig, check_input_size
+from .nets import HOVERNET_SIZE, NetConfig, check_image_sizes, check_input_size
 from .targets import HV, NC, NP
 from .train import forward, load_segmenter
 
@@ -84,11 +84,14 @@ def predict_image(model: torch.nn.Module, net: NetConfig, image: np.ndarray, til
 def predict_arrays(model: torch.nn.Module, net: NetConfig, images: Iterable[Tuple[str, np.ndarray]], tile: int,
                    device: torch.device, dtype: Optional[torch.dtype] = None, progress: bool = False,
                    total: Optional[int] = None):
-    """Yield ``(stem, inst_map int32 [H, W], type_map int32 [H, W])`` for ``(stem, image)`` pairs."""
+    """Yield ``(stem, inst_map int32 [H, W], type_map int32 [H, W])`` for ``(stem, image)`` pairs
+    (an image below the minimum size raises when its turn comes: callers that write files check
+    them all first)."""
     from tqdm.auto import tqdm
 
     check_input_size(net, tile, "--tile")
     for stem, image in tqdm(images, total=total, desc="predict", unit="image", disable=not progress):
+        check_image_sizes([(stem, np.shape(image))], "the images to predict")
         yield (stem, *postprocess(predict_image(model, net, image, tile, device, dtype)))
 
 
@@ -100,6 +103,9 @@ def write_predictions(model: torch.nn.Module, net: NetConfig, data_dir: str, out
     if not images:
         raise DiffMixError(f"{folder}: no images to predict")
     stems = sorted(images)
+    # Every image is read and its size checked before the first prediction is written, so a bad one
+    # late in the split leaves no partial output (reading twice costs little beside the network).
+    check_image_sizes(((images[s], read_rgb(images[s]).shape) for s in stems), f"images folder {folder}")
     pairs = ((s, read_rgb(images[s])) for s in stems)
     written = []
     for stem, inst, types in predict_arrays(model, net, pairs, tile, device, dtype, progress, len(stems)):

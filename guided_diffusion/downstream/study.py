@@ -32,6 +32,7 @@ from ..config import dataclass_to_argv, flag
 from ..data.readers import find_folder, read_dataset, resolve_split_dir
 from ..errors import DiffMixError
 from . import data as ddata
+from .nets import check_image_sizes
 from .train import HoverTrainConfig, Pools, resolve_table, train, validate
 
 ARMS = {
@@ -58,7 +59,8 @@ METRIC_KEYS = ("dice", "aji", "pq", "f1_detection")
 METRIC_NAMES = {"dice": "Dice", "aji": "AJI", "pq": "PQ", "f1_detection": "F_d"}
 RESULT = "result.json"
 # Settings that do not change any result: a rerun may use other values.
-_RUNTIME_FIELDS = ("out_dir", "progress", "num_threads", "device", "jobs")
+# allow_test_overlap only permits a run (its report says what overlaps), so it is listed here too.
+_RUNTIME_FIELDS = ("out_dir", "progress", "num_threads", "device", "jobs", "allow_test_overlap")
 
 
 @dataclasses.dataclass
@@ -89,6 +91,8 @@ class StudyConfig(ddata.RealSplits):
     jobs: int = flag(1, "arm x seed runs trained side by side, each in its own process (CPU: up to one per core; "
                       "logs in runs/<arm>/seed<k>/worker.log)")
     progress: bool = flag(True, "show progress bars")
+    allow_test_overlap: bool = flag(False, "evaluate on a --test_split that is also training data (e.g. --test_split "
+                                           "Train); refused otherwise. The report then says it is not held out")
 
 
 def _source_groups(cfg: StudyConfig) -> Dict[str, str]:
@@ -414,6 +418,13 @@ def run_study(cfg: StudyConfig, argv: Optional[Sequence[str]] = None) -> Dict[st
         torch.set_num_threads(cfg.num_threads)
     # Validate the held-out split now, not after hours of training.
     test = read_dataset(cfg.data_dir, table, cfg.test_split, progress=False)
+    check_image_sizes(((s.files.image, s.image.shape) for s in test), f"dataset {cfg.data_dir}")
+    groups = _source_groups(cfg)
+    overlap = ddata.split_overlap(cfg, {f"--{g}_dirs": ddata.split_list(groups[g])
+                                       for g in sorted({g for a in settings["arms"] for g in ARMS[a][1]})})
+    if overlap and not cfg.allow_test_overlap:
+        raise DiffMixError(f"{overlap}; its scores would not be held out: choose another --test_split, or pass "
+                           "--allow_test_overlap True to evaluate on it anyway")
     test_labels = _test_labels(cfg)
     real, synthetic = _read_sources(cfg, settings, table, settings["arms"], cfg.progress)
     for arm in settings["arms"]:  # fails before any output if a run's settings cannot work
@@ -437,7 +448,7 @@ def run_study(cfg: StudyConfig, argv: Optional[Sequence[str]] = None) -> Dict[st
             rows.append(run_arm_seed(cfg, settings, arm, seed, pools, test_labels, test))
     summary = summarise(rows, settings["arms"], class_names)
     result = {"settings": settings, "class_names": class_names, "data": data_summary, "summary": summary,
-              "runs": rows, "command": command, "machine": machine(),
+              "runs": rows, "test_overlap": overlap, "command": command, "machine": machine(),
               "finished": datetime.datetime.now().isoformat(timespec="seconds"),
               "wall_seconds_this_invocation": time.perf_counter() - t0}
     write_outputs(cfg, result)
@@ -472,6 +483,8 @@ def write_outputs(cfg: StudyConfig, result: Dict[str, Any]) -> None:
 def render_report(cfg: StudyConfig, result: Dict[str, Any], table: str) -> str:
     s = result["settings"]
     names = list(result["class_names"].values())
+    overlap = result.get("test_overlap")  # set only under --allow_test_overlap True
+    tested = f"tested on `{cfg.test_split}`, NOT held out: {overlap}" if overlap else f"held-out `{cfg.test_split}`"
     lines = [
         "# DiffMix utility study", "",
         f"Finished {result['finished']} on {result['machine']}.", "",
@@ -483,7 +496,7 @@ def render_report(cfg: StudyConfig, result: Dict[str, Any], table: str) -> str:
         f"(x0.1 after {s['lr_drop_at']:g} of the steps), seeds {', '.join(map(str, s['seeds']))}, inference "
         f"window {s['tile']} px",
         f"- synthetic share of each batch: {'by pool size' if cfg.synthetic_fraction is None else cfg.synthetic_fraction}",
-        f"- real data: `{cfg.data_dir}` (train `{cfg.train_split}`, held-out `{cfg.test_split}`), "
+        f"- real data: `{cfg.data_dir}` (train `{cfg.train_split}`, {tested}), "
         f"dataset mode `{cfg.dataset_mode}`" + (f", {cfg.num_classes} classes" if cfg.num_classes else ""),
         "- loss: MONAI `HoVerNetLoss` (default weights); post-processing: MONAI HoVer-Net instance-map and "
         "nuclear-type post-processing (default thresholds); metrics: `guided_diffusion/metrics.py` "
@@ -494,7 +507,8 @@ def render_report(cfg: StudyConfig, result: Dict[str, Any], table: str) -> str:
     ]
     for pool, d in result["data"].items():
         lines.append(f"| {pool} | {d['images']} | " + " | ".join(str(v) for v in d["nuclei_per_class"][1:]) + " |")
-    lines += ["", "## Results (held-out split, mean ± sd over seeds)", "", table, "",
+    lines += ["", f"## Results ({'test split, NOT held out' if overlap else 'held-out split'}, mean ± sd over seeds)",
+              "", table, "",
               "![F1 per class](f1_per_class.png)", "",
               "Pixel scores of the network's maps before post-processing (nucleus pixels: NP branch; class "
               "pixels: NC argmax; pooled over the split). HoVer-Net's marker step can drop every nucleus of an "

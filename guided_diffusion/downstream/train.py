@@ -290,29 +290,40 @@ def _train(cfg: HoverTrainConfig, pools: Pools) -> dict:
     return record
 
 
-def load_trained(run_dir: str, device: Any = "cpu") -> Tuple[torch.nn.Module, dict]:
-    """A finished run's network (eval mode, on ``device``) and its ``config.json``."""
+def load_trained(run_dir: str, device: Any = "cpu") -> Tuple[torch.nn.Module, NetConfig, dict]:
+    """A finished run's network (eval mode, on ``device``), its checked network settings and its
+    ``config.json``.
+
+    Raises DiffMixError naming the folder or file: no config.json or weights, another kind of model
+    (an SDM folder), or a ``"net"`` entry that is missing or edited (:meth:`NetConfig.from_dict`).
+    """
     from ..checkpoints import load_state_dict
+    from ..config import load_config_for_checkpoint
+    from ..pretrained import check_model_kind
 
     cfg_path, model_path = fileio.join(run_dir, CONFIG), fileio.join(run_dir, MODEL)
-    for p in (cfg_path, model_path):
-        if not fileio.exists(p):
-            raise DiffMixError(f"{run_dir}: not a finished downstream run ({p} missing)")
-    config = fileio.read_json(cfg_path)
-    model = build_network(NetConfig(**config["net"]))
+    config = load_config_for_checkpoint(model_path)  # the config.json beside the weights; a non-object is refused
+    if config is None:
+        raise DiffMixError(f"{run_dir}: not a finished downstream run ({cfg_path} missing)")
+    check_model_kind(config, run_dir, "segmenter", "--run_dir")  # before "net": an SDM folder has none
+    if "net" not in config:
+        raise DiffMixError(f'{cfg_path}: "net": missing (the network settings hovernet_train.py writes)')
+    net = NetConfig.from_dict(config["net"], cfg_path)
+    if not fileio.exists(model_path):
+        raise DiffMixError(f"{run_dir}: not a finished downstream run ({model_path} missing)")
+    model = build_network(net)
     try:
         model.load_state_dict(load_state_dict(model_path))
     except RuntimeError as err:
         raise DiffMixError(f"{model_path}: weights do not fit the network of {cfg_path} ({str(err)[:200]})") from None
-    return model.to(device).eval(), config
+    return model.to(device).eval(), net, config
 
 
 def load_segmenter(run_dir: str, device: str = "auto", precision: str = "auto", table=None):
     """A finished run's network ready for inference: ``(model, net, device, dtype)`` (``dtype``: the
     autocast dtype of ``precision`` on that device, or None). With ``table``, its classes are checked."""
     dev = resolve_device(device)
-    model, config = load_trained(run_dir, dev)
-    net = NetConfig(**config["net"])
+    model, net, _ = load_trained(run_dir, dev)
     if table is not None:
         check_classes(net, table, run_dir)
     return model, net, dev, autocast_dtype(precision, dev)

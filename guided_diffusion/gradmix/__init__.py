@@ -18,6 +18,11 @@ from ..lazy import lazy_attributes
 
 KINDS = ("balance", "enlarge")
 
+# The edit rules' settings and their defaults (the official GradMix / DiffMix values), in one place:
+# balance_map, enlarge_map, run_gradmix and gradmix.py all take their defaults from here.
+BALANCE_DEFAULTS = {"margin": 30, "fraction": 0.8, "size_ratio": 2.3, "dilate": 2, "max_tries": 64}
+ENLARGE_DEFAULTS = {"enlarge_fraction": 0.5, "max_shift": 3}
+
 __getattr__, __dir__ = lazy_attributes(__name__, globals(), {
     "balance_map": "balance",
     "check_classes": "balance",

@@ -33,6 +33,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..errors import DiffMixError
+from . import BALANCE_DEFAULTS
 from .donors import DonorBank
 from .nuclei import check_label_maps, nucleus_table, pad_box, paint_types
 
@@ -80,11 +81,11 @@ def balance_map(
     source_stem: Optional[str] = None,
     minor: Sequence[int] = (1,),
     major: Sequence[int] = (2, 3, 4),
-    margin: float = 30,
-    fraction: float = 0.8,
-    size_ratio: float = 2.3,
-    dilate: int = 2,
-    max_tries: int = 64,
+    margin: float = BALANCE_DEFAULTS["margin"],
+    fraction: float = BALANCE_DEFAULTS["fraction"],
+    size_ratio: float = BALANCE_DEFAULTS["size_ratio"],
+    dilate: int = BALANCE_DEFAULTS["dilate"],
+    max_tries: int = BALANCE_DEFAULTS["max_tries"],
 ):
     """Make one balancing map from a label map (see the module docstring for the rule).
 

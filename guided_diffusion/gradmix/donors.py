@@ -13,6 +13,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 import numpy as np
 
 from ..errors import DiffMixError
+from . import BALANCE_DEFAULTS
 from .nuclei import check_label_maps, nucleus_table
 
 
@@ -73,15 +74,11 @@ class DonorBank:
             self._images[stem] = self.image_loader(stem)
         return self._images[stem]
 
-    def set_image(self, stem: str, image: np.ndarray) -> None:
-        """Register an already loaded uint8 [H, W, 3] image for ``stem`` (avoids a second read)."""
-        self._images[stem] = image
-
 
 def collect_donors(
     label_maps: Iterable | Mapping,
     minor: Sequence[int] = (1,),
-    margin: float = 30,
+    margin: float = BALANCE_DEFAULTS["margin"],
     image_loader: Optional[Callable[[str], np.ndarray]] = None,
 ) -> DonorBank:
     """Cut every eligible minor-class nucleus out of the given label maps.

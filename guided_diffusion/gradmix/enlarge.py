@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import DiffMixError
+from . import ENLARGE_DEFAULTS
 from .nuclei import check_label_maps, nucleus_table, paint_types
 
 
@@ -26,8 +27,8 @@ def enlarge_map(
     type_map: np.ndarray,
     rng: np.random.Generator,
     *,
-    fraction: float = 0.5,
-    max_shift: int = 3,
+    fraction: float = ENLARGE_DEFAULTS["enlarge_fraction"],
+    max_shift: int = ENLARGE_DEFAULTS["max_shift"],
     where: str = "label map",
 ):
     """Shift a random subset of nuclei by small integer offsets.

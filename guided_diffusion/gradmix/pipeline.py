@@ -37,7 +37,7 @@ from ..data.labels import instance_table, write_label_mat
 from ..data.readers import list_samples, read_sample_labels, resolve_labels_form, sample_image
 from ..data.stats import write_comparison
 from ..errors import DiffMixError
-from . import KINDS
+from . import BALANCE_DEFAULTS, ENLARGE_DEFAULTS, KINDS
 from .balance import balance_map, check_classes
 from .donors import collect_donors
 from .enlarge import enlarge_map
@@ -121,13 +121,13 @@ def run_gradmix(
     num_enlarge: int = 0,
     minor=None,
     major=None,
-    margin: float = 30,
-    fraction: float = 0.8,
-    size_ratio: float = 2.3,
-    dilate: int = 2,
-    max_tries: int = 64,
-    enlarge_fraction: float = 0.5,
-    max_shift: int = 3,
+    margin: float = BALANCE_DEFAULTS["margin"],
+    fraction: float = BALANCE_DEFAULTS["fraction"],
+    size_ratio: float = BALANCE_DEFAULTS["size_ratio"],
+    dilate: int = BALANCE_DEFAULTS["dilate"],
+    max_tries: int = BALANCE_DEFAULTS["max_tries"],
+    enlarge_fraction: float = ENLARGE_DEFAULTS["enlarge_fraction"],
+    max_shift: int = ENLARGE_DEFAULTS["max_shift"],
     seed: int = 0,
     write_images: bool = False,
     median_radii: Sequence[int] = OFFICIAL_MEDIAN_RADII,

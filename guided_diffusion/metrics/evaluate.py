@@ -219,7 +219,7 @@ def evaluate_folders(
             "class_table": None if class_table is None else class_table.to_json(),
             "match_iou": float(match_iou),
             "n_images": len(per_image),
-            "definitions": "HoVer-Net compute_stats (see guided_diffusion/metrics.py)",
+            "definitions": "HoVer-Net compute_stats (see guided_diffusion/metrics/scores.py)",
         },
         "instance": {k: float(np.mean([row[k] for row in per_image])) for k in INSTANCE_KEYS},
         "classification": cls,

@@ -168,6 +168,9 @@ def resolve_model_config(model_path: str, explicit: Dict[str, Any], defaults: Di
     values = dict(defaults)
     source = "flags"
     if saved is not None:
+        from ..pretrained import check_model_kind
+
+        check_model_kind(saved, model_path, "sdm", "--model_path")  # e.g. a segmenter's model.safetensors
         if isinstance(saved.get("model"), dict):
             saved = saved["model"]
         model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
