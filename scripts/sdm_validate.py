@@ -5,7 +5,7 @@ Example (the shipped CPU model against a new run's checkpoints, on consep256's h
     python scripts/sdm_validate.py --data_dir ../shared/data/consep256 --dataset_mode custom \\
         --class_table datasets/consep_merged.json \\
         --model_paths models/consep256_cpu/model.safetensors,runs/sdm/new/ema_0.995_000600.pt \\
-        --timesteps 200,340,540 --out_json runs/validate.json
+        --timesteps 10,50,200,340,540 --out_json runs/validate.json
 
 For each checkpoint (a file, or a training run folder: its newest complete EMA checkpoint) and each
 timestep: the epsilon MSE and the PSNR of the one-call x_0 prediction over every grid patch of the

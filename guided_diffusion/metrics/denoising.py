@@ -4,8 +4,9 @@ At each fixed timestep t, every patch x_0 (float [3, S, S] in [-1, 1]) is noised
 noise, x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, and the conditional model predicts eps once.
 Reported per t: the MSE of that prediction (the training objective's ``mse`` term, unweighted) and
 the PSNR (dB, peak-to-peak 2 over [-1, 1]) of the implied clean patch, clipped to [-1, 1], against
-x_0. DiffMix synthesis starts part-way (ddim_percent 55 starts at t = 540 of 1000), so t in
-200..540 is where a model's quality shows. The noise for patch ``k`` at timestep ``t`` is a pure
+x_0. DiffMix synthesis starts part-way (ddim_percent 55 starts at t = 540 of 1000) and always ends
+at small t, so both ends matter: a recipe that starves the low-noise steps (min-SNR-gamma weighting
+in a short run) scores well at 200..540 and still ends every synthesis in noise. The noise for patch ``k`` at timestep ``t`` is a pure
 function of ``(seed, k, t)``: two models are compared on identical inputs.
 """
 
@@ -32,7 +33,8 @@ class DenoisingConfig:
     dataset_mode: str = flag("custom", "consep, glysac, custom, pannuke, conic or lizard")
     class_table: str = flag("", "custom mode: class mapping JSON")
     split: str = flag("Test", "the held-out split")
-    timesteps: str = flag("200,340,540", "trained timesteps, comma-separated (ddim_percent 55 starts at 540)")
+    timesteps: str = flag("10,50,200,340,540", "trained timesteps, comma-separated (ddim_percent 55 starts at 540; "
+                                                        "the low ones are the last steps of every synthesis)")
     num_patches: int = flag(0, "use the first N grid patches (0: all)")
     seed: int = flag(0, "seed of the per-patch noise")
     batch_size: int = flag(8, "patches per model call")
