@@ -351,7 +351,7 @@ def main(argv=None) -> None:
     fidelity_fn = common.load_callable(args.fidelity, "--fidelity") if args.fidelity else None
 
     model_keys = [f.name for f in dataclasses.fields(ModelConfig)]
-    explicit = explicit_flags(parser, argv)
+    explicit = explicit_flags(parser, argv, model_keys)
     defaults = {k: parser.get_default(k) for k in model_keys}
     model_cfg, _ = syn.resolve_model_config(cfg.model_path, {k: getattr(args, k) for k in model_keys if k in explicit},
                                             defaults)

@@ -45,12 +45,16 @@ def create_argparser() -> argparse.ArgumentParser:
     return parser
 
 
-def explicit_flags(argv, keys) -> set:
-    """The ``keys`` whose flags appear on the command line (parsed again with a marker as every default)."""
+def explicit_flags(parser: argparse.ArgumentParser, argv, keys) -> set:
+    """The ``keys`` whose flags appear on the command line: ``argv`` parsed again with a marker as
+    every default (the parser's defaults are restored afterwards)."""
     unset = object()  # not a string, so argparse does not convert it
-    parser = create_argparser()
+    saved = {k: parser.get_default(k) for k in keys}
     parser.set_defaults(**{k: unset for k in keys})
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    finally:
+        parser.set_defaults(**saved)
     return {k for k in keys if getattr(args, k) is not unset}
 
 
@@ -64,7 +68,7 @@ def main(argv=None) -> None:
     cfg.model_path = resolve_model_path(cfg.model_path)
 
     model_keys = [f.name for f in dataclasses.fields(ModelConfig)]
-    explicit = explicit_flags(argv, model_keys)
+    explicit = explicit_flags(parser, argv, model_keys)
     defaults = {k: parser.get_default(k) for k in model_keys}
     overrides = {k: getattr(args, k) for k in model_keys if k in explicit}
     model_cfg, source = resolve_model_config(cfg.model_path, overrides, defaults)

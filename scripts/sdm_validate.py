@@ -44,7 +44,6 @@ def main(argv=None) -> list:
     from guided_diffusion.metrics.denoising import denoising_scores
     from guided_diffusion.synthesis import load_model_and_diffusion, resolve_model_config, resolve_model_path
 
-    torch.set_grad_enabled(False)
     defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
     rows, patches = [], None
     for path in paths:
