@@ -257,6 +257,10 @@ def test_bad_sources_give_one_line_errors_and_write_nothing(toy, tmp_path, capsy
                                         "--preset", "quick", "--out_dir", str(tmp_path / "o4")], "--balance_dirs"),
         (load_script("nucleus_evidence"), evidence_argv(toy, f"{wrong},{wrong}/", str(tmp_path / "o6")), "listed twice"),
         (load_script("nucleus_evidence"), evidence_argv(toy, wrong, f"{toy}/Test/out"), "inside the input folder"),
+        (load_script("nucleus_evidence"), evidence_argv(toy, wrong, str(tmp_path / "o7"), "--test_split", "Train"),
+         "also training data"),
+        (load_script("nucleus_study"), ["--data_dir", toy, "--dataset_mode", "consep", "--test_split", "Train",
+                                        "--preset", "quick", "--out_dir", str(tmp_path / "o8")], "also training data"),
         (load_script("nucleus_study"), ["--data_dir", toy, "--dataset_mode", "consep", "--seeds", "0,0",
                                         "--preset", "quick", "--out_dir", str(tmp_path / "o5")], "distinct"),
     ]

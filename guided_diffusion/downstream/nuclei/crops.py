@@ -253,8 +253,12 @@ class RealNuclei:
 
 def read_real_nuclei(cfg, size: int, progress: bool = True) -> RealNuclei:
     """The train and held-out nuclei of ``cfg`` (a :class:`~guided_diffusion.downstream.data.RealSplits`)."""
+    from ..data import split_overlap
     from ..train import resolve_table
 
+    overlap = split_overlap(cfg, {})
+    if overlap:
+        raise DiffMixError(f"{overlap}; its nucleus scores would not be held out: choose another --test_split")
     table = resolve_table(cfg)
     classes = list(range(1, table.num_classes))
 
