@@ -89,19 +89,21 @@ def _selection(cfg: SampleConfig):
     return wanted_stems, selected
 
 
-def _holding_changed(patches: Sequence[Any]) -> List[Any]:
-    """The patches whose window holds a nucleus GradMix changed (its record lists which)."""
+def _changed_in_window(p: Any, flag: str) -> np.ndarray:
+    """bool [S, S]: the pixels of patch ``p`` inside nuclei its GradMix record lists as changed;
+    ``flag`` names the option that needs the record when the map has none."""
     from ..gradmix import changed_mask
 
-    kept = []
-    for p in patches:
-        kind, mask = changed_mask(p.label_source, (p.y0, p.x0, *p.inst_map.shape))
-        if kind is None:
-            raise DiffMixError(f"{p.label_source}: --changed_only needs GradMix maps with their Records/ "
-                               "(this label map has no record)")
-        if mask.any():
-            kept.append(p)
-    return kept
+    kind, mask = changed_mask(p.label_source, (p.y0, p.x0, *p.inst_map.shape))
+    if kind is None:
+        raise DiffMixError(f"{p.label_source}: {flag} needs GradMix maps with their Records/ "
+                           "(this label map has no record)")
+    return mask
+
+
+def _holding_changed(patches: Sequence[Any]) -> List[Any]:
+    """The patches whose window holds a nucleus GradMix changed (its record lists which)."""
+    return [p for p in patches if _changed_in_window(p, "--changed_only").any()]
 
 
 class _GradMixImages:
@@ -136,15 +138,10 @@ def _with_donors(patches: Sequence[Any], ring: int) -> List[Any]:
     """The patches with ``known`` = (GradMix image window, its placed nuclei grown by ``ring`` px)."""
     from scipy import ndimage
 
-    from ..gradmix import changed_mask
-
     images = _GradMixImages("--keep_donors")
     out = []
     for p in patches:
-        kind, mask = changed_mask(p.label_source, (p.y0, p.x0, *p.inst_map.shape))
-        if kind is None:
-            raise DiffMixError(f"{p.label_source}: --keep_donors needs GradMix maps with their Records/ "
-                               "(this label map has no record)")
+        mask = _changed_in_window(p, "--keep_donors")
         if ring and mask.any():
             mask = ndimage.binary_dilation(mask, structure=np.ones((3, 3), bool), iterations=ring)
         out.append(dataclasses.replace(p, known=(images.window(p), mask)))
