@@ -42,7 +42,7 @@ from guided_diffusion.data.classes import CONSEP  # noqa: E402
 from guided_diffusion.data.labels import instance_table  # noqa: E402
 from guided_diffusion.data.readers import list_samples, read_label_file  # noqa: E402
 from guided_diffusion.data.toy import ToyConfig, make_toy_dataset  # noqa: E402
-from guided_diffusion.gradmix import run_gradmix  # noqa: E402
+from guided_diffusion.gradmix import GradMixConfig, run_gradmix  # noqa: E402
 from guided_diffusion.gradmix.image import disk  # noqa: E402
 
 TOY = ToyConfig(density=6.0, class_probs=(0.15, 0.30, 0.30, 0.25))
@@ -203,8 +203,7 @@ def main() -> None:
             for rep in range(args.repeats):  # best of a few: the machine is shared and noisy
                 out = os.path.join(tmp, f"out_{int(images)}_{rep}")
                 t0 = time.perf_counter()
-                summary = run_gradmix(root, "consep", out, num_balance=1, write_images=images, seed=args.seed,
-                                      stats=False, progress=False, verbose=False)
+                summary = run_gradmix(GradMixConfig(data_dir=root, dataset_mode="consep", out_dir=out, num_balance=1, write_images=images, seed=args.seed, stats=False, progress=False, verbose=False))
                 best = min(best, time.perf_counter() - t0)
             timings[label] = best / args.tiles
             replaced = [fileio.read_json(os.path.join(out, "Records", n + ".json"))["summary"]["replaced"] for n in summary["written"]]

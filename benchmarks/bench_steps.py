@@ -156,7 +156,7 @@ def run_study(
     from tqdm.auto import tqdm
 
     from guided_diffusion.data import build_condition
-    from guided_diffusion.data.sampling import sampling_patches
+    from guided_diffusion.data.patches import sampling_patches
 
     device = torch.device(cfg.device) if cfg.device else syn.default_device()
     precision = syn.sampling_precision(cfg, model_cfg, device)

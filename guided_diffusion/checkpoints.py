@@ -19,7 +19,7 @@ import re
 import struct
 import warnings
 import zipfile
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, Optional, Union
 
 import torch
 import safetensors.torch
@@ -271,9 +271,31 @@ def infer_config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, An
 # --------------------------------------------------------------------------------------------
 
 
-def _examples(keys: list[str], n: int = 3) -> str:
-    shown = ", ".join(keys[:n])
-    return f"{shown}, ... ({len(keys)} in all)" if len(keys) > n else shown
+def _examples(keys: list[str], kind: str, n: int = 2) -> str:
+    """``"<count> <kind> keys: k1, k2, ..."``: the count and the first ``n`` keys, on one line."""
+    shown = ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
+    return f"{len(keys)} {kind} key{'s' if len(keys) != 1 else ''}: {shown}"
+
+
+def mismatch_message(source: str, sd: Mapping[str, torch.Tensor], msd: Mapping[str, torch.Tensor],
+                     strict: bool = True, target: str = "the model") -> Optional[str]:
+    """One line saying how the state dict ``sd`` (from ``source``) does not fit the model's ``msd``:
+    the count and first keys of each kind (mis-shaped with both shapes, missing, unexpected);
+    None when it fits (missing / unexpected keys count only with ``strict``)."""
+    missing = [k for k in msd if k not in sd]
+    unexpected = [k for k in sd if k not in msd]
+    mismatched = [k for k in msd if k in sd and tuple(sd[k].shape) != tuple(msd[k].shape)]
+    if not (mismatched or (strict and (missing or unexpected))):
+        return None
+    parts = []
+    if mismatched:
+        parts.append(_examples([f"{k} (checkpoint {tuple(sd[k].shape)}, model {tuple(msd[k].shape)})"
+                                for k in mismatched], "mis-shaped", n=1))
+    if strict and missing:
+        parts.append(_examples(missing, "missing"))
+    if strict and unexpected:
+        parts.append(_examples(unexpected, "unexpected"))
+    return f"{source}: the checkpoint does not fit {target}: " + "; ".join(parts)
 
 
 def _mismatch_hints(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], mismatched: list[str]) -> list[str]:
@@ -287,7 +309,8 @@ def _mismatch_hints(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], mism
             f"{c_model}. The checkpoint implies num_classes {c_ckpt - 1} with no_instance False "
             f"(classes + instance-edge channel) or num_classes {c_ckpt} with no_instance True"
         )
-    head = [k for k in mismatched if k in ("out.2.weight", "out.2.bias")]
+    # the output count (learn_sigma) is the head's first dimension; other head mismatches are widths
+    head = [k for k in mismatched if k in ("out.2.weight", "out.2.bias") and sd[k].shape[0] != msd[k].shape[0]]
     if head:
         n_ckpt = int(sd["out.2.weight"].shape[0])
         hints.append(
@@ -332,18 +355,9 @@ def load_model_weights(
     msd = model.state_dict()
     missing = [k for k in msd if k not in sd]
     unexpected = [k for k in sd if k not in msd]
-    mismatched = [k for k in msd if k in sd and tuple(sd[k].shape) != tuple(msd[k].shape)]
-    if mismatched or (strict and (missing or unexpected)):
-        lines = [f"{source}: the checkpoint does not fit the model"]
-        if missing:
-            lines.append(f"  missing keys: {_examples(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected keys: {_examples(unexpected)}")
-        if mismatched:
-            lines.append(
-                "  mis-shaped keys: "
-                + _examples([f"{k} (checkpoint {tuple(sd[k].shape)}, model {tuple(msd[k].shape)})" for k in mismatched])
-            )
+    message = mismatch_message(source, sd, msd, strict)
+    if message:
+        mismatched = [k for k in msd if k in sd and tuple(sd[k].shape) != tuple(msd[k].shape)]
         hints = _mismatch_hints(model, sd, mismatched)
         if (missing or unexpected) and not hints:
             info = infer_config_from_state_dict(sd)
@@ -351,8 +365,7 @@ def load_model_weights(
                 "the block layout differs: check num_res_blocks / channel_mult / attention_resolutions / "
                 f"resblock_updown (the checkpoint implies {info})"
             )
-        lines += [f"  hint: {h}" for h in hints]
-        raise DiffMixError("\n".join(lines))
+        raise DiffMixError(message + "".join(f"; hint: {h}" for h in hints))
     cast = {
         k: (v.to(msd[k].dtype) if k in msd and v.is_floating_point() and msd[k].is_floating_point() else v)
         for k, v in sd.items()

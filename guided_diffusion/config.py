@@ -63,38 +63,32 @@ class ModelConfig:
     or 4 (GLySAC).
     """
 
-    image_size: int = dataclasses.field(default=64, metadata={"help": "training image size (pixels)"})
-    num_classes: int = dataclasses.field(
-        default=151, metadata={"help": "classes incl. background; the condition adds 1 instance-edge channel"}
-    )
-    num_channels: int = dataclasses.field(default=128, metadata={"help": "base width of the U-Net"})
-    num_res_blocks: int = dataclasses.field(default=2, metadata={"help": "residual blocks per level"})
-    num_heads: int = dataclasses.field(default=4, metadata={"help": "attention heads (if num_head_channels is -1)"})
-    num_heads_upsample: int = dataclasses.field(default=-1, metadata={"help": "decoder heads; -1: num_heads"})
-    num_head_channels: int = dataclasses.field(default=-1, metadata={"help": "channels per head; overrides num_heads"})
-    attention_resolutions: str = dataclasses.field(
-        default="16,8", metadata={"help": "feature-map sizes with attention, e.g. 32,16,8"}
-    )
-    channel_mult: str = dataclasses.field(default="", metadata={"help": "width multipliers, e.g. 1,1,2,2,4,4; '' by size"})
-    dropout: float = dataclasses.field(default=0.0, metadata={"help": "dropout rate in residual blocks"})
-    class_cond: bool = dataclasses.field(default=False, metadata={"help": "condition on the label map (must be true)"})
-    use_checkpoint: bool = dataclasses.field(default=False, metadata={"help": "gradient checkpointing"})
-    use_scale_shift_norm: bool = dataclasses.field(default=True, metadata={"help": "timestep FiLM scale+shift"})
-    resblock_updown: bool = dataclasses.field(default=False, metadata={"help": "residual blocks resample"})
-    use_fp16: bool = dataclasses.field(default=False, metadata={"help": "mixed precision (autocast)"})
-    use_new_attention_order: bool = dataclasses.field(default=False, metadata={"help": "split qkv before heads"})
-    no_instance: bool = dataclasses.field(default=False, metadata={"help": "omit the instance-edge channel"})
-    spade_hidden: int = dataclasses.field(
-        default=128, metadata={"help": "hidden width of the SPADE label branches (official 128; smaller for cheap CPU models)"}
-    )
-    learn_sigma: bool = dataclasses.field(default=False, metadata={"help": "predict the variance (6 outputs)"})
-    diffusion_steps: int = dataclasses.field(default=1000, metadata={"help": "diffusion steps T"})
-    noise_schedule: str = dataclasses.field(default="linear", metadata={"help": "linear or cosine"})
-    timestep_respacing: str = dataclasses.field(default="", metadata={"help": "e.g. 250, ddim100; '' for all"})
-    use_kl: bool = dataclasses.field(default=False, metadata={"help": "train on the KL (rescaled) loss"})
-    predict_xstart: bool = dataclasses.field(default=False, metadata={"help": "predict x0 instead of the noise"})
-    rescale_timesteps: bool = dataclasses.field(default=False, metadata={"help": "feed t scaled to 0..1000"})
-    rescale_learned_sigmas: bool = dataclasses.field(default=False, metadata={"help": "rescaled MSE loss"})
+    image_size: int = flag(64, "training image size (pixels)")
+    num_classes: int = flag(151, "classes incl. background; the condition adds 1 instance-edge channel")
+    num_channels: int = flag(128, "base width of the U-Net")
+    num_res_blocks: int = flag(2, "residual blocks per level")
+    num_heads: int = flag(4, "attention heads (if num_head_channels is -1)")
+    num_heads_upsample: int = flag(-1, "decoder heads; -1: num_heads")
+    num_head_channels: int = flag(-1, "channels per head; overrides num_heads")
+    attention_resolutions: str = flag("16,8", "feature-map sizes with attention, e.g. 32,16,8")
+    channel_mult: str = flag("", "width multipliers, e.g. 1,1,2,2,4,4; '' by size")
+    dropout: float = flag(0.0, "dropout rate in residual blocks")
+    class_cond: bool = flag(False, "condition on the label map (must be true)")
+    use_checkpoint: bool = flag(False, "gradient checkpointing")
+    use_scale_shift_norm: bool = flag(True, "timestep FiLM scale+shift")
+    resblock_updown: bool = flag(False, "residual blocks resample")
+    use_fp16: bool = flag(False, "mixed precision (autocast)")
+    use_new_attention_order: bool = flag(False, "split qkv before heads")
+    no_instance: bool = flag(False, "omit the instance-edge channel")
+    spade_hidden: int = flag(128, "hidden width of the SPADE label branches (official 128; smaller for cheap CPU models)")
+    learn_sigma: bool = flag(False, "predict the variance (6 outputs)")
+    diffusion_steps: int = flag(1000, "diffusion steps T")
+    noise_schedule: str = flag("linear", "linear or cosine")
+    timestep_respacing: str = flag("", "e.g. 250, ddim100; '' for all")
+    use_kl: bool = flag(False, "train on the KL (rescaled) loss")
+    predict_xstart: bool = flag(False, "predict x0 instead of the noise")
+    rescale_timesteps: bool = flag(False, "feed t scaled to 0..1000")
+    rescale_learned_sigmas: bool = flag(False, "rescaled MSE loss")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> "ModelConfig":
@@ -184,7 +178,9 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls_or_instance: Any) ->
             type=_parser_for(hints[f.name]),
             default=default,
             # A None default means "decided elsewhere" (e.g. a preset); the field's help says by what.
-            help=help_text if default is None else (f"{help_text} (default: {default!r})" if help_text else f"(default: {default!r})"),
+            # "%(default)r" rather than the value: argparse fills it in, and ArgumentDefaultsHelpFormatter
+            # then sees a default already shown and does not add a second one.
+            help=help_text if default is None else f"{help_text} (default: %(default)r)".lstrip(),
         )
     return parser
 

@@ -23,14 +23,24 @@ import dataclasses
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 
 from . import fileio
+from .config import ModelConfig, flag, load_config_for_checkpoint, nonfinite_flags
+from .data.classes import resolve_class_table
+from .data.layouts import GradMixLayout, SynthesisLayout
+from .data.readers import read_dataset
+from .data.stats import dataset_statistics, write_statistics
 from .errors import DiffMixError
-from .pretrained import DEFAULT_MODEL, REPO_ROOT, check_model_kind
+from .gradmix.settings import GradMixConfig
+from .pretrained import DEFAULT_MODEL, REPO_ROOT, check_model_kind, describe
+from .report import write_report
+from .script_util import create_model_and_diffusion
+from .synthesis import SampleConfig, run_synthesis
+from .train_util import TrainConfig, find_latest_checkpoint, train
 
 SAMPLE_DATA = os.path.join(REPO_ROOT, "datasets", "sample")
 
@@ -61,44 +71,44 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 class DemoConfig:
     """Settings of an end-to-end run. ``None`` fields take the preset's value."""
 
-    out_dir: str = field(default="runs/demo", metadata={"help": "run folder (everything is written inside)"})
-    preset: str = field(default="demo", metadata={"help": "demo (real sample + pretrained SDM), quick (toy, tiny, for tests) or paper (GPU, real data)"})
-    data_dir: Optional[str] = field(default=None, metadata={"help": "dataset root (CoNSeP layout); '' = make the toy dataset"})
-    dataset_mode: Optional[str] = field(default=None, metadata={"help": "consep, glysac, custom, pannuke, conic or lizard"})
-    num_classes: Optional[int] = field(default=None, metadata={"help": "custom mode: classes incl. background (0 = from the mode)"})
-    model_path: Optional[str] = field(default=None, metadata={"help": "pretrained SDM (config.json beside it); '' = train one here"})
-    retrain: bool = field(default=False, metadata={"help": "train the SDM from scratch instead of using --model_path (its training.json gives the recipe)"})
-    seed: int = field(default=0, metadata={"help": "seed of every stage (toy data, GradMix, training, sampling)"})
-    toy_train: Optional[int] = field(default=None, metadata={"help": "toy training tiles"})
-    toy_test: Optional[int] = field(default=None, metadata={"help": "toy test tiles"})
-    toy_size: Optional[int] = field(default=None, metadata={"help": "toy tile side (px)"})
-    toy_rare_share: Optional[float] = field(default=None, metadata={"help": "share of the rare 'other' class in the toy data (0 = the generator's CoNSeP-like default)"})
-    image_size: Optional[int] = field(default=None, metadata={"help": "SDM image size (px) when training"})
-    channel_mult: Optional[str] = field(default=None, metadata={"help": "SDM width multipliers ('' = by image size)"})
-    num_channels: Optional[int] = field(default=None, metadata={"help": "SDM base width"})
-    num_res_blocks: Optional[int] = field(default=None, metadata={"help": "SDM residual blocks per level"})
-    attention_resolutions: Optional[str] = field(default=None, metadata={"help": "SDM attention resolutions"})
-    num_head_channels: Optional[int] = field(default=None, metadata={"help": "channels per attention head"})
-    spade_hidden: Optional[int] = field(default=None, metadata={"help": "SPADE hidden width"})
-    train_steps: Optional[int] = field(default=None, metadata={"help": "pre-training steps"})
-    finetune_steps: Optional[int] = field(default=None, metadata={"help": "classifier-free fine-tuning steps"})
-    batch_size: Optional[int] = field(default=None, metadata={"help": "training batch size"})
-    lr: Optional[float] = field(default=None, metadata={"help": "pre-training learning rate"})
-    finetune_lr: Optional[float] = field(default=None, metadata={"help": "fine-tuning learning rate"})
-    ema_rate: Optional[str] = field(default=None, metadata={"help": "EMA rate of training"})
-    drop_rate: float = field(default=0.2, metadata={"help": "condition drop rate while fine-tuning"})
-    margin: Optional[int] = field(default=None, metadata={"help": "GradMix border margin (px)"})
-    num_balance: int = field(default=1, metadata={"help": "GradMix balancing maps per image"})
-    num_enlarge: int = field(default=1, metadata={"help": "GradMix enlarging maps per image"})
-    timestep_respacing: Optional[str] = field(default=None, metadata={"help": "sampling steps, e.g. ddim50"})
-    ddim_percent: Optional[float] = field(default=None, metadata={"help": "percent of the steps run from the noised real patch"})
-    s: float = field(default=1.5, metadata={"help": "classifier-free guidance scale"})
-    max_synthesis_maps: Optional[int] = field(default=None, metadata={"help": "label maps to synthesise for (0 = all)"})
-    sample_batch_size: Optional[int] = field(default=None, metadata={"help": "patches per sampling batch"})
-    log_interval: Optional[int] = field(default=None, metadata={"help": "training log interval"})
-    precision: str = field(default="auto", metadata={"help": "fp32, bf16 or fp16 autocast for training and sampling; auto = fp16 on CUDA if the model sets use_fp16, else fp32"})
-    figure_dir: str = field(default="", metadata={"help": "also write the README figures (pipeline.png, demo_grid.png) here"})
-    progress: bool = field(default=True, metadata={"help": "progress bars"})
+    out_dir: str = flag("runs/demo", "run folder (everything is written inside)")
+    preset: str = flag("demo", "demo (real sample + pretrained SDM), quick (toy, tiny, for tests) or paper (GPU, real data)")
+    data_dir: Optional[str] = flag(None, "dataset root (CoNSeP layout); '' = make the toy dataset")
+    dataset_mode: Optional[str] = flag(None, "consep, glysac, custom, pannuke, conic or lizard")
+    num_classes: Optional[int] = flag(None, "custom mode: classes incl. background (0 = from the mode)")
+    model_path: Optional[str] = flag(None, "pretrained SDM (config.json beside it); '' = train one here")
+    retrain: bool = flag(False, "train the SDM from scratch instead of using --model_path (its training.json gives the recipe)")
+    seed: int = flag(0, "seed of every stage (toy data, GradMix, training, sampling)")
+    toy_train: Optional[int] = flag(None, "toy training tiles")
+    toy_test: Optional[int] = flag(None, "toy test tiles")
+    toy_size: Optional[int] = flag(None, "toy tile side (px)")
+    toy_rare_share: Optional[float] = flag(None, "share of the rare 'other' class in the toy data (0 = the generator's CoNSeP-like default)")
+    image_size: Optional[int] = flag(None, "SDM image size (px) when training")
+    channel_mult: Optional[str] = flag(None, "SDM width multipliers ('' = by image size)")
+    num_channels: Optional[int] = flag(None, "SDM base width")
+    num_res_blocks: Optional[int] = flag(None, "SDM residual blocks per level")
+    attention_resolutions: Optional[str] = flag(None, "SDM attention resolutions")
+    num_head_channels: Optional[int] = flag(None, "channels per attention head")
+    spade_hidden: Optional[int] = flag(None, "SPADE hidden width")
+    train_steps: Optional[int] = flag(None, "pre-training steps")
+    finetune_steps: Optional[int] = flag(None, "classifier-free fine-tuning steps")
+    batch_size: Optional[int] = flag(None, "training batch size")
+    lr: Optional[float] = flag(None, "pre-training learning rate")
+    finetune_lr: Optional[float] = flag(None, "fine-tuning learning rate")
+    ema_rate: Optional[str] = flag(None, "EMA rate of training")
+    drop_rate: float = flag(0.2, "condition drop rate while fine-tuning")
+    margin: Optional[int] = flag(None, "GradMix border margin (px)")
+    num_balance: int = flag(1, "GradMix balancing maps per image")
+    num_enlarge: int = flag(1, "GradMix enlarging maps per image")
+    timestep_respacing: Optional[str] = flag(None, "sampling steps, e.g. ddim50")
+    ddim_percent: Optional[float] = flag(None, "percent of the steps run from the noised real patch")
+    s: float = flag(1.5, "classifier-free guidance scale")
+    max_synthesis_maps: Optional[int] = flag(None, "label maps to synthesise for (0 = all)")
+    sample_batch_size: Optional[int] = flag(None, "patches per sampling batch")
+    log_interval: Optional[int] = flag(None, "training log interval")
+    precision: str = flag("auto", "fp32, bf16 or fp16 autocast for training and sampling; auto = fp16 on CUDA if the model sets use_fp16, else fp32")
+    figure_dir: str = flag("", "also write the README figures (pipeline.png, demo_grid.png) here")
+    progress: bool = flag(True, "progress bars")
 
     def resolved(self) -> "DemoConfig":
         if self.preset not in PRESETS:
@@ -124,8 +134,6 @@ class DemoConfig:
         preset), before anything is written."""
         import math
 
-        from .config import nonfinite_flags
-
         problems = nonfinite_flags(self)
 
         def need(name: str, ok, rule: str) -> None:
@@ -148,14 +156,11 @@ class DemoConfig:
             raise DiffMixError("; ".join(problems))
         # Sampling flags by the synthesis stage's own rules (--s, --ddim_percent, --precision);
         # the two paths only satisfy its required-path checks.
-        from .synthesis import SampleConfig
-
         SampleConfig(data_dir=".", results_path=".", s=self.s, ddim_percent=self.ddim_percent,
                      precision=self.precision, seed=self.seed).validate()
 
 
 def _model_config(cfg: DemoConfig, num_classes: int):
-    from .config import ModelConfig
 
     return ModelConfig(
         image_size=cfg.image_size, num_classes=num_classes, num_channels=cfg.num_channels,
@@ -171,8 +176,6 @@ def _check_model_settings(model_cfg) -> None:
     """Build the SDM of ``model_cfg`` on torch's meta device (no memory, no weights): its own checks
     (channel multipliers, attention resolutions, head widths) run before anything is written."""
     import torch
-
-    from .script_util import create_model_and_diffusion
 
     with torch.device("meta"):
         create_model_and_diffusion(**model_cfg.to_dict())
@@ -194,9 +197,6 @@ class _Stage:
 def _training_plan(cfg: DemoConfig, out: str, num_classes: int):
     """(model config, stages): from the preset's fields, or -- with ``--retrain`` of a shipped model --
     from the model's own ``config.json`` and ``training.json``, so a retrain repeats its recipe."""
-    from .config import ModelConfig, load_config_for_checkpoint
-    from .pretrained import describe
-
     folders = (fileio.join(out, "train"), fileio.join(out, "finetune"))
     names = ("SDM training", "classifier-free fine-tuning")
     if cfg.model_path:
@@ -224,8 +224,6 @@ def _train_stages(stages: List[_Stage], model_cfg, cfg: DemoConfig, data_dir: st
     An EMA shorter-lived than its run (horizon 1 / (1 - rate) at most half the steps) is sampled from;
     otherwise the EMA still mostly holds the initial weights and the raw weights are used.
     """
-    from .train_util import TrainConfig, find_latest_checkpoint, train
-
     previous = ""
     for stage in stages:
         resume = "latest" if (not previous or find_latest_checkpoint(stage.folder)) else previous
@@ -245,7 +243,7 @@ def _train_stages(stages: List[_Stage], model_cfg, cfg: DemoConfig, data_dir: st
 def _pick_maps(gradmix_dir: str, limit: int) -> List[str]:
     """GradMix maps to synthesise for: the balancing maps that placed the most rare nuclei and the
     enlarging maps that moved the most, alternating (all maps when ``limit`` is 0)."""
-    rec_dir = fileio.join(gradmix_dir, "Records")
+    rec_dir = GradMixLayout(gradmix_dir).folder(GradMixLayout.RECORDS)
     ranked: Dict[str, List[tuple]] = {"balance": [], "enlarge": []}
     for name in sorted(fileio.listdir(rec_dir)):
         if name.endswith(".json"):
@@ -281,13 +279,9 @@ class _Stages:
 
 def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
     """Run the whole pipeline; returns the run record (also saved as ``<out_dir>/demo.json``)."""
-    from .config import ModelConfig, load_config_for_checkpoint
-    from .data.classes import resolve_class_table
-    from .data.readers import read_dataset
-    from .data.stats import dataset_statistics, write_statistics
+    # lazy: data.toy and gradmix.pipeline import scipy, which demo.py --help skips
     from .data.toy import ToyConfig, make_toy_dataset
     from .gradmix.pipeline import run_gradmix
-    from .synthesis import SampleConfig, run_synthesis
 
     cfg = cfg.resolved()
     out = cfg.out_dir
@@ -359,9 +353,10 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
     # 3. GradMix: balancing and enlarging virtual label maps.
     gradmix_dir = fileio.join(out, "gradmix")
     gm = stages.run(
-        "GradMix", run_gradmix, data_dir, cfg.dataset_mode, gradmix_dir, class_table=table_arg,
-        num_balance=cfg.num_balance, num_enlarge=cfg.num_enlarge, margin=cfg.margin, seed=cfg.seed,
-        progress=cfg.progress,
+        "GradMix", run_gradmix, GradMixConfig(
+            data_dir=data_dir, dataset_mode=cfg.dataset_mode, out_dir=gradmix_dir, num_classes=cfg.num_classes or None,
+            num_balance=cfg.num_balance, num_enlarge=cfg.num_enlarge, margin=cfg.margin, seed=cfg.seed,
+            progress=cfg.progress),
     )
     stages.outputs["gradmix"] = gradmix_dir
 
@@ -389,11 +384,9 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
     summary = stages.run("DDIM synthesis", run_synthesis, synth_cfg, model_dict,
                          model_config_source=checkpoint if pretrained else "demo settings")
     stages.outputs["synthesis"] = summary.out_dir
-    stages.outputs["hovernet_patches"] = fileio.join(summary.out_dir, "npy_patch")
+    stages.outputs["hovernet_patches"] = SynthesisLayout(summary.out_dir).folder(SynthesisLayout.PATCHES)
 
     # 6. Report.
-    from .report import write_report
-
     record = {
         "settings": dataclasses.asdict(cfg),
         "seed": cfg.seed,

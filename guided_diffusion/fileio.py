@@ -93,7 +93,10 @@ def atomic_open(path: str, mode: str = "wb") -> Iterator[Any]:
         return
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    except OSError as err:  # name the file the user asked for, not the hidden temporary name
+        raise OSError(err.errno, err.strerror, path) from None
     try:
         # mkstemp creates 0600 files; give the final file the permissions a plain open() would.
         umask = os.umask(0)
@@ -107,7 +110,7 @@ def atomic_open(path: str, mode: str = "wb") -> Iterator[Any]:
     except OSError as err:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
-        if err.filename is None:  # a write on the open file: name the destination
+        if err.filename is None or err.filename == tmp:  # a write, or the rename: name the destination
             raise OSError(err.errno, err.strerror, path) from None
         raise
     except BaseException:
@@ -123,8 +126,9 @@ def check_output_dir(path: str, flag: str) -> None:
     writable folder. Remote paths are not checked (permissions are the store's).
 
     Raises:
-        DiffMixError naming ``path`` and ``flag``: an existing file, a parent that is a file, or a
-        folder this process may not write (permissions, read-only file system).
+        DiffMixError naming ``path`` and ``flag``: an existing file, a parent that is a file, a
+        symbolic link on the way that dangles or loops, or a folder this process may not write
+        (permissions, read-only file system).
     """
     if is_remote(path):
         return
@@ -133,13 +137,42 @@ def check_output_dir(path: str, flag: str) -> None:
     full = os.path.abspath(path)
     if os.path.exists(full) and not os.path.isdir(full):
         raise DiffMixError(f"{path}: {flag} is an existing file, not a folder")
+    _check_creatable(full, path, flag)
+
+
+def _check_creatable(full: str, path: str, flag: str) -> None:
+    """The nearest existing folder at or above ``full`` must be a writable folder, and no link on
+    the way may dangle or loop (creating through it fails with a bare "File exists")."""
     probe = full
     while not os.path.exists(probe):
+        if os.path.islink(probe):
+            raise DiffMixError(f"{path}: {flag} cannot be created: {probe} is a symbolic link to "
+                               f"{os.readlink(probe)}, which does not resolve (a missing target or a loop)")
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
         raise DiffMixError(f"{path}: {flag} cannot be created: {probe} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise DiffMixError(f"{path}: {flag} is not writable ({probe}: permission denied or read-only)")
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """Refuse an output file that cannot be written, before any long work starts.
+
+    ``path`` may not exist yet (its folders are created when it is written). An existing file is
+    fine: it is replaced by a rename (:func:`atomic_open`), so only its folder must be writable.
+
+    Raises:
+        DiffMixError naming ``path`` and ``flag``: an existing folder (or a name ending in '/'), a
+        parent that is a file, or a folder this process may not write.
+    """
+    if is_remote(path):
+        return
+    if not str(path):
+        raise DiffMixError(f"{flag} is empty: give an output file")
+    full = os.path.abspath(path)
+    if os.path.isdir(full) or str(path).endswith(("/", os.sep)):
+        raise DiffMixError(f"{path}: {flag} is a folder, not a file: give a file name")
+    _check_creatable(os.path.dirname(full), path, flag)
 
 
 def check_not_input(out_dir: str, inputs: dict, flag: str) -> None:
@@ -242,13 +275,19 @@ def read_image(path: str) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def write_png(path: str, image: np.ndarray) -> None:
-    """Atomically write a uint8 [H, W] or [H, W, 3] array as PNG."""
+def png_bytes(image: np.ndarray, compress_level: int = 6) -> bytes:
+    """A uint8 [H, W] or [H, W, 3] array as PNG bytes (``compress_level`` 1 encodes several times
+    faster than the default 6, for ~10 % larger files)."""
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG")
-    write_bytes(path, buf.getvalue())
+    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+def write_png(path: str, image: np.ndarray) -> None:
+    """Atomically write a uint8 [H, W] or [H, W, 3] array as PNG."""
+    write_bytes(path, png_bytes(image))
 
 
 def write_npy(path: str, array: np.ndarray) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import io
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import fileio
 
@@ -56,4 +58,47 @@ def bar_chart(groups, series, path: str, ylabel: str, ylim=(0, 1)) -> str:
     ax.set_ylim(*ylim)
     ax.legend(fontsize=8, loc="upper right")
     ax.grid(axis="y", alpha=0.3)
+    return save_figure(fig, path)
+
+
+def read_progress(run_dir: str) -> List[Dict[str, float]]:
+    """Rows of ``<run_dir>/progress.csv`` with numeric values (missing/blank cells dropped)."""
+    path = fileio.join(run_dir, "progress.csv")
+    if not fileio.exists(path):
+        return []
+    rows = []
+    for row in csv.DictReader(io.StringIO(fileio.read_bytes(path).decode())):
+        parsed = {}
+        for key, value in row.items():
+            try:
+                parsed[key] = float(value)
+            except (TypeError, ValueError):
+                pass
+        rows.append(parsed)
+    return rows
+
+
+def plot_loss_curve(runs: Sequence[Tuple[str, str]], path: str) -> Optional[str]:
+    """Training loss (and its mse / vb parts) against step for each ``(label, run_dir)``."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    plotted = False
+    for label, run_dir in runs:
+        rows = [r for r in read_progress(run_dir) if "step" in r and "loss" in r]
+        if not rows:
+            continue
+        steps = [r["step"] for r in rows]
+        ax.plot(steps, [r["loss"] for r in rows], marker=".", label=f"{label}: loss")
+        if all("mse" in r for r in rows):
+            ax.plot(steps, [r["mse"] for r in rows], linestyle="--", alpha=0.7, label=f"{label}: mse")
+        plotted = True
+    if not plotted:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("SDM training loss (pre-training, then classifier-free fine-tuning)")
     return save_figure(fig, path)

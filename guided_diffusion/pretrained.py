@@ -24,8 +24,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from . import fileio
 from .checkpoint_folder import ema_filename, list_complete_checkpoints
+from .checkpoints import load_state_dict, save_state_dict
 from .config import CONFIG_NAME, ModelConfig, load_config_for_checkpoint
 from .errors import DiffMixError
+from .plotting import plot_loss_curve, read_progress
 
 WEIGHTS_NAME = "model.safetensors"
 RECORD_NAME = "training.json"
@@ -62,8 +64,6 @@ def check_model_kind(config: Mapping[str, Any], path: str, need: str, flag: str)
 
 def _stage_record(run_dir: str) -> Dict[str, Any]:
     """One training stage: its settings, step range, wall time and last logged losses."""
-    from .report import read_progress
-
     config = fileio.read_json(fileio.join(run_dir, CONFIG_NAME))
     rows = [r for r in read_progress(run_dir) if "step" in r]
     steps = list_complete_checkpoints(run_dir)
@@ -116,7 +116,7 @@ def check_stage_order(run_dirs: Sequence[str], configs: Sequence[Mapping[str, An
     """Refuse training stages that do not chain: each stage after the first must have started (or
     resumed) from a checkpoint of the stage before it. Else the export would take the wrong
     stage's weights (``--run_dirs FINE,PRE`` exports the pre-training EMA) under a wrong record."""
-    from .downstream.data import refuse_listed_twice
+    from .downstream.data import refuse_listed_twice  # lazy: downstream imports MONAI, matplotlib, scipy
 
     refuse_listed_twice(run_dirs, "--run_dirs")
     for (prev, prev_cfg), (cur, cur_cfg) in zip(zip(run_dirs, configs), zip(run_dirs[1:], configs[1:])):
@@ -140,9 +140,6 @@ def export_model(run_dirs: Sequence[str], out_dir: str, recipe: str = "", comman
         The training record (also written as ``training.json``).
     """
     import torch
-
-    from .checkpoints import load_state_dict, save_state_dict
-    from .report import plot_loss_curve
 
     if not run_dirs:
         raise DiffMixError("export needs at least one training run folder")

@@ -6,65 +6,21 @@ its label -> GradMix virtual label -> synthetic patch) and ``demo_grid.png`` (th
 
 from __future__ import annotations
 
-import csv
-import io
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from . import fileio
-from .plotting import pyplot, save_figure
+from .plotting import plot_loss_curve, pyplot, save_figure
 from .data.classes import resolve_class_table
 from .data.labels import relabel_contiguous
+from .data.layouts import SynthesisLayout
 from .data.readers import read_label_file, resolve_labels_form
 
 
-def read_progress(run_dir: str) -> List[Dict[str, float]]:
-    """Rows of ``<run_dir>/progress.csv`` with numeric values (missing/blank cells dropped)."""
-    path = fileio.join(run_dir, "progress.csv")
-    if not fileio.exists(path):
-        return []
-    rows = []
-    for row in csv.DictReader(io.StringIO(fileio.read_bytes(path).decode())):
-        parsed = {}
-        for key, value in row.items():
-            try:
-                parsed[key] = float(value)
-            except (TypeError, ValueError):
-                pass
-        rows.append(parsed)
-    return rows
-
-
-def plot_loss_curve(runs: Sequence[Tuple[str, str]], path: str) -> Optional[str]:
-    """Training loss (and its mse / vb parts) against step for each ``(label, run_dir)``."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 3.5))
-    plotted = False
-    for label, run_dir in runs:
-        rows = [r for r in read_progress(run_dir) if "step" in r and "loss" in r]
-        if not rows:
-            continue
-        steps = [r["step"] for r in rows]
-        ax.plot(steps, [r["loss"] for r in rows], marker=".", label=f"{label}: loss")
-        if all("mse" in r for r in rows):
-            ax.plot(steps, [r["mse"] for r in rows], linestyle="--", alpha=0.7, label=f"{label}: mse")
-        plotted = True
-    if not plotted:
-        plt.close(fig)
-        return None
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("SDM training loss (pre-training, then classifier-free fine-tuning)")
-    return save_figure(fig, path)
-
-
 def _records(synthesis_dir: str) -> List[Dict[str, Any]]:
-    rec_dir = fileio.join(synthesis_dir, "records")
+    rec_dir = SynthesisLayout(synthesis_dir).folder(SynthesisLayout.RECORDS)
     if not fileio.exists(rec_dir):
         return []
     return [fileio.read_json(fileio.join(rec_dir, n)) for n in fileio.listdir(rec_dir) if n.endswith(".json")]
@@ -72,7 +28,7 @@ def _records(synthesis_dir: str) -> List[Dict[str, Any]]:
 
 def _real_label_path(record: Dict[str, Any]) -> Optional[str]:
     """The real label file a GradMix map was made from (its GradMix record names it)."""
-    from .gradmix import read_map_record
+    from .gradmix import read_map_record  # lazy: gradmix's pipeline imports scipy; the report is light
 
     label_source = record.get("label_source", "")
     gm = read_map_record(label_source)
@@ -117,7 +73,7 @@ def plot_pipeline(record: Dict[str, Any], class_table, path: str) -> Optional[st
 def changed_nuclei(record: Dict[str, Any]) -> tuple:
     """``(kind, mask bool [S, S])``: the nuclei GradMix placed (balancing) or moved (enlarging) inside
     a synthesis record's crop; kind is None and the mask empty for the dataset's own labels."""
-    from .gradmix import changed_mask
+    from .gradmix import changed_mask  # lazy: gradmix's pipeline imports scipy; the report is light
 
     crop = record["crop"]
     window = (crop["y0"], crop["x0"], crop["height"], crop["width"])
@@ -139,7 +95,7 @@ def outline(image: np.ndarray, mask: np.ndarray, colour=(255, 230, 0)) -> np.nda
 def plot_changed_nuclei(records: Sequence[Dict[str, Any]], path: str, rows: int = 6) -> Optional[str]:
     """Grid of real patch | virtual label map | synthetic patch for the crops where GradMix placed
     rare nuclei (most placed first; enlarging maps fill remaining rows), changed nuclei outlined."""
-    from .synthesis import label_overlay, write_figure
+    from .synthesis import label_overlay, write_figure  # lazy: synthesis imports torch
 
     scored = []
     for r in records:
@@ -169,7 +125,7 @@ def _rel(path: str, start: str) -> str:
 
 def _model_lines(record: Dict[str, Any], out_dir: str, fig_dir: str) -> tuple:
     """(Markdown lines describing the SDM, loss-curve path or None)."""
-    from .pretrained import describe, stage_lines
+    from .pretrained import describe, stage_lines  # lazy: pretrained imports torch
 
     m = record["model"]
     arch = (f"{m['image_size']} px, {m['num_channels']} channels (x {m['channel_mult']}), "

@@ -7,7 +7,7 @@ import dataclasses
 from typing import Any
 
 from .config import flag, nonfinite_flags
-from .data.classes import LABELS_MERGED, LABELS_MERGED_HELP
+from .data.classes import LABELS_MERGED, LABELS_MERGED_HELP, dataset_mode_flag
 from .errors import DiffMixError
 from .precision import check_precision
 
@@ -22,7 +22,7 @@ class TrainConfig:
     """
 
     data_dir: str = flag("", "dataset root holding Train/Images and Train/Labels")
-    dataset_mode: str = flag("", "consep, glysac, custom, pannuke, conic or lizard")
+    dataset_mode: str = dataset_mode_flag()
     labels_merged: str = flag("auto", LABELS_MERGED_HELP)
     schedule_sampler: str = flag("uniform", "timestep sampler: uniform or loss-second-moment")
     lr: float = flag(1e-4, "AdamW learning rate")

@@ -61,7 +61,7 @@ from . import dist_util, fileio, logger
 from .checkpoint_folder import ResumePlan, load_resume_checkpoint, plan_resume, remove_stale_temporaries, save_checkpoint
 from .config import CONFIG_NAME, save_config
 from .errors import DiffMixError
-from .precision import autocast_context, resolve_precision
+from .precision import autocast_context, resolve_precision, sdm_half
 from .resample import UniformSampler
 from .train_config import parse_ema_rates
 from .train_state import derive_seed
@@ -196,7 +196,7 @@ class TrainLoop:
         self.seed = int(seed)
         self.progress = progress
         self.device = next(model.parameters()).device
-        self.precision = resolve_precision(precision, use_fp16, self.device)
+        self.precision = resolve_precision(precision, self.device, sdm_half(use_fp16))
         self.config = dict(config) if config is not None else None
 
         self.rank = dist_util.get_rank()

@@ -41,7 +41,7 @@ from .checkpoint_folder import (  # noqa: F401  (the loop's checkpoint API, re-e
 )
 from .data.training import load_data
 from .errors import DiffMixError
-from .precision import resolve_precision
+from .precision import resolve_precision, sdm_half
 from .resample import create_named_schedule_sampler
 from .script_util import create_model_and_diffusion
 from .train_config import TrainConfig, flat_config, parse_ema_rates, validate_train_config  # noqa: F401
@@ -77,7 +77,7 @@ def train(model_cfg: Any, train_cfg: TrainConfig, data: Optional[Iterator] = Non
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
     info = dist_util.setup_dist()
-    precision = resolve_precision(train_cfg.precision, bool(getattr(model_cfg, "use_fp16", False)), dist_util.dev())
+    precision = resolve_precision(train_cfg.precision, dist_util.dev(), sdm_half(bool(getattr(model_cfg, "use_fp16", False))))
     log_dir = dist_util.broadcast_object(train_cfg.log_dir or logger.default_dir())
     # Cheap checks of the run folder first, before the model and the dataset take their time.
     runlock.acquire_on_rank0(log_dir, "training", info.rank, dist_util.broadcast_object, "--log_dir", check_only=True)

@@ -24,13 +24,10 @@ converted with scripts/convert_dataset.py is evaluated with ``--dataset_mode cus
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 
 from guided_diffusion import fileio, metrics
 from guided_diffusion.data.classes import DATASET_MODES, LABELS_MERGED, LABELS_MERGED_HELP, resolve_class_table
 from guided_diffusion.data.formats import is_format
-from guided_diffusion.data.formats.export import convert_to_consep
 from guided_diffusion.errors import DiffMixError, run_cli
 
 
@@ -86,39 +83,16 @@ def main(argv=None) -> dict:
     if args.out_dir:
         fileio.check_output_dir(args.out_dir, "--out_dir")
         fileio.check_not_input(args.out_dir, {"--true_dir": args.true_dir, "--pred_dir": args.pred_dir}, "--out_dir")
-    mode = args.dataset_mode
-    if mode is None and args.class_table:
-        mode = "custom"
-    table = None
-    if mode is not None:
-        table = resolve_class_table(mode, args.class_table, args.num_classes)
-    if is_format(mode):
-        source = f"{args.true_dir} ({mode}, split {args.split})"
-        with tempfile.TemporaryDirectory(prefix="diffmix-gt-") as tmp:
-            # The data layer reads the dataset as distributed; its labels become .mat ground truth.
-            summary = convert_to_consep(args.true_dir, mode, tmp, [args.split], progress=False, images=False)
-            (split_info,) = summary["splits"].values()
-            labels = os.path.join(tmp, split_info["folder"], "Labels")
-            try:
-                return _evaluate(args, labels, table, source)
-            except DiffMixError as err:  # name the dataset, not the temporary folder
-                raise DiffMixError(str(err).replace(labels, source)) from None
-    return _evaluate(args, args.true_dir, table)
-
-
-def _evaluate(args, true_dir: str, table, true_source=None) -> dict:
-    result = metrics.evaluate_folders(
-        true_dir,
-        args.pred_dir,
-        radius=args.radius,
-        num_classes=args.num_classes,
-        out_dir=args.out_dir,
-        match_iou=args.match_iou,
-        progress=not args.no_progress,
-        class_table=table,
-        true_source=true_source,
-        labels_merged=args.labels_merged,
-    )
+    # A class table alone implies custom; no mode and no table: types are compared as stored.
+    mode = args.dataset_mode or ("custom" if args.class_table else None)
+    table = resolve_class_table(mode, args.class_table, args.num_classes) if mode else None
+    common = dict(radius=args.radius, num_classes=args.num_classes, out_dir=args.out_dir, match_iou=args.match_iou,
+                  progress=not args.no_progress)
+    if is_format(mode):  # the dataset as distributed, read through the data layer
+        result = metrics.evaluate_dataset(args.true_dir, mode, args.split, args.pred_dir, table, **common)
+    else:
+        result = metrics.evaluate_folders(args.true_dir, args.pred_dir, class_table=table,
+                                          labels_merged=args.labels_merged, **common)
     print(metrics.format_table(result))
     if args.out_dir:
         print(f"\nreports written to {args.out_dir} (metrics.json, metrics_per_image.csv, "

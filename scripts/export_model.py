@@ -11,6 +11,7 @@ import argparse
 import shlex
 import sys
 
+from guided_diffusion import fileio
 from guided_diffusion.config import HelpFormatter
 from guided_diffusion.errors import run_cli
 from guided_diffusion.pretrained import export_model
@@ -24,6 +25,7 @@ def main(argv=None) -> None:
     parser.add_argument("--command", default="", help="the command that ran the recipe (recorded)")
     args = parser.parse_args(argv)
     runs = [d for d in args.run_dirs.split(",") if d]
+    fileio.check_output_dir(args.out_dir, "--out_dir")
     record = export_model(runs, args.out_dir, recipe=args.recipe,
                           command=args.command or " ".join(shlex.quote(a) for a in sys.argv))
     print(f"exported step {record['step']} ({record['parameters'] / 1e6:.2f} M parameters, "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 
+from guided_diffusion import fileio
 from guided_diffusion.config import HelpFormatter
 from guided_diffusion.downstream.cli import add_class_flags, add_inference_flags, add_run_flags, apply_threads
 from guided_diffusion.errors import run_cli
@@ -29,6 +30,11 @@ def main(argv=None) -> dict:
     p.add_argument("--out_json", default="", help="also write the per-image numbers here")
     add_inference_flags(p)
     args = p.parse_args(argv)
+    if args.out_json:  # now, not after the whole diagnosis
+        fileio.check_output_file(args.out_json, "--out_json")
+    from guided_diffusion.downstream.data import refuse_distributed_format
+
+    refuse_distributed_format(args.dataset_mode, "hovernet_diagnose.py")
 
     from guided_diffusion.data.classes import resolve_class_table
     from guided_diffusion.downstream import diagnose as dg

@@ -30,6 +30,7 @@ def main(argv=None) -> list:
     args = p.parse_args(argv)
     # Predictions into the data (e.g. --out_dir D/Test/Labels) would replace the ground truth.
     fileio.check_not_input(args.out_dir, {"--data_dir": args.data_dir}, "--out_dir")
+    fileio.check_output_dir(args.out_dir, "--out_dir")
 
     from guided_diffusion.downstream.predict import predict_folder
 

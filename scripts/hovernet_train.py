@@ -27,13 +27,13 @@ from guided_diffusion.errors import run_cli
 
 
 def main(argv=None) -> dict:
-    from guided_diffusion.downstream.train import HoverTrainConfig, train
+    from guided_diffusion.downstream.train import HoverTrainConfig, train_segmenter
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_args(parser, HoverTrainConfig)
     cfg = dataclass_from_args(HoverTrainConfig, parser.parse_args(argv))
-    record = train(cfg)
+    record = train_segmenter(cfg)
     print(json.dumps(record, indent=2))
     return record
 

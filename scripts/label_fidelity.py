@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 
+from guided_diffusion import fileio
 from guided_diffusion.config import HelpFormatter
 from guided_diffusion.downstream.cli import add_class_flags, add_inference_flags, apply_threads
 from guided_diffusion.errors import run_cli
@@ -34,8 +35,11 @@ def main(argv=None) -> dict:
     p.add_argument("--grid_rows", type=int, default=6, help="patches shown in fidelity_grid.png (0 = no figure)")
     add_inference_flags(p)
     args = p.parse_args(argv)
+    fileio.check_output_dir(args.out_dir, "--out_dir")
 
-    from guided_diffusion.downstream.data import split_list
+    from guided_diffusion.downstream.data import refuse_distributed_format, split_list
+
+    refuse_distributed_format(args.dataset_mode, "label_fidelity.py")
     from guided_diffusion.downstream.fidelity import label_fidelity, render
 
     apply_threads(args.num_threads)

@@ -40,7 +40,7 @@ def main(argv=None) -> list:
     from guided_diffusion.config import ModelConfig, load_config_for_checkpoint
     from guided_diffusion.data import build_condition
     from guided_diffusion.data.condition import image_to_tensor
-    from guided_diffusion.data.sampling import sampling_patches
+    from guided_diffusion.data.patches import sampling_patches
     from guided_diffusion.metrics.denoising import denoising_scores
     from guided_diffusion.synthesis import load_model_and_diffusion, resolve_model_config, resolve_model_path
 

@@ -419,6 +419,10 @@ CASES = [
     Case("toy-root-read-only", "toy", lambda e, out, t: ["--root", out], ["--root", "not writable"],
          prepare=lambda e, out, tmp, mp: read_only(mp, str(tmp))),
     Case("toy-bad-class-probs", "toy", lambda e, out, t: ["--root", out, "--class_probs", "1,2"], ["--class_probs"]),
+    Case("toy-density-nan", "toy", lambda e, out, t: ["--root", out, "--density", "nan"], ["density nan", "finite"]),
+    Case("toy-negative-scale", "toy", lambda e, out, t: ["--root", out, "--scale", "-1"], ["scale -1.0", "> 0"]),
+    Case("toy-negative-seed", "toy", lambda e, out, t: ["--root", out, "--seed", "-3"], ["seed -3", ">= 0"]),
+    Case("toy-tiny-size", "toy", lambda e, out, t: ["--root", out, "--size", "4"], ["size 4", "too small"]),
     Case("toy-disk-full", "toy", lambda e, out, t: ["--root", out, "--num_train", "1", "--num_test", "0", "--size", "32"],
          ["No space left"], prepare=lambda e, out, tmp, mp: no_space(mp), out_kind="consistent"),
     # ---------------------------------------------------------------- demo.py
@@ -539,6 +543,156 @@ CASES += [
 ]
 
 
+def pannuke_root(tmp, change: Optional[Callable[[np.ndarray], None]] = None) -> str:
+    """tmp/pannuke: a one-fold PanNuke (two patches) whose images.npy is ``change``d in place."""
+    from format_helpers import write_pannuke
+
+    root = str(tmp / "pannuke")
+    write_pannuke(root, {1: [[1, 2], [3]]})
+    if change is not None:
+        path = os.path.join(root, "Fold 1", "images", "fold1", "images.npy")
+        images = np.load(path)
+        change(images)
+        np.save(path, images)
+    return root
+
+
+def npy_patches(change: Callable[[np.ndarray], None]):
+    """Data: tmp/npy, the toy Train split as HoVer-Net .npy patches [H, W, 5] float32; the RGB
+    (0..255) of the first (toy_train_000) is ``change``d in place."""
+    def build(e, tmp):
+        from guided_diffusion.data.readers import list_samples, read_rgb
+
+        folder = tmp / "npy"
+        folder.mkdir(exist_ok=True)
+        for f in list_samples(e["data"]):
+            mat = fileio.read_mat(f.label)
+            rgb = read_rgb(f.image).astype(np.float32)
+            if f.stem == "toy_train_000":
+                change(rgb)
+            np.save(folder / f"{f.stem}.npy", np.dstack([rgb, mat["inst_map"], mat["type_map"]]).astype(np.float32))
+        return str(folder)
+    return build
+
+
+def set_nan(a):
+    a.flat[5] = np.nan
+
+
+def minus_one_to_one(a):
+    """0..255 -> [-1, 1] (the model's range), both ends present."""
+    a[:] = a / 127.5 - 1
+    a.flat[:2] = -1, 1
+
+
+def convert_argv(data: Callable, *extra):
+    return lambda e, out, tmp: ["--data_dir", data(tmp), "--dataset_mode", "pannuke", "--out_dir", out,
+                                "--splits", "Train", "--progress", "false", *fill(e, out, tmp, extra)]
+
+
+def converted_conic(e, out, tmp, mp):
+    """Prepare: ``out`` holds a finished conversion of a CoNIC dataset."""
+    from format_helpers import write_conic
+    from guided_diffusion.data.formats.export import convert_to_consep
+
+    write_conic(str(tmp / "conic"))
+    convert_to_consep(str(tmp / "conic"), "conic", out, ["Train"], progress=False)
+
+
+def conic_run(e, out, tmp, mp):
+    """Prepare: tmp/run, a (minimal) synthesis run made with --dataset_mode conic, and tmp/conic, a
+    CoNIC dataset folder (images.npy, labels.npy, ...)."""
+    from format_helpers import write_conic
+
+    write_conic(str(tmp / "conic"))
+    patch = np.zeros((32, 32, 5), np.uint8)
+    np.save(tmp / "patch.npy", patch)
+    fileio.write_json(str(tmp / "run" / "run.json"), {"dataset_mode": "conic", "data_dir": str(tmp / "conic")})
+    fileio.write_json(str(tmp / "run" / "records" / "p-0000.json"), {"source_image": "x"})
+    fileio.write_npy(str(tmp / "run" / "npy_patch" / "p-0000.npy"), patch)
+
+
+def write_fault(path_of: Callable[[str], str]):
+    """Prepare: writing ``path_of(tmp)`` fails as in a read-only folder once the temporary file is
+    made (the rename is refused) -- the error must name that path, not the hidden temporary name."""
+    def prepare(e, out, tmp, mp):
+        real = os.replace
+
+        def refuse(src, dst, *a, **k):
+            if os.path.abspath(dst) == os.path.abspath(path_of(str(tmp))):
+                raise PermissionError(errno.EACCES, "Permission denied", src, None, dst)
+            return real(src, dst, *a, **k)
+        mp.setattr(os, "replace", refuse)
+    return prepare
+
+
+CASES += [
+    # ---------------------------------------------------------------- image values: [0, 1] floats, NaN (#3, #2)
+    Case("convert-pannuke-nan-image", "convert", convert_argv(lambda t: pannuke_root(t, set_nan)),
+         ["{tmp}/pannuke/Fold 1/images/fold1/images.npy: image values include NaN or infinity (float64)"]),
+    Case("convert-pannuke-out-of-range", "convert",
+         convert_argv(lambda t: pannuke_root(t, lambda a: a.__isub__(128))),
+         ["images.npy: image values -128..", "(float64) are neither 0..255 nor floats in [0, 1]"]),
+    Case("stats-npy-patch-minus-one-to-one", "stats",
+         lambda e, out, t: ["--data_dir", npy_patches(minus_one_to_one)(e, t),
+                            "--dataset_mode", "consep", "--out_dir", out],
+         ["{tmp}/npy/toy_train_000.npy: image values -1..1 (float32) are neither 0..255 nor floats in [0, 1]"]),
+    Case("train-npy-patch-nan", "train", train_argv("--data_dir", "{tmp}/npy"),
+         ["toy_train_000.npy: image values include NaN or infinity"],
+         prepare=lambda e, out, tmp, mp: npy_patches(set_nan)(e, tmp)),
+    Case("gradmix-npy-patch-inf", "gradmix",
+         gradmix_argv("--write_images", "true", data=npy_patches(lambda a: a.__setitem__((0, 0, 0), np.inf))),
+         ["toy_train_000.npy: image values include NaN or infinity"], out_kind="consistent"),
+    # ---------------------------------------------------------------- conversions: foreign output, lock (#5)
+    Case("convert-into-other-conversion", "convert", convert_argv(pannuke_root),
+         ["{out}: --out_dir holds another conversion (source", "dataset_mode 'conic', here 'pannuke'",
+          "would mix the two"], prepare=converted_conic, out_kind="unchanged"),
+    Case("convert-into-non-empty-folder", "convert", convert_argv(pannuke_root),
+         ["{out}: --out_dir is not empty and holds no conversion (found notes.txt)"],
+         prepare=lambda e, out, tmp, mp: (os.makedirs(out), open(os.path.join(out, "notes.txt"), "w").close()),
+         out_kind="unchanged"),
+    Case("convert-folder-locked", "convert", convert_argv(pannuke_root), ["{out}: in use by", ".lock"],
+         prepare=lambda e, out, tmp, mp: live_lock(out), out_kind="unchanged"),
+    Case("convert-export-into-dataset", "convert", lambda e, out, t: ["--from_run", str(t / "run"), "--out_dir", str(t / "conic")],
+         ["{tmp}/conic: --out_dir is not empty and holds no export of a run (found images.npy"],
+         prepare=conic_run, out_kind="unchanged", extra=keep("conic")),
+    # ---------------------------------------------------------------- output locations up front, by flag (#11)
+    Case("diagnose-out-json-is-folder", "diagnose", diagnose_argv("--out_json", "{tmp}"),
+         ["{tmp}: --out_json is a folder, not a file"]),
+    Case("diagnose-out-json-read-only", "diagnose", diagnose_argv(), ["{out}/diagnosis.json: --out_json is not writable"],
+         prepare=lambda e, out, tmp, mp: read_only(mp, str(tmp))),
+    Case("study-out-read-only", "study", study_argv(), ["{out}: --out_dir is not writable"],
+         prepare=lambda e, out, tmp, mp: read_only(mp, str(tmp))),
+    Case("hover-train-out-read-only", "hover_train", hover_train_argv(), ["{out}: --out_dir is not writable"],
+         prepare=lambda e, out, tmp, mp: read_only(mp, str(tmp))),
+    Case("hover-predict-out-read-only", "hover_predict", predict_argv(), ["{out}: --out_dir is not writable"],
+         prepare=lambda e, out, tmp, mp: read_only(mp, str(tmp))),
+    Case("stats-rename-refused-names-the-file", "stats", stats_argv(), ["{out}/", ": Permission denied"],
+         prepare=write_fault(lambda t: t + "/out/stats_settings.json"), out_kind="consistent",
+         extra={"absent": [".tmp"]}),
+    # ---------------------------------------------------------------- misleading messages (#12)
+    Case("hover-predict-config-arch-bogus", "hover_predict", predict_argv("--run_dir", "{tmp}/seg"),
+         ["{tmp}/seg/config.json: net: arch 'bogus': expected one of small, hovernet"],
+         prepare=edited_segmenter(lambda c: c["net"].update(arch="bogus")), extra={"absent": ["--arch"]}),
+    Case("hover-predict-weights-do-not-fit", "hover_predict", predict_argv("--run_dir", "{tmp}/seg"),
+         ["{tmp}/seg/model.safetensors: the checkpoint does not fit the network of {tmp}/seg/config.json:",
+          "mis-shaped keys: ", "(checkpoint (4, 3, 3, 3), model (8, 3, 3, 3))"],
+         prepare=edited_segmenter(lambda c: c["net"].update(width=8))),
+    Case("gradmix-out-symlink-loop", "gradmix", lambda e, out, t: gradmix_argv()(e, str(t / "loop"), t),
+         ["{tmp}/loop: --out_dir cannot be created: {tmp}/loop is a symbolic link to {tmp}/loop, which does not "
+          "resolve (a missing target or a loop)"], prepare=symlink("{tmp}/loop", "{tmp}/loop")),
+    Case("hover-train-out-under-symlink-loop", "hover_train", hover_train_argv("--out_dir", "{tmp}/loop/run"),
+         ["{tmp}/loop/run: --out_dir cannot be created: {tmp}/loop is a symbolic link"],
+         prepare=symlink("{tmp}/loop", "{tmp}/loop")),
+    # ---------------------------------------------------------------- formats as distributed (#15)
+    Case("study-pannuke-as-distributed", "study", study_argv("--dataset_mode", "pannuke"),
+         ["--dataset_mode pannuke: utility_study.py reads datasets in the CoNSeP layout", "scripts/convert_dataset.py",
+          "--dataset_mode custom --class_table D_consep/class_table.json"]),
+    Case("diagnose-conic-as-distributed", "diagnose", diagnose_argv("--dataset_mode", "conic"),
+         ["--dataset_mode conic: hovernet_diagnose.py reads datasets in the CoNSeP layout"]),
+]
+
+
 def files_under(path: str) -> set:
     return {os.path.relpath(os.path.join(d, n), path) for d, _, names in os.walk(path) for n in names}
 
@@ -578,6 +732,8 @@ def test_bad_input(case, env, tmp_path, monkeypatch, capsys):
     names = dict(env, out=out, tmp=str(tmp_path))
     for fragment in case.fragments:
         assert fragment.format(**names) in lines[0], lines[0]
+    for fragment in case.extra.get("absent", ()):  # e.g. a flag the user never passed
+        assert fragment not in lines[0], lines[0]
     if case.out_kind == "absent":
         assert not os.path.exists(out), files_under(out)
     elif case.out_kind == "consistent":
@@ -594,3 +750,17 @@ def test_bad_input(case, env, tmp_path, monkeypatch, capsys):
 def test_catalogue_size():
     assert len(CASES) >= 45
     assert {c.command for c in CASES} == set(SCRIPTS)
+
+
+def test_failed_write_names_the_destination_not_the_temporary_file(tmp_path, monkeypatch):
+    """fileio.atomic_open: a temporary file that cannot be made (read-only folder) is reported under
+    the destination's name (issue 22 #11)."""
+    import tempfile
+
+    def refuse(*args, dir=None, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", os.path.join(dir, ".out.json.x1y2.tmp"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(OSError) as err:
+        fileio.write_json(str(tmp_path / "out.json"), {})
+    assert err.value.filename == str(tmp_path / "out.json") and ".tmp" not in str(err.value)

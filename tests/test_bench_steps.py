@@ -17,7 +17,7 @@ from guided_diffusion import synthesis as syn
 from guided_diffusion.checkpoints import save_state_dict
 from guided_diffusion.config import ModelConfig, save_config
 from guided_diffusion.data import build_condition, make_toy_dataset
-from guided_diffusion.data.sampling import sampling_patches
+from guided_diffusion.data.patches import sampling_patches
 from guided_diffusion.errors import run_cli
 from guided_diffusion.script_util import create_model_and_diffusion
 

@@ -116,7 +116,7 @@ def test_pannuke_bad_input_names_the_file(tmp_path, case):
         masks[0, 2:4, 2:4, 4] = 7
         match = r"masks\.npy\[0\]: 4 pixels belong to nuclei of two channels"
     else:
-        images[1, 0, 0, 0], match = 300.0, r"images\.npy\[1\]: image values outside 0\.\.255"
+        images[1, 0, 0, 0], match = 300.0, r"images\.npy: image values 0\.\.300 \(float64\) are neither 0\.\.255 nor"
     with pytest.raises(DiffMixError, match=match):
         _read(_pannuke_fold(tmp_path, images, masks), "pannuke")
 
@@ -250,3 +250,72 @@ def test_converter_single_pannuke_fold_is_one_split_folder(tmp_path):
 def test_nuclei_helper_is_what_the_tests_assume():
     inst, types = nuclei_maps([2, 3])
     assert inst[2:6, 2:6].tolist() == [[1] * 4] * 4 and types[2:6, 11:15].tolist() == [[3] * 4] * 4
+
+
+# ----------------------------------------------------------------------------- value range (issue 22 #3)
+
+
+def _as_unit_floats(path):
+    np.save(path, np.load(path).astype(np.float64) / 255.0)
+
+
+def test_unit_float_images_read_as_0_255(tmp_path):
+    """PanNuke divided by 255, CoNIC saved as floats in [0, 1] and a HoVer-Net .npy patch in [0, 1]
+    read as the uint8 images they came from (not as black images)."""
+    truth = write_pannuke(str(tmp_path / "pannuke"), {1: PANNUKE_FOLDS[1]})
+    _as_unit_floats(tmp_path / "pannuke" / "Fold 1" / "images" / "fold1" / "images.npy")
+    for s, (image, _, _) in zip(_read(tmp_path / "pannuke", "pannuke"), truth[1]):
+        np.testing.assert_array_equal(s.image, image)
+    conic = write_conic(str(tmp_path / "conic"))
+    _as_unit_floats(tmp_path / "conic" / "images.npy")
+    for s, (_, image, _, _) in zip(_read(tmp_path / "conic", "conic"), conic):
+        np.testing.assert_array_equal(s.image, image)
+    # floats 0..255 (a value above 1) stay 0..255, whole-valued or not
+    (tmp_path / "npy").mkdir()
+    _, image, inst, types = conic[0]
+    for name, rgb in (("unit", image / 255.0), ("byte", np.minimum(image + 0.2, 255))):
+        np.save(tmp_path / "npy" / f"{name}.npy", np.dstack([rgb, inst, types]).astype(np.float32))
+    for s in read_dataset(str(tmp_path / "npy"), resolve_class_table("conic"), progress=False):
+        np.testing.assert_array_equal(s.image, image)
+
+
+@pytest.mark.parametrize("value, match", [(np.nan, r"image values include NaN or infinity \(float32\)"),
+                                          (np.inf, r"image values include NaN or infinity"),
+                                          (-1.0, r"image values -1\.\.1 \(float32\) are neither 0\.\.255 nor floats in \[0, 1\]")])
+def test_non_finite_or_unknown_range_refused_naming_the_file(tmp_path, value, match):
+    """One rule for every stored RGB (image_arrays.rgb_scale): a .npy patch and a CoNIC images.npy alike."""
+    conic = write_conic(str(tmp_path / "conic"))
+    images = np.load(tmp_path / "conic" / "images.npy").astype(np.float32) / 255.0
+    images[2, 5, 5, 1] = value
+    np.save(tmp_path / "conic" / "images.npy", images)
+    with pytest.raises(DiffMixError, match=r"conic/images\.npy: " + match):
+        _read(tmp_path / "conic", "conic")
+    (tmp_path / "npy").mkdir()
+    _, image, inst, types = conic[0]
+    rgb = image / 255.0
+    rgb[0, 0, 0] = value
+    np.save(tmp_path / "npy" / "p.npy", np.dstack([rgb, inst, types]).astype(np.float32))
+    with pytest.raises(DiffMixError, match=r"npy/p\.npy: " + match):
+        read_dataset(str(tmp_path / "npy"), resolve_class_table("conic"), progress=False)
+
+
+def test_converter_refuses_a_foreign_output_folder(tmp_path):
+    """convert_dataset never mixes two datasets in one --out_dir; a rerun of the same conversion is fine."""
+    write_pannuke(str(tmp_path / "pannuke"))
+    write_conic(str(tmp_path / "conic"))
+    out = tmp_path / "out"
+    convert_to_consep(str(tmp_path / "pannuke"), "pannuke", str(out), ["Train"], progress=False)
+    before = sorted(os.listdir(out / "Train" / "Images"))
+    convert_to_consep(str(tmp_path / "pannuke"), "pannuke", str(out), ["Train"], progress=False)  # resumable
+    with pytest.raises(DiffMixError, match=r"out: --out_dir holds another conversion \(source .*pannuke.*, here "
+                                           r".*conic.*; dataset_mode 'pannuke', here 'conic'"):
+        convert_to_consep(str(tmp_path / "conic"), "conic", str(out), ["Train"], progress=False)
+    with pytest.raises(DiffMixError, match=r"--out_dir holds another conversion \(splits \['Train'\], here "):
+        convert_to_consep(str(tmp_path / "pannuke"), "pannuke", str(out), ["Train", "Test"], progress=False)
+    assert sorted(os.listdir(out / "Train" / "Images")) == before and not (out / "Test").exists()
+    assert "pannuke" in (out / "class_table.json").read_text()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(DiffMixError, match=r"other: --out_dir is not empty and holds no conversion \(found notes\.txt\)"):
+        convert_to_consep(str(tmp_path / "conic"), "conic", str(tmp_path / "other"), ["Train"], progress=False)
+    assert os.listdir(tmp_path / "other") == ["notes.txt"]

@@ -23,9 +23,10 @@ def test_quick_demo_writes_every_output(tmp_path):
     # Run record: settings, seed, a timing for every stage, outputs that exist.
     saved = json.loads((out / "demo.json").read_text())
     assert saved["seed"] == 0 and saved["settings"]["preset"] == "quick"
-    for stage in ("toy dataset", "data check", "class statistics", "GradMix", "SDM training",
-                  "classifier-free fine-tuning", "DDIM synthesis", "report"):
-        assert saved["timings_s"][stage] >= 0
+    # Every stage timed, nothing else, and the stages fit in the run's total.
+    assert set(saved["timings_s"]) == {"toy dataset", "data check", "class statistics", "GradMix", "SDM training",
+                                       "classifier-free fine-tuning", "DDIM synthesis", "report"}
+    assert sum(saved["timings_s"].values()) <= saved["total_s"] + 0.1
     for path in saved["outputs"].values():
         assert Path(path).exists(), path
 
@@ -56,11 +57,10 @@ def test_quick_demo_writes_every_output(tmp_path):
         patch = np.load(synth / "npy_patch" / f"{rec['name']}.npy")
         size = saved["settings"]["image_size"]
         assert patch.shape == (size, size, 5) and patch.dtype == np.int32
-        assert patch[..., :3].min() >= 0 and patch[..., :3].max() <= 255
         inst = patch[..., 3]
         assert sorted(np.unique(inst[inst > 0]).tolist()) == list(range(1, int(inst.max()) + 1))
         png = fileio.read_image(str(synth / "samples" / f"{rec['name']}.png"))
-        np.testing.assert_array_equal(png, patch[..., :3].astype(np.uint8))
+        np.testing.assert_array_equal(png.astype(np.int32), patch[..., :3])  # no wrap-around: RGB in 0..255
         virtual = fileio.read_mat(rec["label_source"])
         c = rec["crop"]
         crop_types = virtual["type_map"][c["y0"] : c["y0"] + size, c["x0"] : c["x0"] + size]

@@ -468,13 +468,13 @@ def test_hovernet_preset_needs_256_px_crops():
 def test_an_interrupted_training_resumes_to_the_uninterrupted_weights(toy, tmp_path, monkeypatch):
     from guided_diffusion.checkpoints import load_state_dict
     from guided_diffusion.downstream import data as ddata
-    from guided_diffusion.downstream.train import HoverTrainConfig, train
+    from guided_diffusion.downstream.train import HoverTrainConfig, train_segmenter
 
     def cfg(out):
         return HoverTrainConfig(data_dir=toy, out_dir=str(out), width=4, crop_size=32, batch_size=2, steps=4,
                                 save_interval=2, progress=False)
 
-    train(cfg(tmp_path / "straight"))
+    train_segmenter(cfg(tmp_path / "straight"))
     original = ddata.MixedBatches.batch
 
     def interrupt_at_3(self, step):
@@ -484,16 +484,16 @@ def test_an_interrupted_training_resumes_to_the_uninterrupted_weights(toy, tmp_p
 
     monkeypatch.setattr(ddata.MixedBatches, "batch", interrupt_at_3)
     with pytest.raises(KeyboardInterrupt):
-        train(cfg(tmp_path / "resumed"))
+        train_segmenter(cfg(tmp_path / "resumed"))
     assert not os.path.exists(tmp_path / "resumed" / "train.json")
     monkeypatch.setattr(ddata.MixedBatches, "batch", original)
-    record = train(cfg(tmp_path / "resumed"))
+    record = train_segmenter(cfg(tmp_path / "resumed"))
     assert record["steps"] == 4
     a = load_state_dict(str(tmp_path / "straight" / "model.safetensors"))
     b = load_state_dict(str(tmp_path / "resumed" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(Exception, match="other settings"):
-        train(dataclasses.replace(cfg(tmp_path / "resumed"), lr=0.5))
+        train_segmenter(dataclasses.replace(cfg(tmp_path / "resumed"), lr=0.5))
     assert not os.path.exists(tmp_path / "resumed" / ".lock")  # released after training
 
     # a run folder another live process (pid 1) is training is refused, and left as it is
@@ -505,7 +505,7 @@ def test_an_interrupted_training_resumes_to_the_uninterrupted_weights(toy, tmp_p
     fileio.write_json(str(busy / ".lock"), {"pid": 1, "host": socket.gethostname(), "what": "downstream training",
                                             "started": time.time(), "heartbeat": time.time(), "token": "t"})
     with pytest.raises(DiffMixError, match=r"in use by downstream training \(pid 1"):
-        train(cfg(busy))
+        train_segmenter(cfg(busy))
     assert sorted(os.listdir(busy)) == [".lock"]
 
 

@@ -186,3 +186,25 @@ def test_convert_dataset_cli(tmp_path, capsys):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"{masks}: shape (1, 32, 32, 4), expected [N, H, W, 6]" in proc.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_hovernet_train_reads_the_formats_as_distributed(dataset, tmp_path):
+    """issue 22 #15: hovernet_train.py --dataset_mode pannuke|conic|lizard trains on the dataset as
+    distributed (1 CPU step of the small network; Train = folds 1 and 2)."""
+    mode, root = dataset
+    record = _script("hovernet_train").main(["--data_dir", root, "--dataset_mode", mode, "--out_dir", str(tmp_path / "run"),
+                                             "--arch", "small", "--width", "4", "--crop_size", "32", "--batch_size", "1",
+                                             "--steps", "1", "--progress", "false"])
+    assert record["steps"] == 1 and (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_split_overlap_of_a_dataset_read_as_distributed(tmp_path):
+    """The held-out check of the nucleus commands compares folds for pannuke/conic/lizard."""
+    from guided_diffusion.downstream.data import RealSplits, split_overlap
+
+    write_pannuke(str(tmp_path))
+    assert split_overlap(RealSplits(data_dir=str(tmp_path), dataset_mode="pannuke"), {}) is None
+    clash = RealSplits(data_dir=str(tmp_path), dataset_mode="pannuke", train_split="fold1,fold3")
+    assert "--test_split Test: its folds of" in split_overlap(clash, {})
+    whole = RealSplits(data_dir=str(tmp_path / "Fold 1"), dataset_mode="pannuke")
+    assert "also training data" in split_overlap(whole, {})

@@ -12,10 +12,10 @@ from guided_diffusion import fileio
 from guided_diffusion.data.classes import CONSEP
 from guided_diffusion.data.labels import instance_table
 from guided_diffusion.data.readers import read_label_file
-from guided_diffusion.data.sampling import list_virtual_maps
+from guided_diffusion.data.patches import list_virtual_maps
 from guided_diffusion.data.toy import ToyConfig, make_toy_dataset
 from guided_diffusion.errors import DiffMixError
-from guided_diffusion.gradmix import run_gradmix
+from guided_diffusion.gradmix import GradMixConfig, run_gradmix
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "gradmix.py"
@@ -91,18 +91,18 @@ def test_cli_end_to_end_and_resume(toy, tmp_path, capsys):
 
 def test_incomplete_map_is_redone_and_results_do_not_depend_on_order(toy, tmp_path):
     full = tmp_path / "full"
-    run_gradmix(toy, "consep", str(full), num_balance=2, **FAST)
+    run_gradmix(GradMixConfig(data_dir=toy, dataset_mode="consep", out_dir=str(full), num_balance=2, **FAST))
     # A map whose record is missing counts as not done: remove one record, rerun, same bytes back.
     name = "toy_train_001__balance001"
     label = full / "Labels" / f"{name}.mat"
     kept = fileio.read_mat(str(label))
     os.remove(full / "Records" / f"{name}.json")
-    redo = run_gradmix(toy, "consep", str(full), num_balance=2, **FAST)
+    redo = run_gradmix(GradMixConfig(data_dir=toy, dataset_mode="consep", out_dir=str(full), num_balance=2, **FAST))
     assert redo["written"] == [name] and len(redo["skipped"]) == 5
     np.testing.assert_array_equal(fileio.read_mat(str(label))["inst_map"], kept["inst_map"])
     # Only one stem, in a fresh folder: its maps are identical (per-map seeds, donors from the split).
     one = tmp_path / "one"
-    run_gradmix(toy, "consep", str(one), num_balance=2, stems=["toy_train_001"], **FAST)
+    run_gradmix(GradMixConfig(data_dir=toy, dataset_mode="consep", out_dir=str(one), num_balance=2, stems="toy_train_001", **FAST))
     for k in range(2):
         a = fileio.read_mat(str(full / "Labels" / f"toy_train_001__balance{k:03d}.mat"))
         b = fileio.read_mat(str(one / "Labels" / f"toy_train_001__balance{k:03d}.mat"))
@@ -110,14 +110,14 @@ def test_incomplete_map_is_redone_and_results_do_not_depend_on_order(toy, tmp_pa
         np.testing.assert_array_equal(a["type_map"], b["type_map"])
     # A different seed gives a different map.
     other = tmp_path / "other"
-    run_gradmix(toy, "consep", str(other), num_balance=1, seed=1, stems=["toy_train_001"], **FAST)
+    run_gradmix(GradMixConfig(data_dir=toy, dataset_mode="consep", out_dir=str(other), num_balance=1, seed=1, stems="toy_train_001", **FAST))
     a = fileio.read_json(str(full / "Records" / "toy_train_001__balance000.json"))["edits"]
     b = fileio.read_json(str(other / "Records" / "toy_train_001__balance000.json"))["edits"]
     assert a != b
 
 
 def test_balancing_raises_the_minor_class_count_on_toy_data(toy, tmp_path):
-    summary = run_gradmix(toy, "consep", str(tmp_path / "out"), num_balance=2, **FAST)
+    summary = run_gradmix(GradMixConfig(data_dir=toy, dataset_mode="consep", out_dir=str(tmp_path / "out"), num_balance=2, **FAST))
     before, after = summary["counts"]["before"], summary["counts"]["after"]
     replaced = 0
     for name in summary["written"]:
@@ -135,14 +135,14 @@ def test_balancing_raises_the_minor_class_count_on_toy_data(toy, tmp_path):
 
 def test_bad_input_is_a_clear_error(toy, tmp_path, capsys):
     with pytest.raises(DiffMixError, match="classes \\[7\\] do not exist"):
-        run_gradmix(toy, "consep", str(tmp_path / "a"), minor="7", **FAST)
+        run_gradmix(GradMixConfig(data_dir=toy, dataset_mode="consep", out_dir=str(tmp_path / "a"), minor="7", **FAST))
     with pytest.raises(DiffMixError, match="both minor and major"):
-        run_gradmix(toy, "consep", str(tmp_path / "a"), minor="1,2", major="2,3", **FAST)
+        run_gradmix(GradMixConfig(data_dir=toy, dataset_mode="consep", out_dir=str(tmp_path / "a"), minor="1,2", major="2,3", **FAST))
     with pytest.raises(DiffMixError, match="stems not found"):
-        run_gradmix(toy, "consep", str(tmp_path / "a"), stems=["nope"], **FAST)
-    run_gradmix(toy, "consep", str(tmp_path / "b"), stems=["toy_train_000"], **FAST)
+        run_gradmix(GradMixConfig(data_dir=toy, dataset_mode="consep", out_dir=str(tmp_path / "a"), stems="nope", **FAST))
+    run_gradmix(GradMixConfig(data_dir=toy, dataset_mode="consep", out_dir=str(tmp_path / "b"), stems="toy_train_000", **FAST))
     with pytest.raises(DiffMixError, match="other settings \\(fraction"):
-        run_gradmix(toy, "consep", str(tmp_path / "b"), stems=["toy_train_000"], fraction=0.5, **FAST)
+        run_gradmix(GradMixConfig(data_dir=toy, dataset_mode="consep", out_dir=str(tmp_path / "b"), stems="toy_train_000", fraction=0.5, **FAST))
     # The CLI reports user errors in one line, without a traceback (in-process: run_cli is what
     # the script's __main__ calls).
     from guided_diffusion.errors import run_cli
@@ -162,8 +162,7 @@ def test_bad_input_is_a_clear_error(toy, tmp_path, capsys):
 def test_real_patches_custom_mode(fixtures_dir, tmp_path):
     """Real H&E patches: non-contiguous ids, imgs/masks folders, a custom 6-class table."""
     out = tmp_path / "real"
-    summary = run_gradmix(str(fixtures_dir / "real_he_patches"), "custom", str(out), num_classes=6,
-                          image_folder="imgs", label_folder="masks", write_images=True, **FAST)
+    summary = run_gradmix(GradMixConfig(data_dir=str(fixtures_dir / "real_he_patches"), dataset_mode="custom", out_dir=str(out), num_classes=6, image_folder="imgs", label_folder="masks", write_images=True, **FAST))
     assert summary["settings"]["major"] == [2, 3, 4, 5]
     before, after = summary["counts"]["before"], summary["counts"]["after"]
     assert after[1] > before[1] and after.sum() == before.sum()
@@ -190,13 +189,13 @@ def test_unreadable_image_leaves_no_half_written_map(toy, tmp_path, capsys):
     png.write_bytes(png.read_bytes()[: png.stat().st_size // 2])
     out = tmp_path / "out"
     with pytest.raises(DiffMixError, match="toy_train_002.png"):
-        run_gradmix(str(data), "consep", str(out), num_balance=1, write_images=True, **FAST)
+        run_gradmix(GradMixConfig(data_dir=str(data), dataset_mode="consep", out_dir=str(out), num_balance=1, write_images=True, **FAST))
     labels = {p.stem for p in (out / "Labels").glob("*.mat")}
     records = {p.stem for p in (out / "Records").glob("*.json")}
     assert labels == records
     assert {p.stem for p in (out / "Images").glob("*.png")} == records
     # Without write_images the images are never read: the same data then runs through.
-    done = run_gradmix(str(data), "consep", str(out), num_balance=1, **FAST)
+    done = run_gradmix(GradMixConfig(data_dir=str(data), dataset_mode="consep", out_dir=str(out), num_balance=1, **FAST))
     assert len(done["written"]) + len(done["skipped"]) == 3
     # An unfinished map (e.g. a run killed between its files) is not counted by the statistics.
     from guided_diffusion.data.labels import write_label_mat

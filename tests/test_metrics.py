@@ -287,6 +287,31 @@ def test_evaluate_folders_worked_example(tmp_path):
     assert res["instance"]["pq"] == pytest.approx(np.mean([r["pq"] for r in res["per_image"]]))
 
 
+
+def test_evaluate_labels_over_arrays_equals_the_folder_evaluation(tmp_path):
+    """The worked example held in memory: the same scores with no files, and shape mismatches named."""
+    from guided_diffusion.metrics import evaluate_labels, labels_from_maps
+
+    zeros = np.zeros((64, 64), np.int32)
+    pairs = [
+        ("a", labels_from_maps(*blob_map(CENTRES, [1, 1, 1, 1]), "a"),
+         labels_from_maps(*blob_map([(5, 6), (21, 5), (35, 5), (5, 50)], [1, 1, 2, 2]), "a pred")),
+        ("b", labels_from_maps(*blob_map(CENTRES, [2, 2, 3, 3]), "b"),
+         labels_from_maps(*blob_map([(5, 5), (20, 5), (35, 5), (5, 50), (30, 30)], [2, 1, 3, 2, 3]), "b pred")),
+        ("c", labels_from_maps(zeros, zeros, "c"), labels_from_maps(zeros, zeros, "c pred")),
+    ]
+    res = evaluate_labels(iter(pairs), num_classes=4)
+    folders = evaluate_folders(*map(str, make_worked_folders(tmp_path)), num_classes=4, progress=False)
+    assert res["classification"] == folders["classification"]
+    assert res["per_image"] == folders["per_image"] and res["instance"] == folders["instance"]
+    assert "true_dir" not in res["settings"] and folders["settings"]["n_images"] == res["settings"]["n_images"] == 3
+    # Detection only without types; a shape mismatch names the predicted map.
+    assert evaluate_labels([("a", labels_from_maps(pairs[0][1].inst_map, None), pairs[0][2])])["classification"]["f1_type"] == {}
+    with pytest.raises(DiffMixError, match="a pred: shape"):
+        evaluate_labels([("a", labels_from_maps(np.zeros((8, 8), np.int32), None, "a"), pairs[0][2])])
+    with pytest.raises(DiffMixError, match="nothing to evaluate"):
+        evaluate_labels([])
+
 def load_cli():
     spec = importlib.util.spec_from_file_location("evaluate_cli", REPO / "scripts" / "evaluate.py")
     module = importlib.util.module_from_spec(spec)

@@ -191,10 +191,10 @@ def test_fidelity_of_synthetic_patches_equal_to_the_real_images_is_one(toy, tmp_
 
 
 def test_changed_nuclei_of_gradmix_maps_are_flagged_and_the_control_keeps_the_real_pixels(toy, tmp_path):
-    from guided_diffusion.gradmix import changed_ids, read_map_record, run_gradmix
+    from guided_diffusion.gradmix import GradMixConfig, changed_ids, read_map_record, run_gradmix
 
     gm = str(tmp_path / "gm")
-    run_gradmix(toy, "consep", gm, write_images=True, margin=4, stats=False, progress=False, verbose=False)
+    run_gradmix(GradMixConfig(data_dir=toy, dataset_mode="consep", out_dir=gm, write_images=True, margin=4, stats=False, progress=False, verbose=False))
     names = sorted(n[:-4] for n in os.listdir(os.path.join(gm, "Labels")))
     labels = [os.path.join(gm, "Labels", n + ".mat") for n in names]
     placed = sum(len(changed_ids(read_map_record(p))) for p in labels)

@@ -110,6 +110,38 @@ def test_sample_ddpm_equals_p_sample_loop(learn_sigma):
     torch.manual_seed(12)
     fast = samplers.sample_ddpm(lambda x, t: net(x, t, y=y), start, d, d.num_timesteps - 1)
     assert torch.equal(official, fast)
+    # Both paths share output_variance and ancestral_update: check them against the formulas too.
+    torch.manual_seed(12)
+    torch.testing.assert_close(fast, _reference_ddpm(d, net, start, y, learn_sigma), rtol=1e-5, atol=1e-5)
+
+
+def _reference_ddpm(d, net, x, y, learn_sigma):
+    """Ancestral DDPM written out from Ho et al. (2020) and Nichol & Dhariwal (2021) in float64
+    numpy coefficients: posterior mean of the clipped x_0, variance learned as an interpolation of
+    log beta_t and the clipped posterior log variance (or fixed to beta_t, first step the posterior's)."""
+
+    def coef(arr, i):
+        return torch.tensor(float(np.asarray(arr, dtype=np.float64)[i])).float()
+
+    betas = np.asarray(d.betas, dtype=np.float64)
+    abar = np.cumprod(1 - betas)
+    abar_prev = np.append(1.0, abar[:-1])
+    post_var = betas * (1 - abar_prev) / (1 - abar)
+    post_log_var = np.log(np.append(post_var[1], post_var[1:]))
+    for i in range(len(betas) - 1, -1, -1):
+        out = net(x, torch.full((x.shape[0],), d.timestep_map[i]), y=y)
+        eps = out[:, :3]
+        x0 = (coef(np.sqrt(1 / abar), i) * x - coef(np.sqrt(1 / abar - 1), i) * eps).clamp(-1, 1)
+        mean = (coef(betas * np.sqrt(abar_prev) / (1 - abar), i) * x0
+                + coef((1 - abar_prev) * np.sqrt(1 - betas) / (1 - abar), i) * x)
+        if learn_sigma:
+            frac = (out[:, 3:] + 1) / 2
+            log_var = frac * coef(np.log(betas), i) + (1 - frac) * coef(post_log_var, i)
+        else:
+            log_var = coef(np.log(np.append(post_var[1], betas[1:])), i) * torch.ones_like(x)
+        noise = torch.randn_like(x)
+        x = mean + (1.0 if i else 0.0) * torch.exp(0.5 * log_var) * noise
+    return x
 
 
 # ----------------------------------------------------------------------------- closed forms

@@ -152,8 +152,8 @@ def test_image_train_flags_cover_both_configs_and_parse_the_official_recipe():
     model_cfg = dataclass_from_args(ModelConfig, args)
     assert (train_cfg.lr, train_cfg.drop_rate, train_cfg.batch_size, train_cfg.gpu) == (2e-5, 0.2, 16, "3")
     assert model_cfg.use_fp16 and model_cfg.num_channels == 256 and model_cfg.use_checkpoint
-    assert tu.resolve_precision(train_cfg.precision, model_cfg.use_fp16, "cuda") == "fp16"  # the paper's GPU run
-    assert tu.resolve_precision(train_cfg.precision, model_cfg.use_fp16, "cpu") == "fp32"  # one "auto" everywhere
+    assert tu.resolve_precision(train_cfg.precision, "cuda", tu.sdm_half(model_cfg.use_fp16)) == "fp16"  # the paper's GPU run
+    assert tu.resolve_precision(train_cfg.precision, "cpu", tu.sdm_half(model_cfg.use_fp16)) == "fp32"  # one "auto" everywhere
 
 
 def test_image_train_reports_user_errors_without_traceback(tmp_path):
@@ -240,3 +240,24 @@ def test_image_train_refuses_a_text_file_as_resume_checkpoint(toy_root, tmp_path
     assert f"{fake}: not a PyTorch checkpoint" in proc.stderr
     assert "weights_only" not in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_one_precision_policy_for_sdm_and_segmenter(monkeypatch):
+    """``auto`` is the model's half precision on a capable CUDA device, fp32 elsewhere; the segmenter
+    (half = bf16, no fp16) goes through the same function."""
+    import torch
+
+    from guided_diffusion import precision as prec
+    from guided_diffusion.downstream import train as dtrain
+    from guided_diffusion.errors import DiffMixError
+
+    assert prec.resolve_precision("auto", "cuda", prec.sdm_half(False)) == "fp32"  # no half configured
+    assert prec.resolve_precision("bf16", "cpu", None) == "bf16"  # explicit wins
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert prec.resolve_precision("auto", "cuda", "bf16") == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert prec.resolve_precision("auto", "cuda", "bf16") == "bf16"
+    assert dtrain.segmenter_dtype("auto", torch.device("cpu")) is None
+    assert dtrain.segmenter_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    with pytest.raises(DiffMixError, match="--precision 'fp16': expected one of auto, fp32, bf16"):
+        dtrain.segmenter_dtype("fp16", torch.device("cpu"))

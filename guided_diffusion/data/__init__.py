@@ -20,7 +20,7 @@ from .readers import (  # noqa: F401
     read_samples,
     resolve_split_dir,
 )
-from .sampling import Patch, grid_starts, list_virtual_maps, patch_grid, sampling_patches  # noqa: F401
+from .patches import Patch, grid_starts, list_virtual_maps, patch_grid, sampling_patches  # noqa: F401
 from .stats import (  # noqa: F401
     LabelStats,
     dataset_statistics,

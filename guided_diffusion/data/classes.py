@@ -26,12 +26,25 @@ from typing import Mapping, Optional, Sequence, Union
 import numpy as np
 
 from .. import fileio
+from ..config import flag
 from ..errors import DiffMixError
-from .formats import FORMAT_MODES
+from .formats import FORMAT_MODES, get_format
 
 # consep/glysac/custom read the CoNSeP folder layout; the FORMAT_MODES read datasets as distributed
 # (guided_diffusion/data/formats/).
 DATASET_MODES = ("consep", "glysac", "custom") + FORMAT_MODES
+# One meaning and one default for every command's --dataset_mode: the dataset's class table (which
+# merges its raw type ids) and its reader. (evaluate.py alone leaves it optional: without it types
+# are compared as stored.)
+DEFAULT_DATASET_MODE = "consep"
+DATASET_MODE_HELP = ("the dataset: its class table (consep, glysac; custom: --class_table or --num_classes) and "
+                     "reader (pannuke, conic, lizard: as distributed, --split Train/Test = its folds)")
+
+
+def dataset_mode_flag():
+    """The ``--dataset_mode`` field of a settings dataclass (:data:`DEFAULT_DATASET_MODE`)."""
+    return flag(DEFAULT_DATASET_MODE, DATASET_MODE_HELP)
+
 LABELS_MERGED = ("auto", "yes", "no")
 # Nuclei with ids that merging would change (CoNSeP 4, GLySAC 2) needed before "auto" reads a
 # dataset without any raw-only ids as already merged; fewer cannot tell the forms apart.
@@ -257,8 +270,6 @@ def resolve_class_table(
                 f"class_table is only used with dataset_mode custom (dataset_mode {mode} has a fixed table)"
             )
         if mode in FORMAT_MODES:
-            from .formats import get_format
-
             table = get_format(mode).TABLE
         else:
             table = CONSEP if mode == "consep" else GLYSAC

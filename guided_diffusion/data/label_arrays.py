@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import numpy as np
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # type hints only: classes imports formats, which imports this module
     from .classes import ClassTable
 
 # Keys of a label .mat whose classes are already merged: classes_merged = 1 and their num_classes.

@@ -29,9 +29,12 @@ import numpy as np
 
 from .. import fileio
 from ..errors import DiffMixError
-from .classes import ClassTable
+from .classes import CONSEP, GLYSAC, LABELS_MERGED, ClassTable
+from .formats import ArrayPatch, check_labels, get_format, is_format
+from .formats import read_image as format_image
 from .label_arrays import MERGED_KEY, NUM_CLASSES_KEY, maps_from_arrays, merge_types  # noqa: F401 (public here too)
 from .label_arrays import int_map as _int_map
+from .image_arrays import rgb_uint8
 
 IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 LABEL_EXT = ".mat"
@@ -92,12 +95,17 @@ class Problems:
     def __init__(self, what: str):
         self.what = what
         self.items: List[str] = []
+        self._seen: set = set()
 
     def add(self, path: str, message: str) -> None:
-        self.items.append(f"{path}: {message}")
+        self.extend([f"{path}: {message}"])
 
     def extend(self, lines: Iterable[str]) -> None:
-        self.items.extend(lines)
+        for line in lines:
+            # a problem of a shared file (an array dataset's images.npy) comes back from every patch: once
+            if line not in self._seen:
+                self._seen.add(line)
+                self.items.append(line)
 
     def raise_if_any(self) -> None:
         if len(self.items) == 1:  # one line, as every single error
@@ -199,8 +207,6 @@ def list_samples(
         DiffMixError listing every image without a label, label without an image, or stem present
         twice (e.g. ``a.png`` and ``a.tif``), each naming both folders and the stem.
     """
-    from .formats import get_format, is_format
-
     folder, layout = (str(data_dir), "format") if is_format(dataset_mode) else resolve_split_dir(
         data_dir, split, image_folder, label_folder)
     problems = Problems(f"dataset {folder}")
@@ -281,8 +287,6 @@ def image_sources(
 ) -> Tuple[str, dict]:
     """Images of a split by stem as :class:`SampleFiles` (labels not needed; read the pixels with
     :func:`sample_image`): ``(folder, {stem: SampleFiles})``."""
-    from .formats import is_format
-
     if is_format(dataset_mode):
         return str(data_dir), {s.stem: s for s in list_samples(data_dir, split, dataset_mode=dataset_mode)}
     folder, images = list_images(data_dir, split, image_folder)
@@ -475,10 +479,10 @@ def check_npy_sample(path: str, table: ClassTable):
         return None, None, None, [
             f"{path}: HoVer-Net patch has shape {arr.shape}, expected [H, W, 5] (RGB, instance, type)"
         ]
-    rgb = arr[..., :3]
-    if rgb.size and (rgb.min() < 0 or rgb.max() > 255):
-        return None, None, None, [f"{path}: RGB channels outside 0..255"]
-    image = np.ascontiguousarray(rgb.astype(np.uint8))
+    try:
+        image = rgb_uint8(arr[..., :3], path)
+    except DiffMixError as err:
+        return None, None, None, [str(err)]
     inst, types, problems = maps_from_arrays(arr[..., 3], arr[..., 4], table)
     return image, inst, types, [f"{path}: {p}" for p in problems]
 
@@ -532,8 +536,6 @@ def resolve_labels_form(
             mappings) are taken as raw.
         what: names the dataset in the notice.
     """
-    from .classes import CONSEP, GLYSAC, LABELS_MERGED
-
     option = str(labels_merged).lower()
     if option not in LABELS_MERGED:
         raise DiffMixError(f"--labels_merged {labels_merged!r}: expected one of {', '.join(LABELS_MERGED)}")
@@ -591,8 +593,6 @@ def _read_one(files: SampleFiles, table: ClassTable, min_size: Optional[int]):
     if problems:
         return None, problems
     if files.member:  # a patch of a memory-mapped array: hand out a view that reads it when used
-        from .formats import ArrayPatch
-
         return ArrayPatch(files, table, image.shape[:2]), []
     return LabeledImage(files, image, inst, types), []
 
@@ -606,7 +606,7 @@ def read_rgb(path: str) -> np.ndarray:
         arr = fileio.read_npy(path)
         if arr.ndim != 3 or arr.shape[2] < 3:
             raise DiffMixError(f"{path}: HoVer-Net patch has shape {arr.shape}, expected [H, W, 5]")
-        return np.ascontiguousarray(np.clip(arr[..., :3], 0, 255).astype(np.uint8))
+        return rgb_uint8(arr[..., :3], path)
     try:
         return fileio.read_image(path)
     except DiffMixError:
@@ -618,9 +618,7 @@ def read_rgb(path: str) -> np.ndarray:
 def sample_image(files: SampleFiles) -> np.ndarray:
     """The RGB image of any sample (image file, HoVer-Net patch or distributed format): uint8 [H, W, 3]."""
     if files.format:
-        from .formats import read_image
-
-        return read_image(files)
+        return format_image(files)
     return read_rgb(files.image)
 
 
@@ -628,8 +626,6 @@ def check_sample_labels(files: SampleFiles, table: ClassTable):
     """A sample's label maps without raising: ``(inst int32 [H,W], type int32 [H,W] merged,
     problems)`` (maps None on a problem), whatever its layout."""
     if files.format:
-        from .formats import check_labels
-
         return check_labels(files, table)
     if files.is_npy:
         _, inst, types, problems = check_npy_sample(files.label, table)

@@ -20,6 +20,7 @@ from ..plotting import figure_bytes, pyplot
 from ..errors import DiffMixError
 from .classes import ClassTable, resolve_class_table
 from .labels import instance_table
+from .layouts import GradMixLayout
 from .readers import find_folder, is_dir, list_samples, read_label_file, read_samples, resolve_labels_form
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -144,10 +145,10 @@ def label_dir_statistics(label_dir: str, class_table: ClassTable, labels_merged:
     """
     if not is_dir(label_dir):
         raise DiffMixError(f"{label_dir}: label folder not found")
-    folder = find_folder(label_dir, "Labels") or label_dir
+    folder = find_folder(label_dir, GradMixLayout.LABELS) or label_dir
     names = [n for n in fileio.listdir(folder) if n.lower().endswith(".mat")]
     # posixpath: local paths here are POSIX and remote ones (gs://, az://) use "/" too.
-    records = fileio.join(posixpath.dirname(str(folder).rstrip("/")), "Records")
+    records = GradMixLayout(posixpath.dirname(str(folder).rstrip("/"))).folder(GradMixLayout.RECORDS)
     incomplete = []
     if is_dir(records):
         have = {n[: -len(".json")] for n in fileio.listdir(records) if n.endswith(".json")}

@@ -22,6 +22,7 @@ visible pixels (placements that would hide more than ``max_overlap`` of a nucleu
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence, Tuple, Union
 
@@ -63,6 +64,20 @@ class ToyConfig:
     cluster_size: float = 7.0
     max_overlap: float = 0.35
     lumen: float = 0.08
+
+    def validate(self) -> None:
+        """Raise :class:`DiffMixError` naming every setting out of its range (NaN included)."""
+        problems = [f"{name} {getattr(self, name)}: must be a finite number {rule}"
+                    for name, ok, rule in (("density", lambda v: v >= 0, ">= 0"), ("scale", lambda v: v > 0, "> 0"),
+                                           ("cluster_size", lambda v: v > 0, "> 0"),
+                                           ("max_overlap", lambda v: 0 <= v <= 1, "in [0, 1]"),
+                                           ("lumen", lambda v: 0 <= v <= 1, "in [0, 1]"))
+                    if not (math.isfinite(getattr(self, name)) and ok(getattr(self, name)))]
+        probs = np.asarray(self.class_probs, np.float64)
+        if probs.shape != (4,) or not np.isfinite(probs).all() or probs.min() < 0 or probs.sum() <= 0:
+            problems.append(f"class_probs must be 4 non-negative shares, got {self.class_probs}")
+        if problems:
+            raise DiffMixError("; ".join(problems))
 
 
 def smooth_noise(shape: Tuple[int, int], cell: float, rng: np.random.Generator, aniso: float = 1.0) -> np.ndarray:
@@ -158,9 +173,8 @@ def make_toy_tile(
     h, w = (size, size) if np.isscalar(size) else tuple(size)
     if h < 8 or w < 8:
         raise DiffMixError(f"toy tile size {h}x{w} is too small (minimum 8)")
+    config.validate()
     probs = np.asarray(config.class_probs, np.float64)
-    if probs.shape != (4,) or probs.min() < 0 or probs.sum() <= 0:
-        raise DiffMixError(f"class_probs must be 4 non-negative shares, got {config.class_probs}")
     rng = np.random.default_rng(seed)
 
     # Stroma: fibrous eosin texture (stretched noise), white lumen where a smooth field is high.
@@ -292,6 +306,11 @@ def make_toy_dataset(
     """
     if num_train < 0 or num_test < 0:
         raise DiffMixError(f"num_train ({num_train}) and num_test ({num_test}) must be >= 0")
+    if seed < 0:
+        raise DiffMixError(f"seed {seed}: must be >= 0")
+    if min((size, size) if np.isscalar(size) else tuple(size)) < 8:
+        raise DiffMixError(f"toy tile size {size} is too small (minimum 8)")
+    config.validate()  # before anything is written
     record = _settings_record(num_train, num_test, size, seed, config)
     existing = _check_root(root, record)
     if existing is not None:

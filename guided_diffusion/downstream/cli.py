@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from ..config import str2bool
+from ..data.classes import DATASET_MODE_HELP, DEFAULT_DATASET_MODE
 
 
 def add_inference_flags(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +30,7 @@ def add_run_flags(parser: argparse.ArgumentParser, data_help: str) -> None:
 
 def add_class_flags(parser: argparse.ArgumentParser) -> None:
     """``--dataset_mode``, ``--num_classes`` and ``--class_table``: the class table of labelled data."""
-    parser.add_argument("--dataset_mode", default="consep", help="consep, glysac or custom (class table of the data)")
+    parser.add_argument("--dataset_mode", default=DEFAULT_DATASET_MODE, help=DATASET_MODE_HELP)
     parser.add_argument("--num_classes", type=int, default=None, help="classes incl. background (custom mode)")
     parser.add_argument("--class_table", default="", help="custom mode: class table JSON")
 

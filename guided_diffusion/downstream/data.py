@@ -28,8 +28,10 @@ import torch
 
 from .. import fileio
 from ..config import flag
-from ..data.classes import ClassTable, identity_table
+from ..data.classes import ClassTable, dataset_mode_flag, identity_table
+from ..data.formats import get_format, is_format, parse_split
 from ..data.labels import instance_table
+from ..data.layouts import SynthesisLayout
 from ..data.readers import (
     LABEL_EXT, NPY_EXT, LabeledImage, SampleFiles, find_folder, is_dir, list_images, read_dataset, read_samples,
     resolve_split_dir,
@@ -48,7 +50,7 @@ class RealSplits:
     (the first flags of the studies and evidence commands)."""
 
     data_dir: str = flag("", "real dataset root holding the train and held-out splits")
-    dataset_mode: str = flag("consep", "dataset mode of the real data: its class table and reader")
+    dataset_mode: str = dataset_mode_flag()
     num_classes: Optional[int] = flag(None, "classes incl. background (custom mode)")
     class_table: str = flag("", "custom mode: class table JSON")
     train_split: str = flag("Train", "split to train on")
@@ -69,14 +71,14 @@ def synthetic_files(path: str, num_classes: int) -> List[SampleFiles]:
     """
     if not is_dir(path):
         raise DiffMixError(f"{path}: synthetic source not found")
-    run_json = fileio.join(path, "run.json")
+    run_json = SynthesisLayout(path).run_record()
     if fileio.exists(run_json):
         recorded = (fileio.read_json(run_json).get("model_config") or {}).get("num_classes")
         if recorded is not None and int(recorded) != int(num_classes):
             raise DiffMixError(
                 f"{run_json}: synthesised with num_classes={recorded}, but this run uses num_classes={num_classes}"
             )
-    folder = find_folder(path, "npy_patch") or path
+    folder = find_folder(path, SynthesisLayout.PATCHES) or path
     npys = [n for n in fileio.listdir(folder) if n.lower().endswith(NPY_EXT) and not n.startswith(".")]
     if npys:
         return [SampleFiles(n[: -len(NPY_EXT)], fileio.join(folder, n), fileio.join(folder, n)) for n in npys]
@@ -119,7 +121,15 @@ def split_overlap(splits: RealSplits, synthetic: Mapping[str, Sequence[str]]) ->
     """Why the test split of ``splits`` is not held out, or None: its folder is also training data --
     the real training split's folder (``--test_split Train``; or a ``--data_dir`` that is itself a
     split folder, which every split name resolves to) or a synthetic source (``synthetic``:
-    ``{flag: folders}``). Both splits must exist."""
+    ``{flag: folders}``). Both splits must exist. A dataset read as distributed (pannuke, conic,
+    lizard) overlaps when the two splits share a fold (or it is one fold folder, read whole)."""
+    if is_format(splits.dataset_mode):
+        test_folds, train_folds = parse_split(splits.test_split), parse_split(splits.train_split)
+        if (not get_format(splits.dataset_mode).has_folds(splits.data_dir) or test_folds is None
+                or train_folds is None or test_folds & train_folds):
+            return (f"--test_split {splits.test_split}: its folds of {splits.data_dir} are also training data "
+                    f"(--train_split {splits.train_split})")
+        return None
     test, _ = resolve_split_dir(splits.data_dir, splits.test_split)
     train, _ = resolve_split_dir(splits.data_dir, splits.train_split)
     used = [(f"--train_split {splits.train_split}", train)] + [(f, d) for f, ds in synthetic.items() for d in ds]
@@ -129,15 +139,30 @@ def split_overlap(splits: RealSplits, synthetic: Mapping[str, Sequence[str]]) ->
     return None
 
 
-def read_real(data_dirs: Sequence[str], table: ClassTable, split: str, min_size: int, progress: bool = True) -> List[LabeledImage]:
-    """Every labelled image of ``split`` in each real dataset root (validated, classes merged)."""
+def read_real(data_dirs: Sequence[str], table: ClassTable, split: str, min_size: int, progress: bool = True,
+              dataset_mode: str = "") -> List[LabeledImage]:
+    """Every labelled image of ``split`` in each real dataset root (validated, classes merged);
+    ``dataset_mode`` pannuke, conic or lizard reads the dataset as distributed (splits are folds)."""
     if not data_dirs:
         raise DiffMixError("no real training data: pass --data_dir")
     refuse_listed_twice(data_dirs, "--data_dir")
     out: List[LabeledImage] = []
     for d in data_dirs:
-        out += read_dataset(d, table, split, min_size=min_size, progress=progress)
+        out += read_dataset(d, table, split, min_size=min_size, progress=progress, dataset_mode=dataset_mode)
     return out
+
+
+def refuse_distributed_format(dataset_mode: str, command: str) -> None:
+    """Refuse ``--dataset_mode pannuke|conic|lizard`` in a command that predicts and scores a split
+    folder in the CoNSeP layout (its predictions are ``.mat`` files beside ``Labels/``), naming the
+    conversion that makes the dataset readable there."""
+    if is_format(dataset_mode):
+        mode = str(dataset_mode).lower()
+        raise DiffMixError(
+            f"--dataset_mode {dataset_mode}: {command} reads datasets in the CoNSeP layout (Images/ + Labels/) or "
+            f".npy patches, not {mode} as distributed; convert it once (scripts/convert_dataset.py --data_dir D "
+            f"--dataset_mode {mode} --out_dir D_consep) and pass --data_dir D_consep --dataset_mode custom "
+            "--class_table D_consep/class_table.json")
 
 
 def read_synthetic(paths: Sequence[str], table: ClassTable, min_size: int, progress: bool = True) -> List[LabeledImage]:

@@ -30,7 +30,10 @@ import numpy as np
 
 from .. import fileio
 from ..data.readers import read_dataset
+from .nets import check_image_sizes, check_input_size
+from .predict import default_tile, postprocess, predict_image
 from .targets import HV, NC, NP, hover_maps
+from .train import load_segmenter
 
 FIELDS = ("np_dice", "instance_dice", "hv_corr", "border_energy_median", "true_nuclei", "markers", "predicted_nuclei")
 
@@ -52,8 +55,6 @@ def stage_scores(outputs: Dict[str, Any], inst_map: np.ndarray) -> Dict[str, flo
         inst_map: int [H, W] true instance ids (0 = background).
     """
     from monai.apps.pathology.transforms import HoVerNetInstanceMapPostProcessing
-
-    from .predict import postprocess
 
     np_logits, hv = outputs[NP].float().cpu(), outputs[HV].float().cpu()
     truth = np.asarray(inst_map) > 0
@@ -103,8 +104,6 @@ def pixel_scores(model, net, samples, tile: int, device, dtype=None) -> Dict[str
     (nucleus pixels) and ``f1_type`` ``{"c": F1 of class-c pixels}`` (None where class c has no pixel
     in truth or prediction). They do not depend on HoVer-Net's marker step, so they stay
     comparable between runs whose instance scores that step decides (see the module docstring)."""
-    from .predict import predict_image
-
     counts = sum(pixel_counts(predict_image(model, net, s.image, tile, device, dtype), s.inst_map, s.type_map,
                               net.num_classes) for s in samples)
 
@@ -119,10 +118,6 @@ def diagnose(run_dir: str, data_dir: str, split: str, table, tile: Optional[int]
     """Stage numbers of the finished run ``run_dir`` on every labelled image of ``data_dir``/``split``
     (the first ``max_images`` when > 0): ``{"images": [{stem, **stage_scores}], "mean": {...}, ...}``."""
     from tqdm.auto import tqdm
-
-    from .nets import check_image_sizes, check_input_size
-    from .predict import default_tile, predict_image
-    from .train import load_segmenter
 
     model, net, dev, dtype = load_segmenter(run_dir, device, precision, table)
     tile = default_tile(tile)

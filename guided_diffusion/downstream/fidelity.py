@@ -22,10 +22,17 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from .. import fileio
+from ..data.classes import DEFAULT_DATASET_MODE, resolve_class_table
 from ..data.labels import instance_table, write_label_mat
 from ..data.readers import LabeledImage, find_folder, read_dataset, resolve_split_dir
 from ..errors import DiffMixError
+from ..metrics import evaluate_folders, evaluate_labels, labels_from_maps
+from ..plotting import pyplot, save_figure
+from ..synthesis.outputs import _PALETTE, label_overlay
 from . import data as ddata
+from .nets import check_image_sizes, check_net_classes
+from .predict import default_tile, predict_arrays, write_predictions
+from .train import load_segmenter
 
 METRICS = ("dice", "aji", "pq", "f1_detection")
 GRID = "fidelity_grid.png"
@@ -69,9 +76,6 @@ def plot_grid(samples: Sequence[LabeledImage], predictions: Dict[str, tuple], ro
     nuclei of class 1 (the rare class in CoNSeP/GLySAC) first; classes tinted, outlines black."""
     from matplotlib.patches import Patch
 
-    from ..plotting import pyplot, save_figure
-    from ..synthesis.outputs import _PALETTE, label_overlay
-
     def rare(s: LabeledImage) -> int:
         _, types, _ = instance_table(s.inst_map, s.type_map)
         return int((types == 1).sum())
@@ -99,14 +103,10 @@ def plot_grid(samples: Sequence[LabeledImage], predictions: Dict[str, tuple], ro
 
 
 def label_fidelity(run_dir: str, synthetic_dirs: Sequence[str], real_dir: str, out_dir: str, split: str = "Test",
-                   dataset_mode: str = "consep", num_classes: Optional[int] = None, class_table: str = "",
+                   dataset_mode: str = DEFAULT_DATASET_MODE, num_classes: Optional[int] = None, class_table: str = "",
                    tile: Optional[int] = None, device: str = "auto", precision: str = "auto", grid_rows: int = 6,
                    progress: bool = True) -> Dict[str, Any]:
     """:func:`measure_fidelity` with the network of a finished training run (``run_dir``)."""
-    from ..data.classes import resolve_class_table
-    from .predict import default_tile
-    from .train import load_segmenter
-
     check_grid_rows(grid_rows)
     table = resolve_class_table(dataset_mode, class_table or None, num_classes)
     model, net, dev, dtype = load_segmenter(run_dir, device, precision)
@@ -123,11 +123,7 @@ def measure_fidelity(model, net, table, synthetic_dirs: Sequence[str], real_dir:
     content: ``synthetic`` and ``real`` scores, their ratios ``fidelity``, true nuclei per class of
     both sets, image counts and the settings.
     """
-    from ..metrics import evaluate_folders
-    from .nets import check_classes, check_image_sizes
-    from .predict import predict_arrays, write_predictions
-
-    check_classes(net, table)
+    check_net_classes(net, table)
     check_grid_rows(grid_rows)
     if not synthetic_dirs:
         raise DiffMixError("no synthetic sources given")
@@ -215,24 +211,14 @@ def patch_scorer(model, net, table, tile: int, device, dtype=None):
     synthetic patches (pooled over the patches): ``dice``, ``aji``, ``pq``, ``f1_detection`` and
     ``f1_<class name>`` (NaN where undefined, e.g. a class with no nucleus on either side).
     """
-    import tempfile
-
-    from ..metrics import evaluate_folders
-    from .nets import check_classes
-    from .predict import predict_arrays
-
-    check_classes(net, table)
-    merged = dict(classes_merged=np.array(1), num_classes=np.array(table.num_classes))
+    check_net_classes(net, table)
 
     def score(images: np.ndarray, inst_maps: np.ndarray, type_maps: np.ndarray) -> Dict[str, float]:
-        with tempfile.TemporaryDirectory(prefix="fidelity-") as tmp:
-            true_dir, pred_dir = fileio.join(tmp, "true"), fileio.join(tmp, "pred")
-            stems = [f"patch{i:05d}" for i in range(len(images))]
-            for stem, inst, types in predict_arrays(model, net, zip(stems, images), tile, device, dtype):
-                write_label_mat(fileio.join(pred_dir, stem + ".mat"), inst, types, **merged)
-            for stem, inst, types in zip(stems, inst_maps, type_maps):
-                write_label_mat(fileio.join(true_dir, stem + ".mat"), inst, types, **merged)
-            s = scores(evaluate_folders(true_dir, pred_dir, class_table=table, progress=False))
+        names = [f"patch{i:05d}" for i in range(len(images))]
+        predicted = predict_arrays(model, net, zip(names, images), tile, device, dtype)
+        pairs = ((name, labels_from_maps(true_inst, true_types, name), labels_from_maps(inst, types, name + " (predicted)"))
+                 for (name, inst, types), true_inst, true_types in zip(predicted, inst_maps, type_maps))
+        s = scores(evaluate_labels(pairs, class_table=table))
         out = {k: s[k] for k in METRICS}
         out.update({f"f1_{table.names[int(c)]}": v for c, v in s["f1_type"].items()})
         return {k: float("nan") if v is None else float(v) for k, v in out.items()}
@@ -242,8 +228,5 @@ def patch_scorer(model, net, table, tile: int, device, dtype=None):
 
 def segmenter_scorer(run_dir: str, table, tile: Optional[int] = None, device: str = "auto", precision: str = "auto"):
     """:func:`patch_scorer` with the network of a finished training run (``run_dir``)."""
-    from .predict import default_tile
-    from .train import load_segmenter
-
     model, net, dev, dtype = load_segmenter(run_dir, device, precision, table)
     return patch_scorer(model, net, table, default_tile(tile), dev, dtype)

@@ -34,6 +34,8 @@ from typing import Any, Dict, Iterable, Tuple
 import torch
 from torch import nn
 
+from ..checkpoints import load_state_dict
+from ..data.readers import Problems
 from ..errors import DiffMixError
 from .targets import HV, NC, NP
 
@@ -143,8 +145,6 @@ def check_image_sizes(images: Iterable[Tuple[str, Tuple[int, ...]]], what: str) 
     """Refuse images a segmenter cannot predict: any side below :data:`MIN_SIZE` (larger images are
     windowed, smaller-than-tile ones padded). ``images``: ``(path or name, shape [H, W, ...])``
     pairs; every offender is listed (one line when there is one), ``what`` names the set."""
-    from ..data.readers import Problems
-
     problems = Problems(what)
     for path, shape in images:
         h, w = shape[:2]
@@ -153,7 +153,7 @@ def check_image_sizes(images: Iterable[Tuple[str, Tuple[int, ...]]], what: str) 
     problems.raise_if_any()
 
 
-def check_classes(net: NetConfig, table, where: str = "") -> None:
+def check_net_classes(net: NetConfig, table, where: str = "") -> None:
     """Raise if the network's classes differ from the data's class table (``where`` prefixes the message)."""
     if net.num_classes != table.num_classes:
         raise DiffMixError(f"{where + ': ' if where else ''}the segmenter predicts {net.num_classes} classes, but the "
@@ -167,8 +167,6 @@ def load_encoder(model: nn.Module, path: str) -> int:
     parameter names; only ``conv0.*``, ``res_blocks.*`` and ``bottleneck.*`` are taken, and each
     must match in shape. Returns the number of tensors loaded.
     """
-    from ..checkpoints import load_state_dict
-
     sd = load_state_dict(path)
     own = model.state_dict()
     taken = {k: v for k, v in sd.items() if k.startswith(_ENCODER_PREFIXES)}

@@ -7,7 +7,7 @@ Arms (same network, same step budget, same batch size, several seeds each):
 * ``balance_enlarge`` -- real + balancing + *enlarging* patches;
 * ``gradmix`` (optional) -- real + GradMix images (cut-and-paste, no diffusion).
 
-Each arm x seed is trained (:func:`.train.train`), predicts the held-out split
+Each arm x seed is trained (:func:`.train.train_segmenter`), predicts the held-out split
 (:func:`.predict.predict_folder`) and is scored with the project's metrics
 (:func:`guided_diffusion.metrics.evaluate_folders`). Its ``result.json`` is written last; a rerun
 skips every arm x seed that has one (and resumes an interrupted training from its saved state).
@@ -30,10 +30,14 @@ import numpy as np
 from .. import fileio
 from ..config import dataclass_to_argv, flag
 from ..data.readers import find_folder, read_dataset, resolve_split_dir
-from ..errors import DiffMixError
+from ..errors import DiffMixError, run_cli
+from ..metrics import evaluate_folders
+from ..plotting import bar_chart
 from . import data as ddata
+from .diagnose import pixel_scores
 from .nets import check_image_sizes
-from .train import HoverTrainConfig, Pools, resolve_table, train, validate
+from .predict import predict_folder
+from .train import HoverTrainConfig, Pools, load_segmenter, resolve_table, train_segmenter, validate
 
 ARMS = {
     "real": ("real only", ()),
@@ -204,8 +208,6 @@ def format_pixel_table(summary: Dict[str, Any], class_names: Dict[int, str]) -> 
 
 def plot_f1(summary: Dict[str, Any], class_names: Dict[int, str], path: str) -> str:
     """Grouped bars of F1 per class (and detection F1), one bar per arm, sd error bars."""
-    from ..plotting import bar_chart
-
     series = {}
     for arm, e in summary.items():
         cells = [e["f1_detection"]] + [e["f1_type"][c] for c in class_names]
@@ -310,14 +312,11 @@ def _worker(spec: str, arm: str, seed: str) -> None:
     table = resolve_table(cfg)
     torch.set_num_threads(cfg.num_threads)
     real, synthetic = _read_sources(cfg, settings, table, [arm], progress=False)
-    test = read_dataset(cfg.data_dir, table, cfg.test_split, progress=False)
+    test = read_dataset(cfg.data_dir, table, cfg.test_split, progress=False, dataset_mode=cfg.dataset_mode)
     run_arm_seed(cfg, settings, arm, int(seed), _arm_pools(table, real, synthetic, arm), _test_labels(cfg), test)
 
 
 def _pixel_scores(cfg: StudyConfig, settings: Dict[str, Any], run_dir: str, test_samples) -> Dict[str, Any]:
-    from .diagnose import pixel_scores
-    from .train import load_segmenter
-
     model, net, dev, dtype = load_segmenter(fileio.join(run_dir, "train"), cfg.device, cfg.precision)
     return pixel_scores(model, net, test_samples, settings["tile"], dev, dtype)
 
@@ -327,9 +326,6 @@ def run_arm_seed(cfg: StudyConfig, settings: Dict[str, Any], arm: str, seed: int
     """Train, predict and evaluate one arm x seed (or read its finished result).
 
     ``test_samples``: the held-out split's labelled images (for the pixel scores)."""
-    from ..metrics import evaluate_folders
-    from .predict import predict_folder
-
     run_dir = _run_dir(cfg, arm, seed)
     result_path = fileio.join(run_dir, RESULT)
     tcfg = train_config(cfg, settings, arm, seed, run_dir)
@@ -340,7 +336,7 @@ def run_arm_seed(cfg: StudyConfig, settings: Dict[str, Any], arm: str, seed: int
             fileio.write_json(result_path, row)
         return row
     t0 = time.perf_counter()
-    record = train(tcfg, pools)
+    record = train_segmenter(tcfg, pools)
     t1 = time.perf_counter()
     pred_dir = fileio.join(run_dir, "pred")
     predict_folder(tcfg.out_dir, cfg.data_dir, pred_dir, cfg.test_split, settings["tile"], cfg.device, cfg.precision,
@@ -411,13 +407,15 @@ def run_study(cfg: StudyConfig, argv: Optional[Sequence[str]] = None) -> Dict[st
         raise DiffMixError("--data_dir is required (the real dataset root)")
     if cfg.jobs < 1:
         raise DiffMixError(f"--jobs {cfg.jobs}: must be >= 1")
+    ddata.refuse_distributed_format(cfg.dataset_mode, "utility_study.py")  # scores a CoNSeP-layout Test split
+    fileio.check_output_dir(cfg.out_dir, "--out_dir")
     settings = resolve(cfg)
     identity = _check_study_folder(cfg, settings)
     table = resolve_table(cfg)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     # Validate the held-out split now, not after hours of training.
-    test = read_dataset(cfg.data_dir, table, cfg.test_split, progress=False)
+    test = read_dataset(cfg.data_dir, table, cfg.test_split, progress=False, dataset_mode=cfg.dataset_mode)
     check_image_sizes(((s.files.image, s.image.shape) for s in test), f"dataset {cfg.data_dir}")
     groups = _source_groups(cfg)
     overlap = ddata.split_overlap(cfg, {f"--{g}_dirs": ddata.split_list(groups[g])
@@ -526,6 +524,4 @@ def render_report(cfg: StudyConfig, result: Dict[str, Any], table: str) -> str:
 
 
 if __name__ == "__main__":
-    from ..errors import run_cli
-
     run_cli(lambda: _worker(*sys.argv[1:4]))

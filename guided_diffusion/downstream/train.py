@@ -22,14 +22,18 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from .. import fileio, runlock
-from ..config import flag, nonfinite_flags
-from ..data.classes import ClassTable, resolve_class_table
+from ..checkpoints import load_state_dict, load_torch_file, mismatch_message, save_state_dict
+from ..config import flag, load_config_for_checkpoint, nonfinite_flags
+from ..data.classes import ClassTable, dataset_mode_flag, resolve_class_table
 from ..data.readers import LabeledImage
 from ..data.training import TrainCropDataset
 from ..errors import DiffMixError
+from ..precision import autocast_dtype, check_precision, resolve_precision
+from ..pretrained import check_model_kind
 from . import data as ddata
-from .nets import ARCHS, NetConfig, build_network, check_classes, check_input_size, load_encoder, parameter_count
+from .nets import ARCHS, NetConfig, build_network, check_net_classes, check_input_size, load_encoder, parameter_count
 
+# No fp16 for the segmenter: it trains without a loss scaler.
 PRECISIONS = ("auto", "fp32", "bf16")
 CONFIG, STATE, MODEL, RECORD, PROGRESS = "config.json", "train_state.pt", "model.safetensors", "train.json", "progress.csv"
 # Settings that do not change the result: a resumed run may use other values.
@@ -43,7 +47,7 @@ class HoverTrainConfig:
     data_dir: str = flag("", "real dataset root(s) in the CoNSeP layout, comma-separated")
     synthetic_dirs: str = flag("", "synthetic sources, comma-separated: image_sample.py run folders, .npy folders, "
                                  "or Images/+Labels/ folders (gradmix.py --write_images)")
-    dataset_mode: str = flag("consep", "consep, glysac or custom (class table of the real data)")
+    dataset_mode: str = dataset_mode_flag()
     num_classes: Optional[int] = flag(None, "classes incl. background (custom: required without --class_table)")
     class_table: str = flag("", "custom mode: class table JSON")
     split: str = flag("Train", "split of the real dataset roots to train on")
@@ -85,8 +89,10 @@ def validate(cfg: HoverTrainConfig) -> None:
         problems.append(f"--steps ({cfg.steps}) and --batch_size ({cfg.batch_size}) must be >= 1")
     if cfg.lr <= 0 or not 0 < cfg.lr_drop_at <= 1:
         problems.append(f"--lr must be > 0 and --lr_drop_at in (0, 1] (got {cfg.lr}, {cfg.lr_drop_at})")
-    if cfg.precision not in PRECISIONS:
-        problems.append(f"--precision {cfg.precision!r}: expected one of {', '.join(PRECISIONS)}")
+    try:
+        check_precision(cfg.precision, PRECISIONS)
+    except DiffMixError as err:
+        problems.append(str(err))
     if cfg.weight_decay < 0:
         problems.append(f"--weight_decay {cfg.weight_decay}: must be >= 0")
     if cfg.seed < 0:
@@ -117,7 +123,8 @@ class Pools:
 def read_pools(cfg: HoverTrainConfig) -> Pools:
     """Read and validate every source of ``cfg`` (all problems of a source reported together)."""
     table = resolve_table(cfg)
-    real = ddata.read_real(ddata.split_list(cfg.data_dir), table, cfg.split, cfg.crop_size, cfg.progress)
+    real = ddata.read_real(ddata.split_list(cfg.data_dir), table, cfg.split, cfg.crop_size, cfg.progress,
+                           dataset_mode=cfg.dataset_mode)
     synth = ddata.read_synthetic(ddata.split_list(cfg.synthetic_dirs), table, cfg.crop_size, cfg.progress)
     return Pools(table, real, synth)
 
@@ -134,11 +141,10 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """bfloat16 for autocast, or None for plain fp32."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return None
+def segmenter_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The segmenter's autocast dtype under the shared policy (:mod:`guided_diffusion.precision`;
+    its half precision is bf16): bfloat16, or None for plain fp32."""
+    return autocast_dtype(resolve_precision(precision, device, "bf16", PRECISIONS))
 
 
 def forward(model: torch.nn.Module, x: torch.Tensor, dtype: Optional[torch.dtype]) -> Dict[str, torch.Tensor]:
@@ -190,7 +196,7 @@ def _save_state(out_dir: str, model, opt, step: int, rows: List[dict]) -> None:
     _write_progress(out_dir, rows)
 
 
-def train(cfg: HoverTrainConfig, pools: Optional[Pools] = None) -> dict:
+def train_segmenter(cfg: HoverTrainConfig, pools: Optional[Pools] = None) -> dict:
     """Train (or resume, or find finished) the run of ``cfg``; returns its completion record.
 
     Every source is read and validated before anything is written; ``pools`` lets a caller that
@@ -198,6 +204,7 @@ def train(cfg: HoverTrainConfig, pools: Optional[Pools] = None) -> dict:
     refused while the first holds its lock (``<out_dir>/.lock``).
     """
     validate(cfg)
+    runlock.check_available(cfg.out_dir, flag="--out_dir")  # writable and free, before the sources are read
     finished = _check_run_folder(cfg)
     if finished is not None:
         return finished
@@ -215,14 +222,12 @@ def _train(cfg: HoverTrainConfig, pools: Pools) -> dict:
     from monai.apps.pathology.losses import HoVerNetLoss
     from tqdm.auto import tqdm
 
-    from ..checkpoints import load_torch_file, save_state_dict
-
     table = pools.table
     fraction = ddata.resolve_fraction(cfg.synthetic_fraction, len(pools.real), len(pools.synthetic))
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
-    dtype = autocast_dtype(cfg.precision, device)
+    dtype = segmenter_dtype(cfg.precision, device)
     net_cfg = cfg.net_config(table.num_classes)
     batches = ddata.MixedBatches(
         real=TrainCropDataset(pools.real, cfg.crop_size),
@@ -297,10 +302,6 @@ def load_trained(run_dir: str, device: Any = "cpu") -> Tuple[torch.nn.Module, Ne
     Raises DiffMixError naming the folder or file: no config.json or weights, another kind of model
     (an SDM folder), or a ``"net"`` entry that is missing or edited (:meth:`NetConfig.from_dict`).
     """
-    from ..checkpoints import load_state_dict
-    from ..config import load_config_for_checkpoint
-    from ..pretrained import check_model_kind
-
     cfg_path, model_path = fileio.join(run_dir, CONFIG), fileio.join(run_dir, MODEL)
     config = load_config_for_checkpoint(model_path)  # the config.json beside the weights; a non-object is refused
     if config is None:
@@ -312,10 +313,11 @@ def load_trained(run_dir: str, device: Any = "cpu") -> Tuple[torch.nn.Module, Ne
     if not fileio.exists(model_path):
         raise DiffMixError(f"{run_dir}: not a finished downstream run ({model_path} missing)")
     model = build_network(net)
-    try:
-        model.load_state_dict(load_state_dict(model_path))
-    except RuntimeError as err:
-        raise DiffMixError(f"{model_path}: weights do not fit the network of {cfg_path} ({str(err)[:200]})") from None
+    weights = load_state_dict(model_path)
+    mismatch = mismatch_message(model_path, weights, model.state_dict(), target=f"the network of {cfg_path}")
+    if mismatch:  # one line with the counts and first keys (torch's own message spans many lines)
+        raise DiffMixError(mismatch)
+    model.load_state_dict(weights)
     return model.to(device).eval(), net, config
 
 
@@ -325,5 +327,5 @@ def load_segmenter(run_dir: str, device: str = "auto", precision: str = "auto", 
     dev = resolve_device(device)
     model, net, _ = load_trained(run_dir, dev)
     if table is not None:
-        check_classes(net, table, run_dir)
-    return model, net, dev, autocast_dtype(precision, dev)
+        check_net_classes(net, table, run_dir)
+    return model, net, dev, segmenter_dtype(precision, dev)

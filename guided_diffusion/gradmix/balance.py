@@ -38,7 +38,7 @@ from .donors import DonorBank
 from .nuclei import check_label_maps, nucleus_table, pad_box, paint_types
 
 
-def check_classes(minor: Sequence[int], major: Sequence[int]) -> tuple[tuple, tuple]:
+def check_minor_major(minor: Sequence[int], major: Sequence[int]) -> tuple[tuple, tuple]:
     """Validate the minor/major class sets (non-empty, disjoint, no background 0); sorted tuples."""
     minor_t = tuple(sorted(set(int(c) for c in minor)))
     major_t = tuple(sorted(set(int(c) for c in major)))
@@ -111,7 +111,7 @@ def balance_map(
         for overlap or leaving the image) or ``donor_image`` = None and ``reason``.
     """
     inst, types = check_label_maps(inst_map, type_map, where=source_stem or "label map")
-    minor_t, major_t = check_classes(minor, major)
+    minor_t, major_t = check_minor_major(minor, major)
     fraction = _check_fraction(fraction, "fraction")
     if dilate < 0 or max_tries < 1 or size_ratio <= 0:
         raise DiffMixError(f"need dilate >= 0, max_tries >= 1, size_ratio > 0 (got {dilate}, {max_tries}, {size_ratio})")

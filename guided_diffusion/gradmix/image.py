@@ -28,10 +28,10 @@ import numpy as np
 from scipy import ndimage
 
 from ..errors import DiffMixError
+from . import OFFICIAL_MEDIAN_RADII
 from .donors import DonorBank
 from .nuclei import nucleus_table, pad_box, union_box
 
-OFFICIAL_MEDIAN_RADII = (1, 1, 5)
 
 
 def disk(radius: int) -> np.ndarray:

@@ -22,27 +22,27 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import posixpath
 from typing import Optional, Sequence
 
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
 from .. import fileio
 from ..completion import is_marked, refuse_changed_settings, write_marked
 from ..data.classes import resolve_class_table
 from ..data.labels import instance_table, write_label_mat
-from ..data.readers import list_samples, read_sample_labels, resolve_labels_form, sample_image
+from ..data.layouts import GradMixLayout
+from ..data.readers import list_samples, read_label_arrays, read_sample_labels, resolve_labels_form, sample_image
 from ..data.stats import write_comparison
 from ..errors import DiffMixError
-from . import BALANCE_DEFAULTS, ENLARGE_DEFAULTS, KINDS
-from .balance import balance_map, check_classes
+from . import KINDS
+from .balance import balance_map, check_minor_major
 from .donors import collect_donors
 from .enlarge import enlarge_map
-from .image import OFFICIAL_MEDIAN_RADII, compose_gradmix_image
+from .image import compose_gradmix_image
 from .nuclei import class_counts
+from .settings import GradMixConfig
 
 _KIND_CODES = {"balance": 1, "enlarge": 2}
 RECORD_VERSION = 1
@@ -106,108 +106,72 @@ class _MapCache:
         return self.maps.pop(files.stem, None) or self.read(files)
 
 
-def run_gradmix(
-    data_dir: str,
-    dataset_mode: str,
-    out_dir: str,
-    *,
-    split: str = "Train",
-    class_table=None,
-    num_classes: Optional[int] = None,
-    image_folder: str = "Images",
-    label_folder: str = "Labels",
-    stems: Optional[Sequence[str]] = None,
-    num_balance: int = 1,
-    num_enlarge: int = 0,
-    minor=None,
-    major=None,
-    margin: float = BALANCE_DEFAULTS["margin"],
-    fraction: float = BALANCE_DEFAULTS["fraction"],
-    size_ratio: float = BALANCE_DEFAULTS["size_ratio"],
-    dilate: int = BALANCE_DEFAULTS["dilate"],
-    max_tries: int = BALANCE_DEFAULTS["max_tries"],
-    enlarge_fraction: float = ENLARGE_DEFAULTS["enlarge_fraction"],
-    max_shift: int = ENLARGE_DEFAULTS["max_shift"],
-    seed: int = 0,
-    write_images: bool = False,
-    median_radii: Sequence[int] = OFFICIAL_MEDIAN_RADII,
-    stats: bool = True,
-    progress: bool = True,
-    verbose: bool = True,
-    cache_mb: float = 1024,
-    labels_merged: str = "auto",
-) -> dict:
-    """Write ``num_balance`` balancing and ``num_enlarge`` enlarging maps per image of a split.
+def run_gradmix(cfg: GradMixConfig) -> dict:
+    """Write ``cfg.counts()`` balancing and enlarging maps per source image of a split.
 
-    Args:
-        data_dir: dataset root (holding ``split``) or the split folder itself.
-        dataset_mode: one of the data layer's ``DATASET_MODES`` (custom needs ``class_table`` or
-            ``num_classes``); labels are class-merged by the data layer's class table.
-        out_dir: output folder (local or remote).
-        stems: only make maps for these source stems (donors still come from the whole split).
-        minor, major: class ids (sequence or "1,2"); default minor: the class table's rare
-            classes (PanNuke dead; CoNIC/Lizard neutrophil, eosinophil), else 1; major: every other
-            class (CoNSeP 2,3,4; GLySAC 2,3).
-        margin, fraction, size_ratio, dilate, max_tries: see :func:`balance_map`.
-        enlarge_fraction, max_shift: see :func:`enlarge_map`.
-        seed: base seed; per-map generators come from :func:`map_rng`.
-        write_images: also write GradMix images for balancing maps. Only then are the dataset's
-            images read at all (a broken image goes unnoticed without it).
-        stats: save class counts before/after (CSV + PNG in ``out_dir``; printed when ``verbose``).
-        progress: show progress bars.
-        cache_mb: label maps read for the donor bank are kept up to this size for the edits.
-        labels_merged: "auto", "yes" or "no": are the dataset's type ids already the merged
-            classes (see :func:`guided_diffusion.data.readers.resolve_labels_form`)?
+    ``cfg`` (:class:`~guided_diffusion.gradmix.settings.GradMixConfig`, the flags of
+    ``scripts/gradmix.py``): the dataset (``data_dir``, ``dataset_mode``, ``split``; custom needs
+    ``class_table`` or ``num_classes``; labels are class-merged by the data layer's class table),
+    ``out_dir`` (local or remote), ``stems`` (only make maps for these sources; donors still come
+    from the whole split), ``minor``/``major`` (class ids "1,2"; default minor: the class table's
+    rare classes, major: every other class), the rules of :func:`balance_map` (``margin``,
+    ``fraction``, ``size_ratio``, ``dilate``, ``max_tries``) and :func:`enlarge_map`
+    (``enlarge_fraction``, ``max_shift``), ``seed`` (per-map generators from :func:`map_rng`),
+    ``write_images`` (only then are the dataset's images read at all), ``stats`` (class counts
+    before/after as CSV + PNG in ``out_dir``), ``cache_mb`` (label maps kept for the edits).
 
     Returns:
         Summary dict: ``written`` and ``skipped`` map names, ``settings``, and ``counts``
         (class counts, see :func:`class_count_summary`) when ``stats``.
     """
-    table = resolve_class_table(dataset_mode, class_table, num_classes)
+    counts = cfg.counts()
+    num_balance, num_enlarge = counts["balance"], counts["enlarge"]
+    radii = cfg.radii()
+    stems = cfg.stem_list()
+    if not cfg.data_dir or not cfg.out_dir:
+        raise DiffMixError("--data_dir and --out_dir are required")
+    fileio.check_output_dir(cfg.out_dir, "--out_dir")
+    table = resolve_class_table(cfg.dataset_mode, cfg.class_table, cfg.num_classes)
     default_classes(table.num_classes)  # enough classes for GradMix
-    minor_p = _parse_classes(minor, "minor") or table.rare_classes
-    major_p = _parse_classes(major, "major") or tuple(c for c in range(1, table.num_classes) if c not in minor_p)
-    minor_t, major_t = check_classes(minor_p, major_p)
+    minor_p = _parse_classes(cfg.minor, "minor") or table.rare_classes
+    major_p = _parse_classes(cfg.major, "major") or tuple(c for c in range(1, table.num_classes) if c not in minor_p)
+    minor_t, major_t = check_minor_major(minor_p, major_p)
     bad = [c for c in minor_t + major_t if c >= table.num_classes]
     if bad:
         raise DiffMixError(f"classes {bad} do not exist: the {table.name} table has classes 1..{table.num_classes - 1}")
-    for value, name in ((num_balance, "num_balance"), (num_enlarge, "num_enlarge"), (max_shift, "max_shift"),
-                        (dilate, "dilate")):
+    for value, name in ((cfg.max_shift, "max_shift"), (cfg.dilate, "dilate")):
         if int(value) != value or value < 0:
-            raise DiffMixError(f"{name} must be a non-negative integer, got {value}")
+            raise DiffMixError(f"--{name} must be a non-negative integer, got {value}")
     if num_balance == 0 and num_enlarge == 0:
         raise DiffMixError("nothing to do: num_balance and num_enlarge are both 0")
-    for value, name in ((fraction, "fraction"), (enlarge_fraction, "enlarge_fraction")):
+    for value, name in ((cfg.fraction, "fraction"), (cfg.enlarge_fraction, "enlarge_fraction")):
         if not 0.0 <= float(value) <= 1.0:
             raise DiffMixError(f"{name} must be in [0, 1], got {value}")
-    if size_ratio <= 0 or margin < 0 or int(max_tries) != max_tries or max_tries < 1:
+    if cfg.size_ratio <= 0 or cfg.margin < 0 or int(cfg.max_tries) != cfg.max_tries or cfg.max_tries < 1:
         raise DiffMixError(
-            f"need size_ratio > 0, margin >= 0 and an integer max_tries >= 1 (got {size_ratio}, {margin}, {max_tries})"
+            f"need size_ratio > 0, margin >= 0 and an integer max_tries >= 1 (got {cfg.size_ratio}, {cfg.margin}, {cfg.max_tries})"
         )
-    radii = tuple(int(r) for r in median_radii)
-    if len(radii) != 3 or min(radii) < 0:
-        raise DiffMixError(f"median_radii needs three non-negative values, got {list(median_radii)}")
 
-    samples = list_samples(data_dir, split, image_folder, label_folder, dataset_mode=dataset_mode)
-    table = resolve_labels_form(table, [s.label for s in samples], labels_merged, what=f"dataset {data_dir}",
-                                notice=verbose)
+    samples = list_samples(cfg.data_dir, cfg.split, cfg.image_folder, cfg.label_folder, dataset_mode=cfg.dataset_mode)
+    table = resolve_labels_form(table, [s.label for s in samples], cfg.labels_merged, what=f"dataset {cfg.data_dir}",
+                                notice=cfg.verbose)
     settings = {
-        "dataset_mode": str(dataset_mode).lower(),
+        "dataset_mode": str(cfg.dataset_mode).lower(),
         "class_table": table.name,
         "labels_merged": table.labels_merged,
         "num_classes": table.num_classes,
         "class_names": list(table.names),
-        "split": split,
+        "split": cfg.split,
         "minor": list(minor_t),
         "major": list(major_t),
-        "margin": float(margin),
-        "fraction": float(fraction),
-        "size_ratio": float(size_ratio),
-        "dilate": int(dilate),
-        "max_tries": int(max_tries),
-        "enlarge_fraction": float(enlarge_fraction),
-        "max_shift": int(max_shift),
-        "write_images": bool(write_images),
+        "margin": float(cfg.margin),
+        "fraction": float(cfg.fraction),
+        "size_ratio": float(cfg.size_ratio),
+        "dilate": int(cfg.dilate),
+        "max_tries": int(cfg.max_tries),
+        "enlarge_fraction": float(cfg.enlarge_fraction),
+        "max_shift": int(cfg.max_shift),
+        "write_images": bool(cfg.write_images),
         "median_radii": list(radii),
         "overlap_rule": "reject",
     }
@@ -216,16 +180,16 @@ def run_gradmix(
         have = {s.stem for s in samples}
         missing = [s for s in stems if s not in have]
         if missing:
-            raise DiffMixError(f"{data_dir}: stems not found in split {split}: {missing}")
+            raise DiffMixError(f"{cfg.data_dir}: stems not found in split {cfg.split}: {missing}")
         wanted = [s for s in samples if s.stem in set(stems)]
 
-    dirs = {part: fileio.join(out_dir, part) for part in ("Labels", "Records", "Images")}
+    layout = GradMixLayout(cfg.out_dir)
     jobs, skipped = [], []
     for files in wanted:
         for kind, count in (("balance", num_balance), ("enlarge", num_enlarge)):
             for k in range(int(count)):
                 name = map_name(files.stem, kind, k)
-                if _is_complete(dirs, name, kind, write_images, settings):
+                if _is_complete(layout, name, kind, cfg.write_images, settings):
                     skipped.append(name)
                 else:
                     jobs.append((files, kind, k, name))
@@ -233,75 +197,73 @@ def run_gradmix(
     written = []
     if jobs:
         read = _label_reader(table)
-        cache = _MapCache(read, cache_mb)
+        cache = _MapCache(read, cfg.cache_mb)
         need_sources = {files.stem for files, _, _, _ in jobs}
         bank = None
         if any(kind == "balance" for _, kind, _, _ in jobs):
             # Every map of the split is a possible donor source: read each once, keep the sources.
             def label_maps():
-                for files in tqdm(samples, desc="reading donors", unit="map", disable=not progress):
+                for files in tqdm(samples, desc="reading donors", unit="map", disable=not cfg.progress):
                     maps = read(files)
                     if files.stem in need_sources:
                         cache.put(files.stem, maps)
                     yield files.stem, maps[0], maps[1]
 
             by_stem = {s.stem: s for s in samples}
-            bank = collect_donors(label_maps(), minor=minor_t, margin=margin,
+            bank = collect_donors(label_maps(), minor=minor_t, margin=cfg.margin,
                                   image_loader=lambda stem: _read_image(by_stem[stem]))
             absent = [c for c in minor_t if not np.any(bank.classes == c)]
             if absent:
                 # Balancing maps would silently equal their sources for these classes.
                 raise DiffMixError(
-                    f"{data_dir}: --minor {','.join(map(str, absent))}: no nucleus of class "
-                    f"{', '.join(f'{c} ({table.names[c]})' for c in absent)} lies {margin:g} px or more from "
-                    f"the border in split {split}, so there is no donor to balance with; nothing written"
+                    f"{cfg.data_dir}: --minor {','.join(map(str, absent))}: no nucleus of class "
+                    f"{', '.join(f'{c} ({table.names[c]})' for c in absent)} lies {cfg.margin:g} px or more from "
+                    f"the border in split {cfg.split}, so there is no donor to balance with; nothing written"
                 )
-        fileio.makedirs(dirs["Labels"])
-        fileio.makedirs(dirs["Records"])
-        if write_images:
-            fileio.makedirs(dirs["Images"])
+        for part in (layout.LABELS, layout.RECORDS) + ((layout.IMAGES,) if cfg.write_images else ()):
+            fileio.makedirs(layout.folder(part))
         current = (None, None, None)
-        for files, kind, k, name in tqdm(jobs, desc="gradmix maps", unit="map", disable=not progress):
+        for files, kind, k, name in tqdm(jobs, desc="gradmix maps", unit="map", disable=not cfg.progress):
             if current[0] != files.stem:
                 maps = cache.get(files)
                 current = (files.stem, maps, class_counts(instance_table(*maps)[1], table.num_classes))
             (inst, types), source_counts = current[1], current[2]
-            rng = map_rng(seed, files.stem, kind, k)
+            rng = map_rng(cfg.seed, files.stem, kind, k)
             if kind == "balance":
                 new_inst, new_type, edits = balance_map(
                     inst, types, bank, rng, source_stem=files.stem, minor=minor_t, major=major_t,
-                    margin=margin, fraction=fraction, size_ratio=size_ratio, dilate=dilate, max_tries=max_tries,
+                    margin=cfg.margin, fraction=cfg.fraction, size_ratio=cfg.size_ratio, dilate=cfg.dilate, max_tries=cfg.max_tries,
                 )
             else:
                 new_inst, new_type, edits = enlarge_map(
-                    inst, types, rng, fraction=enlarge_fraction, max_shift=max_shift, where=files.label
+                    inst, types, rng, fraction=cfg.enlarge_fraction, max_shift=cfg.max_shift, where=files.label
                 )
             # Everything that can fail on bad input (reading the source and donor images, composing)
             # happens before the first file of this map is written, so an error leaves no half map.
             png = None
-            if write_images and kind == "balance":
+            if cfg.write_images and kind == "balance":
                 source_image = bank.image(files.stem)
                 if source_image.shape[:2] != inst.shape:
                     raise DiffMixError(
                         f"{files.image}: image size {source_image.shape[:2]} differs from its label {inst.shape}"
                     )
                 image = compose_gradmix_image(source_image, inst, new_inst, edits, bank,
-                                              dilate=dilate, median_radii=radii)
-                png = _png_bytes(image)
-            record = _record(files, kind, k, name, seed, settings, edits, source_counts)
-            outputs = [(fileio.join(dirs["Labels"], name + ".mat"), functools.partial(
+                                              dilate=cfg.dilate, median_radii=radii)
+                png = fileio.png_bytes(image, compress_level=1)  # fast: one PNG per balancing map
+            record = _record(files, kind, k, name, cfg.seed, settings, edits, source_counts)
+            outputs = [(layout.label(name), functools.partial(
                 write_label_mat, inst_map=new_inst, type_map=new_type,
                 classes_merged=np.array(1), num_classes=np.array(table.num_classes)))]
             if png is not None:
-                outputs.append((fileio.join(dirs["Images"], name + ".png"), functools.partial(fileio.write_bytes, data=png)))
-            write_marked(outputs, fileio.join(dirs["Records"], name + ".json"), record, what=f"GradMix map {name}",
-                         hint=lambda: (f"kept: {len(written) + len(skipped)} complete maps in {out_dir} ({name} has no "
+                outputs.append((layout.image(name), functools.partial(fileio.write_bytes, data=png)))
+            write_marked(outputs, layout.record(name), record, what=f"GradMix map {name}",
+                         hint=lambda: (f"kept: {len(written) + len(skipped)} complete maps in {cfg.out_dir} ({name} has no "
                                        "record, so it counts as not written; rerun the same command to continue)"))
             written.append(name)
 
     summary = {"written": written, "skipped": skipped, "settings": settings}
-    if stats and (written or skipped):
-        summary["counts"] = save_class_stats(out_dir, table.names, sorted(written + skipped), verbose=verbose)
+    if cfg.stats and (written or skipped):
+        summary["counts"] = save_class_stats(cfg.out_dir, table.names, sorted(written + skipped), verbose=cfg.verbose)
     return summary
 
 
@@ -309,26 +271,19 @@ def _label_reader(table):
     return lambda files: read_sample_labels(files, table)
 
 
-def _png_bytes(image: np.ndarray) -> bytes:
-    """PNG bytes at zlib level 1: several times faster to encode than the default, ~10% larger."""
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
-
 def _read_image(files) -> np.ndarray:
     return sample_image(files)
 
 
-def _is_complete(dirs: dict, name: str, kind: str, write_images: bool, settings: dict) -> bool:
+def _is_complete(layout: GradMixLayout, name: str, kind: str, write_images: bool, settings: dict) -> bool:
     """True when map ``name`` was completed earlier (record present, label present, image if wanted).
 
     A complete map made with different settings is an error rather than silently kept or replaced.
     """
-    record_path = fileio.join(dirs["Records"], name + ".json")
-    required = [fileio.join(dirs["Labels"], name + ".mat")]
+    record_path = layout.record(name)
+    required = [layout.label(name)]
     if write_images and kind == "balance":
-        required.append(fileio.join(dirs["Images"], name + ".png"))
+        required.append(layout.image(name))
     if not is_marked(record_path, required):
         return False
     old = fileio.read_json(record_path).get("settings", {})
@@ -382,13 +337,13 @@ def _sibling(label_path: str, folder: str, ext: str) -> str:
 def record_path(label_path: str) -> str:
     """The JSON record of the GradMix map at ``label_path`` (``<out_dir>/Labels/<name>.mat`` ->
     ``<out_dir>/Records/<name>.json``); the path is returned whether or not it exists."""
-    return _sibling(label_path, "Records", ".json")
+    return _sibling(label_path, GradMixLayout.RECORDS, ".json")
 
 
 def image_path(label_path: str) -> str:
     """The GradMix image of the map at ``label_path`` (``<out_dir>/Images/<name>.png``; balancing maps
     written with ``write_images``); the path is returned whether or not it exists."""
-    return _sibling(label_path, "Images", ".png")
+    return _sibling(label_path, GradMixLayout.IMAGES, ".png")
 
 
 def read_map_record(label_path: str) -> Optional[dict]:
@@ -410,8 +365,6 @@ def changed_mask(label_path: str, window: Optional[tuple] = None):
     """``(kind, mask bool [h, w])``: the nuclei a GradMix map changed (:func:`changed_ids`) inside
     ``window`` = ``(y0, x0, h, w)`` of the map at ``label_path`` (None: the whole map); ``(None, None)``
     when the file is not a GradMix map."""
-    from ..data.readers import read_label_arrays
-
     record = read_map_record(label_path)
     if record is None:
         return None, None
@@ -437,7 +390,7 @@ def class_count_summary(out_dir: str, names: Sequence[str], num_classes: int) ->
     before = np.zeros(num_classes, np.int64)
     after = np.zeros(num_classes, np.int64)
     for name in names:
-        path = fileio.join(out_dir, "Records", name + ".json")
+        path = GradMixLayout(out_dir).record(name)
         rec = fileio.read_json(path)
         try:
             src = np.asarray(rec["class_counts"]["source"], np.int64)

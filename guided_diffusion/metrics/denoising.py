@@ -21,6 +21,7 @@ import torch
 
 from .. import samplers as smp
 from ..config import flag, nonfinite_flags
+from ..data.classes import dataset_mode_flag
 from ..errors import DiffMixError
 
 
@@ -30,7 +31,7 @@ class DenoisingConfig:
 
     model_paths: str = flag("", "checkpoints or training run folders, comma-separated")
     data_dir: str = flag("", "dataset root (the split's Images/ and Labels/)")
-    dataset_mode: str = flag("custom", "consep, glysac, custom, pannuke, conic or lizard")
+    dataset_mode: str = dataset_mode_flag()
     class_table: str = flag("", "custom mode: class mapping JSON")
     split: str = flag("Test", "the held-out split")
     timesteps: str = flag("10,50,200,340,540", "trained timesteps, comma-separated (ddim_percent 55 starts at 540; "

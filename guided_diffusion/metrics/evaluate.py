@@ -1,4 +1,6 @@
-"""Folder evaluation: predicted label files against ground truth, paired by stem (HoVer-Net's metrics).
+"""Evaluation (HoVer-Net's metrics): :func:`evaluate_labels` pools scores over in-memory label pairs;
+:func:`evaluate_folders` reads label files paired by stem and :func:`evaluate_dataset` a dataset as
+distributed (PanNuke / CoNIC / Lizard, through the data layer) and evaluate them through it.
 
 Class merging (``class_table``, CLI ``--dataset_mode``)
     Raw CoNSeP (types 1..7) and GLySAC (1..10) ground truth must be merged into the classes the
@@ -18,13 +20,13 @@ Class merging (``class_table``, CLI ``--dataset_mode``)
 from __future__ import annotations
 
 import sys
-from typing import Optional
+from typing import Iterable, Optional, Tuple
 
 import numpy as np
 
-from ..data.readers import resolve_labels_form
+from ..data.readers import list_samples, read_sample_labels, resolve_labels_form
 from ..errors import DiffMixError
-from .labels import InstanceLabels, match_label_files, read_instance_labels
+from .labels import InstanceLabels, labels_from_maps, match_label_files, pair_stems, read_instance_labels
 from .report import write_reports
 from .scores import INSTANCE_KEYS, _instance_scores, instance_overlap, pair_by_centroid, pq_scores, type_metrics
 
@@ -79,84 +81,55 @@ def _raw_id_warning(true_values: set, pred_values: set) -> Optional[str]:
     )
 
 
-def evaluate_folders(
-    true_dir: str,
-    pred_dir: str,
-    radius: float = 12.0,
-    num_classes: Optional[int] = None,
-    out_dir: Optional[str] = None,
-    match_iou: float = 0.5,
-    progress: bool = True,
-    class_table=None,
-    labels_merged: str = "auto",
-    true_source: Optional[str] = None,
-) -> dict:
-    """Evaluate predicted label files against true ones, paired by file stem.
-
-    Args:
-        true_dir, pred_dir: folders of ``.mat`` (CoNSeP layout) or HoVer-Net ``.npy`` labels.
-        radius: centroid pairing radius in pixels for the classification metrics.
-        num_classes: number of classes **including background** (the project's convention, as
-            in ``build_condition``); per-type F1 is then reported for types 1..num_classes-1 and
-            larger types are rejected. None: the table's count with ``class_table``, otherwise
-            the non-zero types found in the ground truth.
-        out_dir: if given, ``metrics.json``, ``metrics_per_image.csv`` and
-            ``metrics_summary.csv`` are written there (atomically).
-        match_iou: PQ match threshold (IoU strictly greater).
-        progress: show a progress bar.
-        class_table: optional :class:`guided_diffusion.data.classes.ClassTable` (e.g. from
-            ``resolve_class_table("consep")``). The ground truth is then read as raw dataset ids
-            and merged with it (``type_map`` and ``inst_type``; a ``.mat`` marked
-            ``classes_merged`` = 1 is only checked), predictions must already be in merged
-            classes (a type >= ``num_classes`` raises), and per-type F1 also gets class names.
-            None: types are compared as stored; if the ground truth then has types above every
-            predicted one (raw vs merged ids, likely), a warning goes to stderr and into
-            ``result["warnings"]``.
-        labels_merged: with ``class_table``: is the ground truth already merged? "auto" (decided
-            from the ids present, with a notice), "yes" or "no".
-
-        true_source: what the reports name as the ground truth (default ``true_dir``; e.g. the
-            dataset a temporary ``true_dir`` was converted from).
-
-    Returns:
-        dict with ``settings``, ``instance`` (means of the six metrics over images),
-        ``classification`` (:func:`type_metrics` result plus ``types_available``; with a class
-        table also ``class_names`` {class: name} and ``f1_type_named`` {name: F1}; ``f1_type``
-        stays keyed by the numeric class), ``per_image`` (a list of per-image dicts: name,
-        counts, the six metrics, detection counts) and ``warnings`` (list of str).
-    """
-    from tqdm import tqdm
-
+def _resolve_num_classes(num_classes: Optional[int], class_table) -> Optional[int]:
+    """``num_classes`` (including background) checked against ``class_table``, or the table's count."""
     if num_classes is not None and num_classes < 2:
         raise DiffMixError(f"num_classes must be >= 2 (background + 1 class), got {num_classes}")
-    if class_table is not None:
-        if num_classes is not None and num_classes != class_table.num_classes:
-            raise DiffMixError(
-                f"num_classes={num_classes} does not match the {class_table.name} class table "
-                f"({class_table.num_classes} classes including background)"
-            )
-        num_classes = class_table.num_classes
-    triples = match_label_files(true_dir, pred_dir)
-    if class_table is not None:
-        class_table = resolve_labels_form(
-            class_table, [t for _, t, _ in triples], labels_merged, f"ground truth {true_dir}"
+    if class_table is None:
+        return num_classes
+    if num_classes is not None and num_classes != class_table.num_classes:
+        raise DiffMixError(
+            f"num_classes={num_classes} does not match the {class_table.name} class table "
+            f"({class_table.num_classes} classes including background)"
         )
+    return class_table.num_classes
+
+
+def evaluate_labels(
+    pairs: Iterable[Tuple[str, InstanceLabels, InstanceLabels]],
+    radius: float = 12.0,
+    num_classes: Optional[int] = None,
+    match_iou: float = 0.5,
+    class_table=None,
+) -> dict:
+    """Score predicted label maps against true ones, pooled over all pairs (no files involved).
+
+    Args:
+        pairs: ``(name, true, pred)`` per image; each side an :class:`InstanceLabels` (from
+            :func:`~guided_diffusion.metrics.labels.read_instance_labels` or, for arrays in memory,
+            :func:`~guided_diffusion.metrics.labels.labels_from_maps`), with types in the classes
+            that are compared (merged ones when ``class_table`` is given) and equal map shapes.
+        radius, num_classes, match_iou, class_table: as in :func:`evaluate_folders`.
+
+    Returns:
+        dict with ``settings``, ``instance``, ``classification``, ``per_image`` and ``warnings``,
+        as :func:`evaluate_folders` (whose settings add the two folders).
+    """
+    num_classes = _resolve_num_classes(num_classes, class_table)
     per_image = []
     pooled = {"pt": [], "pp": [], "ut": [], "up": []}
     types_available = True
     true_values: set = set()
     pred_values: set = set()
-    for stem, true_path, pred_path in tqdm(triples, desc="evaluate", disable=not progress):
-        true = read_instance_labels(true_path, class_table)
-        pred = read_instance_labels(pred_path)  # predictions are expected in merged classes already
+    for stem, true, pred in pairs:
         if true.inst_map.shape != pred.inst_map.shape:
             raise DiffMixError(
-                f"{pred_path}: shape {pred.inst_map.shape} differs from {true_path} "
+                f"{pred.path}: shape {pred.inst_map.shape} differs from {true.path} "
                 f"shape {true.inst_map.shape}"
             )
         if class_table is not None and pred.marked_merged not in (None, num_classes):
             raise DiffMixError(
-                f"{pred_path}: written with num_classes={pred.marked_merged} (classes_merged=1), "
+                f"{pred.path}: written with num_classes={pred.marked_merged} (classes_merged=1), "
                 f"but the {class_table.name} class table has {num_classes}"
             )
         _check_types(true, num_classes, class_table, "true")
@@ -189,6 +162,8 @@ def evaluate_folders(
                 "det_fn": int(un_t.size),
             }
         )
+    if not per_image:
+        raise DiffMixError("nothing to evaluate: no (true, predicted) label pairs")
     classes = None if num_classes is None else list(range(1, num_classes))
     cls = type_metrics(*(np.concatenate(pooled[k]) for k in ("pt", "pp", "ut", "up")), classes)
     if not types_available:
@@ -210,10 +185,8 @@ def evaluate_folders(
         if message:
             warnings.append(message)
             print(message, file=sys.stderr)
-    result = {
+    return {
         "settings": {
-            "true_dir": true_source or true_dir,
-            "pred_dir": pred_dir,
             "radius": float(radius),
             "num_classes": num_classes,
             "class_table": None if class_table is None else class_table.to_json(),
@@ -226,6 +199,103 @@ def evaluate_folders(
         "per_image": per_image,
         "warnings": warnings,
     }
+
+
+def evaluate_folders(
+    true_dir: str,
+    pred_dir: str,
+    radius: float = 12.0,
+    num_classes: Optional[int] = None,
+    out_dir: Optional[str] = None,
+    match_iou: float = 0.5,
+    progress: bool = True,
+    class_table=None,
+    labels_merged: str = "auto",
+) -> dict:
+    """Evaluate predicted label files against true ones, paired by file stem.
+
+    Args:
+        true_dir, pred_dir: folders of ``.mat`` (CoNSeP layout) or HoVer-Net ``.npy`` labels.
+        radius: centroid pairing radius in pixels for the classification metrics.
+        num_classes: number of classes **including background** (the project's convention, as
+            in ``build_condition``); per-type F1 is then reported for types 1..num_classes-1 and
+            larger types are rejected. None: the table's count with ``class_table``, otherwise
+            the non-zero types found in the ground truth.
+        out_dir: if given, ``metrics.json``, ``metrics_per_image.csv`` and
+            ``metrics_summary.csv`` are written there (atomically).
+        match_iou: PQ match threshold (IoU strictly greater).
+        progress: show a progress bar.
+        class_table: optional :class:`guided_diffusion.data.classes.ClassTable` (e.g. from
+            ``resolve_class_table("consep")``). The ground truth is then read as raw dataset ids
+            and merged with it (``type_map`` and ``inst_type``; a ``.mat`` marked
+            ``classes_merged`` = 1 is only checked), predictions must already be in merged
+            classes (a type >= ``num_classes`` raises), and per-type F1 also gets class names.
+            None: types are compared as stored; if the ground truth then has types above every
+            predicted one (raw vs merged ids, likely), a warning goes to stderr and into
+            ``result["warnings"]``.
+        labels_merged: with ``class_table``: is the ground truth already merged? "auto" (decided
+            from the ids present, with a notice), "yes" or "no".
+
+    Returns:
+        dict with ``settings``, ``instance`` (means of the six metrics over images),
+        ``classification`` (:func:`type_metrics` result plus ``types_available``; with a class
+        table also ``class_names`` {class: name} and ``f1_type_named`` {name: F1}; ``f1_type``
+        stays keyed by the numeric class), ``per_image`` (a list of per-image dicts: name,
+        counts, the six metrics, detection counts) and ``warnings`` (list of str).
+    """
+    from tqdm import tqdm
+
+    num_classes = _resolve_num_classes(num_classes, class_table)
+    triples = match_label_files(true_dir, pred_dir)
+    if class_table is not None:
+        class_table = resolve_labels_form(
+            class_table, [t for _, t, _ in triples], labels_merged, f"ground truth {true_dir}"
+        )
+    pairs = (
+        # Predictions are expected in merged classes already: read without the table.
+        (stem, read_instance_labels(true_path, class_table), read_instance_labels(pred_path))
+        for stem, true_path, pred_path in tqdm(triples, desc="evaluate", disable=not progress)
+    )
+    result = evaluate_labels(pairs, radius, num_classes, match_iou, class_table)
+    result["settings"] = {"true_dir": true_dir, "pred_dir": pred_dir, **result["settings"]}
+    if out_dir is not None:
+        write_reports(result, out_dir)
+    return result
+
+
+def evaluate_dataset(
+    data_dir: str,
+    dataset_mode: str,
+    split: str,
+    pred_dir: str,
+    class_table,
+    radius: float = 12.0,
+    num_classes: Optional[int] = None,
+    out_dir: Optional[str] = None,
+    match_iou: float = 0.5,
+    progress: bool = True,
+) -> dict:
+    """Predicted label files against a dataset read through the data layer (PanNuke, CoNIC,
+    Lizard as distributed), paired by the data layer's stems (``fold3_00012``, ...).
+
+    The ground truth of ``split`` is read and merged with ``class_table`` by the data layer;
+    predictions are files of ``pred_dir`` named by stem, in merged classes. Other arguments and the
+    result as :func:`evaluate_folders` (its ``true_dir`` setting names the dataset and split).
+    """
+    from tqdm import tqdm
+
+    num_classes = _resolve_num_classes(num_classes, class_table)
+    samples = list_samples(data_dir, split, dataset_mode=dataset_mode)
+    source = f"{data_dir} ({dataset_mode}, split {split})"
+    pred_files = pair_stems([s.stem for s in samples], pred_dir, source, "the dataset")
+
+    def pairs():
+        for files in tqdm(samples, desc="evaluate", disable=not progress):
+            inst, types = read_sample_labels(files, class_table)
+            yield files.stem, labels_from_maps(inst, types, files.label), read_instance_labels(pred_files[files.stem])
+
+    result = evaluate_labels(pairs(), radius, num_classes, match_iou, class_table)
+    result["settings"] = {"true_dir": source, "pred_dir": pred_dir, **result["settings"]}
     if out_dir is not None:
         write_reports(result, out_dir)
     return result

@@ -41,6 +41,22 @@ class InstanceLabels:
     marked_merged: Optional[int] = None
 
 
+def labels_from_maps(inst_map: np.ndarray, type_map: Optional[np.ndarray], name: str = "") -> InstanceLabels:
+    """Label maps held in memory as the metrics see them (for :func:`~guided_diffusion.metrics.evaluate.evaluate_labels`).
+
+    Args:
+        inst_map: int [H, W] instance ids, 0 = background.
+        type_map: int [H, W] per-pixel classes (already in the classes to compare), or None for
+            detection-only scoring. Each instance takes its majority class (as in the files).
+        name: what errors call this map.
+    """
+    inst = np.asarray(inst_map).astype(np.int64)
+    types = np.zeros_like(inst) if type_map is None else np.asarray(type_map)
+    _, table_types, table_xy = instance_table(inst, types)
+    return InstanceLabels(path=name, inst_map=inst, centroids=table_xy,
+                          types=None if type_map is None else np.asarray(table_types, np.int64))
+
+
 def read_instance_labels(path: str, class_table=None) -> InstanceLabels:
     """Read a CoNSeP-layout ``.mat`` or a HoVer-Net ``.npy`` label file for evaluation.
 
@@ -105,11 +121,20 @@ def match_label_files(true_dir: str, pred_dir: str) -> list[tuple[str, str, str]
     Raises:
         DiffMixError: a folder is missing or empty, or a stem is present in only one folder.
     """
-    true_files, pred_files = _label_files(true_dir), _label_files(pred_dir)
+    true_files = _label_files(true_dir)
     if not true_files:
         raise DiffMixError(f"{true_dir}: no .mat or .npy label files")
-    only_true = sorted(set(true_files) - set(pred_files))
-    only_pred = sorted(set(pred_files) - set(true_files))
+    pred_files = pair_stems(true_files, pred_dir, f"true_dir {true_dir}", "true_dir")
+    return [(stem, true_files[stem], pred_files[stem]) for stem in sorted(true_files)]
+
+
+def pair_stems(true_stems, pred_dir: str, true_name: str, true_short: str) -> dict[str, str]:
+    """``{stem: prediction file}`` of ``pred_dir`` for exactly the stems of ``true_stems`` (any
+    collection of stems); a stem on one side only is an error naming both sides (``true_name``,
+    ``true_short`` say what the ground truth is)."""
+    pred_files = _label_files(pred_dir)
+    only_true = sorted(set(true_stems) - set(pred_files))
+    only_pred = sorted(set(pred_files) - set(true_stems))
     if only_true or only_pred:
 
         def show(stems):
@@ -118,12 +143,11 @@ def match_label_files(true_dir: str, pred_dir: str) -> list[tuple[str, str, str]
 
         parts = []
         if only_true:
-            parts.append(f"{len(only_true)} only in true_dir: {show(only_true)}")
+            parts.append(f"{len(only_true)} only in {true_short}: {show(only_true)}")
         if only_pred:
             parts.append(f"{len(only_pred)} only in pred_dir: {show(only_pred)}")
         raise DiffMixError(
-            f"label files of true_dir {true_dir} and pred_dir {pred_dir} do not pair up by "
+            f"label files of {true_name} and pred_dir {pred_dir} do not pair up by "
             "name; " + "; ".join(parts)
         )
-    return [(stem, true_files[stem], pred_files[stem]) for stem in sorted(true_files)]
-
+    return pred_files

@@ -12,8 +12,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from .. import fileio
-from ..completion import is_marked
 from ..data.condition import instance_edges
+from ..data.layouts import SynthesisLayout as OutputLayout  # noqa: F401  (the run layout, named once)
 from ..data.labels import relabel_contiguous
 from ..errors import DiffMixError
 
@@ -66,32 +66,6 @@ def shard(jobs: Sequence[Job], rank: int, world_size: int) -> List[Job]:
     if not (0 <= rank < world_size):
         raise ValueError(f"rank {rank} outside world size {world_size}")
     return list(jobs[rank::world_size])
-
-
-@dataclass
-class OutputLayout:
-    """Where a run's files go (``root`` = ``<results_path>/<run_name>``)."""
-
-    root: str
-
-    def png(self, name: str) -> str:
-        return fileio.join(self.root, "samples", name + ".png")
-
-    def npy(self, name: str) -> str:
-        return fileio.join(self.root, "npy_patch", name + ".npy")
-
-    def record(self, name: str) -> str:
-        return fileio.join(self.root, "records", name + ".json")
-
-    def is_complete(self, name: str) -> bool:
-        # The record is written last (completion.write_marked): it means PNG and .npy are complete too.
-        return is_marked(self.record(name))
-
-    def figure(self, rank: int = 0, world_size: int = 1) -> str:
-        return fileio.join(self.root, "figure.png" if world_size == 1 else f"figure_rank{rank}.png")
-
-    def run_record(self) -> str:
-        return fileio.join(self.root, "run.json")
 
 
 def hovernet_patch(image: np.ndarray, inst_map: np.ndarray, type_map: np.ndarray) -> np.ndarray:

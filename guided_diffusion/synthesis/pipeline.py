@@ -19,8 +19,9 @@ from .. import samplers as smp
 from ..completion import refuse_changed_settings, write_marked
 from ..config import load_config_for_checkpoint
 from ..data.condition import build_condition, image_to_tensor
+from ..data.formats.export import export_source_format
 from ..data.readers import image_sources
-from ..data.sampling import VIRTUAL_MAP_RE, sampling_patches
+from ..data.patches import VIRTUAL_MAP_RE, sampling_patches
 from ..dist_util import local_device
 from ..errors import DiffMixError
 from ..launcher import launch_rank
@@ -92,7 +93,7 @@ def _selection(cfg: SampleConfig):
 def _changed_in_window(p: Any, flag: str) -> np.ndarray:
     """bool [S, S]: the pixels of patch ``p`` inside nuclei its GradMix record lists as changed;
     ``flag`` names the option that needs the record when the map has none."""
-    from ..gradmix import changed_mask
+    from ..gradmix import changed_mask  # lazy: gradmix's pipeline imports scipy
 
     kind, mask = changed_mask(p.label_source, (p.y0, p.x0, *p.inst_map.shape))
     if kind is None:
@@ -113,7 +114,7 @@ class _GradMixImages:
         self.flag, self.images = flag, {}
 
     def window(self, p: Any) -> np.ndarray:
-        from ..gradmix import image_path
+        from ..gradmix import image_path  # lazy: gradmix's pipeline imports scipy
 
         path = image_path(p.label_source)
         if path not in self.images:
@@ -406,8 +407,6 @@ def run_synthesis(
     source_dir = None
     if cfg.source_format:
         if world_size == 1:
-            from ..data.formats.export import export_source_format
-
             source_dir = fileio.join(layout.root, "source_format")
             export_source_format(layout.root, source_dir, progress=cfg.progress)
         elif rank == 0:

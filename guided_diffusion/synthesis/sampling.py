@@ -14,6 +14,7 @@ import torch
 from .. import samplers as smp
 from ..errors import DiffMixError
 from ..precision import autocast_context
+from ..respace import create_gaussian_diffusion
 from .settings import SAMPLERS
 
 
@@ -81,8 +82,6 @@ class FastGuidedDenoiser:
 def trained_schedule(model_cfg: Dict[str, Any]) -> smp.Schedule:
     """The un-respaced schedule of ``model_cfg`` (all ``diffusion_steps``): the grid that
     ``--solver_steps`` picks DPM-Solver++ timesteps from."""
-    from ..respace import create_gaussian_diffusion
-
     keys = ("learn_sigma", "noise_schedule", "use_kl", "predict_xstart", "rescale_timesteps", "rescale_learned_sigmas")
     diffusion = create_gaussian_diffusion(steps=model_cfg["diffusion_steps"], timestep_respacing="",
                                           **{k: model_cfg[k] for k in keys})

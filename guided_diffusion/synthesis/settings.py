@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict
 
 import torch
 
 from .. import fileio
+from ..checkpoint_folder import newest_ema_checkpoint
 from ..checkpoints import load_model_weights
-from ..config import CONFIG_NAME, nonfinite_flags, ModelConfig, config_path_for_checkpoint, load_config_for_checkpoint
-from ..data.classes import LABELS_MERGED, LABELS_MERGED_HELP
+from ..config import CONFIG_NAME, ModelConfig, flag, nonfinite_flags, config_path_for_checkpoint, load_config_for_checkpoint
+from ..data.classes import LABELS_MERGED, LABELS_MERGED_HELP, dataset_mode_flag
+from ..data.formats.export import ARRAY_FORMATS
 from ..errors import DiffMixError
-from ..precision import check_precision, resolve_precision
+from ..precision import check_precision, resolve_precision, sdm_half
+from ..pretrained import check_model_kind
 from ..script_util import create_model_and_diffusion
 
 SAMPLERS = ("ddim", "ddpm", "dpmpp2m")
@@ -37,41 +40,41 @@ class SampleConfig:
     ignored (choose GPUs with ``CUDA_VISIBLE_DEVICES`` or the launcher; the sampler is ``--sampler``).
     """
 
-    data_dir: str = field(default="", metadata={"help": "dataset root or split folder with Images/ and Labels/ (real reference images)"})
-    dataset_mode: str = field(default="consep", metadata={"help": "consep, glysac, custom, pannuke, conic or lizard"})
-    split: str = field(default="Train", metadata={"help": "split used when data_dir is a dataset root (pannuke/conic/lizard: Train = folds 1,2, Test = fold 3, all, or fold1,fold3)"})
-    labels_merged: str = field(default="auto", metadata={"help": LABELS_MERGED_HELP})
-    label_dir: str = field(default="", metadata={"help": "GradMix output folder (<stem>__balance000.mat ...); '' = the dataset's own labels"})
-    class_table: str = field(default="", metadata={"help": "custom mode: class mapping JSON ('' = identity over num_classes)"})
-    idx_img: str = field(default="", metadata={"help": "comma list of image indices (sorted stems), image stems or label-map names; '' = all"})
-    start: str = field(default="real", metadata={"help": "what SDEdit noises: real (the real patch, the paper's) or gradmix (GradMix's composed image of the same map, <label_dir>/Images/, gradmix.py --write_images true)"})
-    changed_only: bool = field(default=False, metadata={"help": "with --label_dir: only the patches that hold a nucleus GradMix placed (balancing) or moved (enlarging), as its Records/ say"})
-    keep_donors: int = field(default=-1, metadata={"help": "with --label_dir: keep GradMix's image inside each placed nucleus grown by this many pixels, noised to every step (RePaint-style), so the placed nucleus is a real one; -1 = off"})
-    stride: int = field(default=0, metadata={"help": "patch grid stride in pixels (0 = image_size)"})
-    model_path: str = field(default="", metadata={"help": "checkpoint (.pt / .safetensors); config.json beside it is read"})
-    results_path: str = field(default="", metadata={"help": "output root; a run folder s<s>_<respacing>_p<percent> is made inside"})
-    run_name: str = field(default="", metadata={"help": "run folder name ('' = official s<s>_<respacing>_p<percent>[_<sampler>])"})
-    s: float = field(default=1.0, metadata={"help": "classifier-free guidance scale (>= 1; 1 = conditional only)"})
-    ddim_percent: float = field(default=100.0, metadata={"help": "percent of the respaced steps to run from the noised real patch; 100 = from pure noise"})
-    sampler: str = field(default="ddim", metadata={"help": "ddim, ddpm or dpmpp2m"})
-    solver_steps: int = field(default=0, metadata={"help": "dpmpp2m only: model calls from the start, evenly spaced in log-SNR on the trained steps (fast preset: --sampler dpmpp2m --solver_steps 10, benchmarks/RESULTS.md); 0 = one per respaced step"})
-    eta: float = field(default=0.0, metadata={"help": "DDIM eta (0 = deterministic)"})
-    clip_denoised: bool = field(default=True, metadata={"help": "clip the x0 prediction to [-1, 1]"})
-    batch_size: int = field(default=1, metadata={"help": "patches per model call"})
-    num_samples: int = field(default=0, metadata={"help": "cap on the number of outputs (0 = every patch x samples_per_map)"})
-    samples_per_map: int = field(default=1, metadata={"help": "samples (seeds) per patch of each label map"})
-    seed: int = field(default=0, metadata={"help": "base seed of every sample's noise"})
-    precision: str = field(default="auto", metadata={"help": "fp32, bf16 or fp16 autocast; auto = fp16 on CUDA if use_fp16 else fp32"})
-    fast: bool = field(default=True, metadata={"help": "cached SPADE + shared encoder (exact); false = official two full forwards"})
-    batched_guidance: bool = field(default=False, metadata={"help": "run both guidance branches as one doubled batch (GPU)"})
-    channels_last: bool = field(default=False, metadata={"help": "channels_last memory format"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model calls"})
-    device: str = field(default="", metadata={"help": "'' = this rank's CUDA device, else cpu"})
-    source_format: bool = field(default=False, metadata={"help": "pannuke/conic: also collect the outputs into the dataset's own arrays (<run>/source_format/, to append to yours)"})
-    figure_rows: int = field(default=8, metadata={"help": "rows of the real | label | synthetic figure (0 = none)"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
-    gpu: str = field(default="", metadata={"help": "official flag, ignored (use CUDA_VISIBLE_DEVICES)"})
-    use_ddim: bool = field(default=False, metadata={"help": "official flag, ignored (use --sampler)"})
+    data_dir: str = flag("", "dataset root or split folder with Images/ and Labels/ (real reference images)")
+    dataset_mode: str = dataset_mode_flag()
+    split: str = flag("Train", "split used when data_dir is a dataset root (pannuke/conic/lizard: Train = folds 1,2, Test = fold 3, all, or fold1,fold3)")
+    labels_merged: str = flag("auto", LABELS_MERGED_HELP)
+    label_dir: str = flag("", "GradMix output folder (<stem>__balance000.mat ...); '' = the dataset's own labels")
+    class_table: str = flag("", "custom mode: class mapping JSON ('' = identity over num_classes)")
+    idx_img: str = flag("", "comma list of image indices (sorted stems), image stems or label-map names; '' = all")
+    start: str = flag("real", "what SDEdit noises: real (the real patch, the paper's) or gradmix (GradMix's composed image of the same map, <label_dir>/Images/, gradmix.py --write_images true)")
+    changed_only: bool = flag(False, "with --label_dir: only the patches that hold a nucleus GradMix placed (balancing) or moved (enlarging), as its Records/ say")
+    keep_donors: int = flag(-1, "with --label_dir: keep GradMix's image inside each placed nucleus grown by this many pixels, noised to every step (RePaint-style), so the placed nucleus is a real one; -1 = off")
+    stride: int = flag(0, "patch grid stride in pixels (0 = image_size)")
+    model_path: str = flag("", "checkpoint (.pt / .safetensors); config.json beside it is read")
+    results_path: str = flag("", "output root; a run folder s<s>_<respacing>_p<percent> is made inside")
+    run_name: str = flag("", "run folder name ('' = official s<s>_<respacing>_p<percent>[_<sampler>])")
+    s: float = flag(1.0, "classifier-free guidance scale (>= 1; 1 = conditional only)")
+    ddim_percent: float = flag(100.0, "percent of the respaced steps to run from the noised real patch; 100 = from pure noise")
+    sampler: str = flag("ddim", "ddim, ddpm or dpmpp2m")
+    solver_steps: int = flag(0, "dpmpp2m only: model calls from the start, evenly spaced in log-SNR on the trained steps (fast preset: --sampler dpmpp2m --solver_steps 10, benchmarks/RESULTS.md); 0 = one per respaced step")
+    eta: float = flag(0.0, "DDIM eta (0 = deterministic)")
+    clip_denoised: bool = flag(True, "clip the x0 prediction to [-1, 1]")
+    batch_size: int = flag(1, "patches per model call")
+    num_samples: int = flag(0, "cap on the number of outputs (0 = every patch x samples_per_map)")
+    samples_per_map: int = flag(1, "samples (seeds) per patch of each label map")
+    seed: int = flag(0, "base seed of every sample's noise")
+    precision: str = flag("auto", "fp32, bf16 or fp16 autocast; auto = fp16 on CUDA if use_fp16 else fp32")
+    fast: bool = flag(True, "cached SPADE + shared encoder (exact); false = official two full forwards")
+    batched_guidance: bool = flag(False, "run both guidance branches as one doubled batch (GPU)")
+    channels_last: bool = flag(False, "channels_last memory format")
+    compile: bool = flag(False, "torch.compile the model calls")
+    device: str = flag("", "'' = this rank's CUDA device, else cpu")
+    source_format: bool = flag(False, "pannuke/conic: also collect the outputs into the dataset's own arrays (<run>/source_format/, to append to yours)")
+    figure_rows: int = flag(8, "rows of the real | label | synthetic figure (0 = none)")
+    progress: bool = flag(True, "show a progress bar")
+    gpu: str = flag("", "official flag, ignored (use CUDA_VISIBLE_DEVICES)")
+    use_ddim: bool = flag(False, "official flag, ignored (use --sampler)")
 
     def validate(self) -> None:
         problems = nonfinite_flags(self)
@@ -102,8 +105,6 @@ class SampleConfig:
         if not self.data_dir:
             raise DiffMixError("--data_dir is required (the real reference images)")
         if self.source_format:
-            from ..data.formats.export import ARRAY_FORMATS
-
             if self.dataset_mode.lower() not in ARRAY_FORMATS:
                 raise DiffMixError(f"--source_format applies to dataset_mode {' or '.join(ARRAY_FORMATS)}, "
                                    f"not {self.dataset_mode!r}")
@@ -143,8 +144,6 @@ def resolve_model_path(model_path: str) -> str:
         if not fileio.exists(model_path):
             raise DiffMixError(f"{model_path}: checkpoint not found (--model_path)")
         return model_path
-    from ..checkpoint_folder import newest_ema_checkpoint
-
     path, why = newest_ema_checkpoint(model_path)
     print(f"--model_path {model_path} is a training run folder: using {path} ({why})", file=sys.stderr)
     return path
@@ -168,8 +167,6 @@ def resolve_model_config(model_path: str, explicit: Dict[str, Any], defaults: Di
     values = dict(defaults)
     source = "flags"
     if saved is not None:
-        from ..pretrained import check_model_kind
-
         check_model_kind(saved, model_path, "sdm", "--model_path")  # e.g. a segmenter's model.safetensors
         if isinstance(saved.get("model"), dict):
             saved = saved["model"]
@@ -212,7 +209,7 @@ def load_model_and_diffusion(model_path: str, model_cfg: Dict[str, Any], device:
 def sampling_precision(cfg: SampleConfig, model_cfg: Dict[str, Any], device: torch.device) -> str:
     """The autocast precision to sample with (the shared policy of :mod:`guided_diffusion.precision`);
     fp16 sampling is refused on the CPU."""
-    precision = resolve_precision(cfg.precision, bool(model_cfg.get("use_fp16")), device)
+    precision = resolve_precision(cfg.precision, device, sdm_half(bool(model_cfg.get("use_fp16"))))
     if precision == "fp16" and device.type != "cuda":
         raise DiffMixError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
     return precision

@@ -8,7 +8,7 @@ for CoNSeP. A format module provides:
 * ``TABLE``: its :class:`~guided_diffusion.data.classes.ClassTable` (raw ids = merged ids, class
   names, ``minor`` = the rare classes GradMix balances by default);
 * ``list_samples(data_dir, split) -> [SampleFiles]`` and ``has_folds(data_dir) -> bool``;
-* ``read_image(files) -> uint8 [H, W, 3]`` and ``read_labels(files) -> (inst, raw type)``
+* ``read_image(files) -> uint8 [H, W, 3]`` (array formats through :func:`array_rgb`) and ``read_labels(files) -> (inst, raw type)``
   (int [H, W] each; both raise :class:`DiffMixError` naming the file);
 * for array formats, ``encode``/``write_arrays`` (the source-format writer, see :mod:`.export`).
 
@@ -34,11 +34,15 @@ import hashlib
 import importlib
 import io
 import os
+import threading
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
+from ... import fileio
 from ...errors import DiffMixError
+from ..image_arrays import rgb_scale, rgb_uint8
+from ..label_arrays import maps_from_arrays
 
 FORMAT_MODES = ("pannuke", "conic", "lizard")
 TRAIN_FOLDS = (1, 2)
@@ -140,8 +144,6 @@ def keep_split(items: List, folds_of: List[int], split: str, where: str) -> List
 
 def local_dir(data_dir: str, mode: str) -> str:
     """``data_dir`` as a local folder (these modes memory-map local files)."""
-    from ... import fileio
-
     data_dir = str(data_dir)
     if fileio.is_remote(data_dir):
         raise DiffMixError(f"{data_dir}: dataset_mode {mode} reads local files (memory-mapped); copy the dataset to a local disk")
@@ -186,14 +188,33 @@ def member_ref(path: str, index: int) -> str:
     return f"{path}[{index}]"
 
 
-def rgb_uint8(patch: np.ndarray, where: str) -> np.ndarray:
-    """A patch's RGB (any numeric dtype, values 0..255) as uint8 [H, W, 3] (rounded)."""
-    a = np.asarray(patch)
-    if a.dtype == np.uint8:
-        return np.array(a)  # a copy: callers may write into it, the memory map is read-only
-    if a.size and (not np.all(np.isfinite(a)) or a.min() < 0 or a.max() > 255):
-        raise DiffMixError(f"{where}: image values outside 0..255")
-    return np.ascontiguousarray(np.rint(a).astype(np.uint8))
+_SCALE_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=32)
+def _file_scale(path: str, mtime_ns: int, size: int):
+    """:func:`rgb_scale` of a file, or its error message: a refused file is scanned once, not once
+    per patch."""
+    try:
+        return rgb_scale(open_array(path), path)
+    except DiffMixError as err:
+        return str(err)
+
+
+def array_rgb(path: str, index: int, where: str) -> np.ndarray:
+    """Patch ``index`` of the RGB array file ``path`` as uint8 [H, W, 3].
+
+    The value range is decided once for the whole file (:func:`~guided_diffusion.data.image_arrays.rgb_scale`:
+    0..255, or floats in [0, 1] scaled; NaN / inf or other ranges refused naming ``path``), so
+    every patch of one file is read the same way. ``where`` names the patch in other errors.
+    """
+    arr = open_array(path)  # raises naming the file when it is gone or unreadable
+    st = os.stat(path)
+    with _SCALE_LOCK:  # the readers' threads would otherwise each scan a large file at once
+        scale = _file_scale(path, st.st_mtime_ns, st.st_size)
+    if isinstance(scale, str):
+        raise DiffMixError(scale)
+    return rgb_uint8(arr[index], where, scale=scale)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -207,8 +228,6 @@ def read_image(files) -> np.ndarray:
 def check_labels(files, table) -> Tuple[Optional[np.ndarray], Optional[np.ndarray], List[str]]:
     """Read and validate a sample's label maps without raising: ``(inst int32, type int32 merged,
     problems)`` (maps None on a problem; each problem names the file)."""
-    from ..label_arrays import maps_from_arrays
-
     try:
         inst, raw = get_format(files.format).read_labels(files)
     except DiffMixError as err:

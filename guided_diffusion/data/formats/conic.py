@@ -1,7 +1,7 @@
 """CoNIC as released: Lizard cut into 256x256 patches, in ``.npy`` arrays.
 
-``data_dir`` holds ``images.npy`` uint8 [N, 256, 256, 3], ``labels.npy`` [N, 256, 256, 2]
-(instance map, class map) and ``patch_info.csv`` (one row per patch, ``<source image>-<k>``, e.g.
+``data_dir`` holds ``images.npy`` uint8 [N, 256, 256, 3] (float copies: 0..255, or [0, 1] scaled),
+``labels.npy`` [N, 256, 256, 2] (instance map, class map) and ``patch_info.csv`` (one row per patch, ``<source image>-<k>``, e.g.
 ``consep_1-0003``; a header row ``patch_info`` is optional). Classes: 1 neutrophil, 2 epithelial,
 3 lymphocyte, 4 plasma, 5 eosinophil, 6 connective (not merged). Patches of one source image go to
 the same fold (see :mod:`guided_diffusion.data.formats`); a Lizard ``info.csv`` placed in
@@ -18,7 +18,7 @@ import numpy as np
 from ...errors import DiffMixError
 from ..classes import _table
 from ..readers import SampleFiles
-from . import check_array, csv_column, keep_split, local_dir, member_ref, open_array, rgb_uint8, source_folds
+from . import array_rgb, check_array, csv_column, keep_split, local_dir, member_ref, open_array, source_folds
 
 CLASS_NAMES = ("background", "neutrophil", "epithelial", "lymphocyte", "plasma", "eosinophil", "connective")
 # Neutrophils and eosinophils are each about 1-2 % of Lizard's nuclei.
@@ -69,7 +69,7 @@ def list_samples(data_dir: str, split: str = "Train") -> List[SampleFiles]:
 
 def read_image(files: SampleFiles) -> np.ndarray:
     images, _, i = files.member
-    return rgb_uint8(open_array(images)[i], files.image)
+    return array_rgb(images, i, files.image)
 
 
 def read_labels(files: SampleFiles) -> Tuple[np.ndarray, np.ndarray]:

@@ -1,6 +1,7 @@
 """PanNuke as released: three folds of 256x256 patches in ``.npy`` arrays.
 
-Per fold: ``images.npy`` float [N, 256, 256, 3] (values 0..255), ``masks.npy`` [N, 256, 256, 6]
+Per fold: ``images.npy`` float [N, 256, 256, 3] (values 0..255; a copy divided by 255, floats in
+[0, 1], is read as such, see :func:`~guided_diffusion.data.formats.array_rgb`), ``masks.npy`` [N, 256, 256, 6]
 whose channels are neoplastic, inflammatory, connective/soft tissue, dead, epithelial (instance
 ids, 0 = none) and background, and ``types.npy`` [N] (the tissue of each patch). The release
 unpacks to ``Fold 1/images/fold1/{images,types}.npy`` and ``Fold 1/masks/fold1/masks.npy``.
@@ -28,7 +29,7 @@ import numpy as np
 from ...errors import DiffMixError
 from ..classes import _table
 from ..readers import SampleFiles
-from . import check_array, keep_split, local_dir, member_ref, open_array, rgb_uint8
+from . import array_rgb, check_array, keep_split, local_dir, member_ref, open_array
 
 CHANNELS = ("neoplastic", "inflammatory", "connective", "dead", "epithelial")
 # 'dead' nuclei are by far the rarest PanNuke class (a few % of nuclei in every fold).
@@ -128,7 +129,7 @@ def list_samples(data_dir: str, split: str = "Train") -> List[SampleFiles]:
 
 def read_image(files: SampleFiles) -> np.ndarray:
     images, _, i, _ = files.member
-    return rgb_uint8(open_array(images)[i], files.image)
+    return array_rgb(images, i, files.image)
 
 
 def read_labels(files: SampleFiles) -> Tuple[np.ndarray, np.ndarray]:

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ... import fileio, runlock
+from ...checkpoints import load_state_dict, load_torch_file, mismatch_message, save_state_dict
 from ...config import flag, nonfinite_flags
 from ...errors import DiffMixError
 from ...train_state import derive_seed
@@ -190,8 +191,6 @@ def train_classifier(cfg: ClassifierConfig, crops: np.ndarray, labels: np.ndarra
     """
     from tqdm.auto import tqdm
 
-    from ...checkpoints import load_state_dict, load_torch_file, save_state_dict
-
     cfg.validate()
     labels = np.asarray(labels, np.int64)
     if crops.ndim != 4 or crops.shape[-1] != 3 or crops.dtype != np.uint8 or len(crops) != labels.size:
@@ -264,8 +263,6 @@ def train_classifier(cfg: ClassifierConfig, crops: np.ndarray, labels: np.ndarra
 
 def load_classifier(run_dir: str, device: str = "cpu") -> Tuple[ImageClassifier, dict]:
     """A finished classifier run's network (eval mode) and its ``config.json``."""
-    from ...checkpoints import load_state_dict
-
     cfg_path, model_path = fileio.join(run_dir, CONFIG), fileio.join(run_dir, MODEL)
     for p in (cfg_path, model_path, fileio.join(run_dir, RECORD)):
         if not fileio.exists(p):
@@ -277,10 +274,11 @@ def load_classifier(run_dir: str, device: str = "cpu") -> Tuple[ImageClassifier,
                                 int(s["stem_stride"]))
     except (KeyError, TypeError, ValueError) as err:
         raise DiffMixError(f"{cfg_path}: not a classifier config ({type(err).__name__}: {err})") from None
-    try:
-        model.load_state_dict(load_state_dict(model_path))
-    except RuntimeError:
-        raise DiffMixError(f"{model_path}: weights do not fit the network of {cfg_path}") from None
+    weights = load_state_dict(model_path)
+    mismatch = mismatch_message(model_path, weights, model.state_dict(), target=f"the network of {cfg_path}")
+    if mismatch:
+        raise DiffMixError(mismatch)
+    model.load_state_dict(weights)
     return model.to(device).eval(), config
 
 

@@ -29,6 +29,7 @@ import numpy as np
 from ... import fileio
 from ...data.classes import ClassTable, identity_table
 from ...data.labels import instance_table
+from ...data.layouts import GradMixLayout, SynthesisLayout
 from ...data.readers import LabeledImage, find_folder, read_dataset, read_samples
 from ...errors import DiffMixError
 
@@ -150,8 +151,8 @@ def from_samples(samples: Sequence[LabeledImage], size: int, changed=None, sourc
 
 def _run_records(path: str) -> Optional[str]:
     """The ``records/`` folder of a synthesis run folder, or None."""
-    folder = find_folder(path, "records")
-    return folder if folder and find_folder(path, "npy_patch") else None
+    folder = find_folder(path, SynthesisLayout.RECORDS)
+    return folder if folder and find_folder(path, SynthesisLayout.PATCHES) else None
 
 
 @dataclass
@@ -174,6 +175,7 @@ class SynthesisRun:
 
 def read_run(run_dir: str, table: ClassTable, progress: bool = True) -> SynthesisRun:
     """Read a synthesis run folder (``npy_patch/`` + ``records/``) and the real crops it started from."""
+    # gradmix (scipy) and downstream.data (torch, MONAI) load on first use: crops imports neither
     from ...gradmix import changed_mask
     from ..data import synthetic_files
 
@@ -225,12 +227,13 @@ def read_source(path: str, table: ClassTable, size: int, *, split: str = "Test",
 
     Synthetic sources hold merged classes already and are checked against ``table.num_classes``.
     """
+    # gradmix (scipy) and downstream.data (torch, MONAI) load on first use: crops imports neither
     from ...gradmix import changed_mask
     from ..data import synthetic_files
 
     if is_synthesis_run(path):
         return run_nuclei(read_run(path, table, progress), size)
-    if find_folder(path, "Records") and find_folder(path, "Images"):
+    if find_folder(path, GradMixLayout.RECORDS) and find_folder(path, GradMixLayout.IMAGES):
         merged = identity_table(table.num_classes, table.names, name=f"{table.name} (merged)")
         samples = read_samples(synthetic_files(path, table.num_classes), merged, what=f"GradMix images {path}",
                                progress=progress)
@@ -253,6 +256,7 @@ class RealNuclei:
 
 def read_real_nuclei(cfg, size: int, progress: bool = True) -> RealNuclei:
     """The train and held-out nuclei of ``cfg`` (a :class:`~guided_diffusion.downstream.data.RealSplits`)."""
+    # downstream.data and .train import torch and MONAI: they load on first use
     from ..data import split_overlap
     from ..train import resolve_table
 

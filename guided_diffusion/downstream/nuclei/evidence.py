@@ -32,7 +32,9 @@ from ... import fileio
 from ...config import flag
 from ...errors import DiffMixError
 from ...metrics.classification import binomial_ci, bootstrap_ci, class_scores, kid
+from ...plotting import pyplot, save_figure
 from ..data import RealSplits, refuse_listed_twice, split_list
+from ..study import command_line, machine
 from . import crops as C
 from .classifier import ClassifierConfig, load_classifier, predict, train_classifier, uses_masks
 
@@ -208,8 +210,6 @@ def plot_grid(synthetic: C.NucleusSet, control: C.NucleusSet, probs: np.ndarray,
               items: int, path: str) -> Optional[str]:
     """Best and worst changed nuclei of class ``rare`` by the classifier's probability of that class:
     synthetic crop above the control crop (real image, same place), predicted class in the title."""
-    from ...plotting import pyplot, save_figure
-
     pool = np.flatnonzero((synthetic.labels == rare) & synthetic.changed)
     if pool.size == 0:
         pool = np.flatnonzero(synthetic.labels == rare)
@@ -245,8 +245,6 @@ def run_evidence(cfg: EvidenceConfig, ccfg: ClassifierConfig, argv: Optional[Seq
     import sys
 
     import torch
-
-    from ..study import command_line, machine
 
     runs_dirs = split_list(cfg.synthetic_dirs)
     refuse_listed_twice(runs_dirs, "--synthetic_dirs")

@@ -28,6 +28,7 @@ from ... import fileio
 from ...config import flag
 from ...errors import DiffMixError
 from ...metrics.classification import bootstrap_mean_diff, class_scores, paired_test
+from ...plotting import bar_chart
 from ..data import RealSplits, refuse_listed_twice, split_list
 from ..study import ARMS, command_line, machine
 from . import crops as C
@@ -276,8 +277,6 @@ def format_comparison(result: Dict[str, Any]) -> str:
 def write_outputs(cfg: NucleusStudyConfig, result: Dict[str, Any]) -> None:
     import csv
     import io
-
-    from ...plotting import bar_chart
 
     out, names = cfg.out_dir, result["classes"]
     fileio.write_json(fileio.join(out, "summary.json"), result)

@@ -1,4 +1,4 @@
-"""Sampling pipeline: deterministic patches of image_size on a grid over each image.
+"""Synthesis patches: deterministic windows of image_size on a grid over each image.
 
 Each :class:`Patch` carries the real image window (the reference the sampler noises), the label
 maps it is synthesised from (the dataset's own labels, or GradMix's virtual maps named

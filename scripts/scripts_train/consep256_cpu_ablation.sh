@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One arm of the CPU recipe ablation (docs/REAL_DATA.md section 0c): stage 1 of consep256_cpu.sh
+# (same model, data, lr 2e-4, batch 4 of 128 px crops, EMA 0.995, seed 0, no label dropout) for STEPS
+# steps, plus the recipe options given as arguments, so that each option is compared at equal steps.
+#
+# Usage (from the repository root; re-running resumes from the newest complete checkpoint):
+#   OMP_NUM_THREADS=1 bash scripts/scripts_train/consep256_cpu_ablation.sh base600
+#   OMP_NUM_THREADS=1 bash scripts/scripts_train/consep256_cpu_ablation.sh tmax600 --t_max 540
+#   OMP_NUM_THREADS=1 bash scripts/scripts_train/consep256_cpu_ablation.sh rare600 --rare_crop_share 0.3
+#   OMP_NUM_THREADS=1 bash scripts/scripts_train/consep256_cpu_ablation.sh snr600 --snr_gamma 5
+#   OMP_NUM_THREADS=1 bash scripts/scripts_train/consep256_cpu_ablation.sh crop64x16 --image_size 64 --batch_size 16
+# Environment: DATA_DIR (default ../shared/data/consep256), OUT (default runs/sdm), STEPS (600),
+# SAVE_INTERVAL (200). Later flags override earlier ones (argparse), so an argument may replace a
+# setting of the base recipe (e.g. --image_size, --batch_size).
+set -euo pipefail
+
+NAME=${1:?usage: consep256_cpu_ablation.sh NAME [image_train.py flags...]}
+shift
+DATA_DIR=${DATA_DIR:-../shared/data/consep256}
+OUT=${OUT:-runs/sdm}
+
+"${PYTHON:-python}" scripts/image_train.py --data_dir "$DATA_DIR" --dataset_mode custom \
+  --image_size 128 --num_channels 32 --channel_mult 1,2,2,2 --num_res_blocks 1 \
+  --attention_resolutions 16 --num_head_channels 32 --spade_hidden 32 \
+  --diffusion_steps 1000 --learn_sigma True --noise_schedule linear \
+  --resblock_updown True --use_scale_shift_norm True --num_classes 5 --class_cond True --no_instance False \
+  --batch_size 4 --lr 2e-4 --drop_rate 0.0 --ema_rate 0.995 --save_interval "${SAVE_INTERVAL:-200}" \
+  --log_interval 10 --precision fp32 --seed 0 --max_steps "${STEPS:-600}" --progress False \
+  --log_dir "$OUT/$NAME" --resume_checkpoint latest "$@"  # latest: the newest complete checkpoint, if any
