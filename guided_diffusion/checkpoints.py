@@ -277,14 +277,21 @@ def _examples(keys: list[str], kind: str, n: int = 2) -> str:
     return f"{len(keys)} {kind} key{'s' if len(keys) != 1 else ''}: {shown}"
 
 
-def mismatch_message(source: str, sd: Mapping[str, torch.Tensor], msd: Mapping[str, torch.Tensor],
-                     strict: bool = True, target: str = "the model") -> Optional[str]:
-    """One line saying how the state dict ``sd`` (from ``source``) does not fit the model's ``msd``:
-    the count and first keys of each kind (mis-shaped with both shapes, missing, unexpected);
-    None when it fits (missing / unexpected keys count only with ``strict``)."""
+def key_differences(sd: Mapping[str, torch.Tensor], msd: Mapping[str, torch.Tensor]) -> tuple[list, list, list]:
+    """``(missing, unexpected, mis-shaped)`` keys of the state dict ``sd`` against the model's ``msd``."""
     missing = [k for k in msd if k not in sd]
     unexpected = [k for k in sd if k not in msd]
     mismatched = [k for k in msd if k in sd and tuple(sd[k].shape) != tuple(msd[k].shape)]
+    return missing, unexpected, mismatched
+
+
+def mismatch_message(source: str, sd: Mapping[str, torch.Tensor], msd: Mapping[str, torch.Tensor],
+                     strict: bool = True, target: str = "the model", diff: Optional[tuple] = None) -> Optional[str]:
+    """One line saying how the state dict ``sd`` (from ``source``) does not fit the model's ``msd``:
+    the count and first keys of each kind (mis-shaped with both shapes, missing, unexpected);
+    None when it fits (missing / unexpected keys count only with ``strict``). ``diff``: the
+    :func:`key_differences` of the two when the caller has them already."""
+    missing, unexpected, mismatched = diff or key_differences(sd, msd)
     if not (mismatched or (strict and (missing or unexpected))):
         return None
     parts = []
@@ -353,11 +360,9 @@ def load_model_weights(
         source = str(path_or_state_dict)
         sd = load_state_dict(source)
     msd = model.state_dict()
-    missing = [k for k in msd if k not in sd]
-    unexpected = [k for k in sd if k not in msd]
-    message = mismatch_message(source, sd, msd, strict)
+    missing, unexpected, mismatched = diff = key_differences(sd, msd)
+    message = mismatch_message(source, sd, msd, strict, diff=diff)
     if message:
-        mismatched = [k for k in msd if k in sd and tuple(sd[k].shape) != tuple(msd[k].shape)]
         hints = _mismatch_hints(model, sd, mismatched)
         if (missing or unexpected) and not hints:
             info = infer_config_from_state_dict(sd)

@@ -80,6 +80,14 @@ class ToyConfig:
             raise DiffMixError("; ".join(problems))
 
 
+def _tile_shape(size) -> Tuple[int, int]:
+    """``(height, width)`` of a tile ``size`` (side, or (height, width)); refused below 8 px."""
+    h, w = (size, size) if np.isscalar(size) else tuple(size)
+    if h < 8 or w < 8:
+        raise DiffMixError(f"toy tile size {h}x{w} is too small (minimum 8)")
+    return h, w
+
+
 def smooth_noise(shape: Tuple[int, int], cell: float, rng: np.random.Generator, aniso: float = 1.0) -> np.ndarray:
     """Smooth noise float32 [H, W], roughly unit variance: Gaussian noise on a coarse grid (one
     value per ``cell`` pixels, ``cell * aniso`` along y) upsampled bicubically (PIL: fast)."""
@@ -170,9 +178,7 @@ def make_toy_tile(
         ``(image uint8 [H, W, 3], inst_map int32 [H, W] (ids 1..N, 0 = background),
         type_map int32 [H, W] raw CoNSeP ids 0..7)``.
     """
-    h, w = (size, size) if np.isscalar(size) else tuple(size)
-    if h < 8 or w < 8:
-        raise DiffMixError(f"toy tile size {h}x{w} is too small (minimum 8)")
+    h, w = _tile_shape(size)
     config.validate()
     probs = np.asarray(config.class_probs, np.float64)
     rng = np.random.default_rng(seed)
@@ -308,8 +314,7 @@ def make_toy_dataset(
         raise DiffMixError(f"num_train ({num_train}) and num_test ({num_test}) must be >= 0")
     if seed < 0:
         raise DiffMixError(f"seed {seed}: must be >= 0")
-    if min((size, size) if np.isscalar(size) else tuple(size)) < 8:
-        raise DiffMixError(f"toy tile size {size} is too small (minimum 8)")
+    _tile_shape(size)
     config.validate()  # before anything is written
     record = _settings_record(num_train, num_test, size, seed, config)
     existing = _check_root(root, record)

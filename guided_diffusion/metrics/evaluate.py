@@ -256,8 +256,13 @@ def evaluate_folders(
         (stem, read_instance_labels(true_path, class_table), read_instance_labels(pred_path))
         for stem, true_path, pred_path in tqdm(triples, desc="evaluate", disable=not progress)
     )
-    result = evaluate_labels(pairs, radius, num_classes, match_iou, class_table)
-    result["settings"] = {"true_dir": true_dir, "pred_dir": pred_dir, **result["settings"]}
+    return _reported(evaluate_labels(pairs, radius, num_classes, match_iou, class_table), true_dir, pred_dir, out_dir)
+
+
+def _reported(result: dict, true_name: str, pred_dir: str, out_dir: Optional[str]) -> dict:
+    """``result`` with the ground truth and predictions named first in its settings, reports written
+    to ``out_dir`` when given."""
+    result["settings"] = {"true_dir": true_name, "pred_dir": pred_dir, **result["settings"]}
     if out_dir is not None:
         write_reports(result, out_dir)
     return result
@@ -294,8 +299,4 @@ def evaluate_dataset(
             inst, types = read_sample_labels(files, class_table)
             yield files.stem, labels_from_maps(inst, types, files.label), read_instance_labels(pred_files[files.stem])
 
-    result = evaluate_labels(pairs(), radius, num_classes, match_iou, class_table)
-    result["settings"] = {"true_dir": source, "pred_dir": pred_dir, **result["settings"]}
-    if out_dir is not None:
-        write_reports(result, out_dir)
-    return result
+    return _reported(evaluate_labels(pairs(), radius, num_classes, match_iou, class_table), source, pred_dir, out_dir)

@@ -25,6 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ... import fileio, runlock
+from ...completion import changed_settings
 from ...errors import DiffMixError
 from ..image_arrays import rgb_uint8
 from ..labels import write_label_mat
@@ -77,7 +78,7 @@ def check_output_folder(out_dir: str, settings: Dict, records: Sequence[str], id
         if os.path.isfile(path):
             record = fileio.read_json(path)
             theirs, mine = identity(record if isinstance(record, dict) else {}), identity(settings)
-            changed = [f"{k} {theirs[k]!r}, here {mine[k]!r}" for k in mine if theirs[k] != mine[k]]
+            changed = [f"{k} {theirs[k]!r}, here {mine[k]!r}" for k in changed_settings(theirs, mine, mine)]
             if changed:
                 raise DiffMixError(f"{out_dir}: {flag} holds another {what} ({'; '.join(changed)}; see {path}); "
                                    f"writing into it would mix the two: choose a new or empty {flag}")
