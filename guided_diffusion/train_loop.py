@@ -62,8 +62,8 @@ from .checkpoint_folder import ResumePlan, load_resume_checkpoint, plan_resume, 
 from .config import CONFIG_NAME, save_config
 from .errors import DiffMixError
 from .precision import autocast_context, resolve_precision, sdm_half
-from .resample import UniformSampler
-from .train_config import parse_ema_rates
+from .resample import UniformSampler, create_named_schedule_sampler
+from .train_config import TrainConfig, parse_ema_rates
 from .train_state import derive_seed
 
 # Official MixedPrecisionTrainer started at 2**20; its log2 scale grew by fp16_scale_growth per step.
@@ -141,6 +141,10 @@ class TrainLoop:
         snr_gamma: min-SNR-gamma weighting of the MSE term (0: off, the official loss).
         prepare_folder: create the run folder and write ``config.json`` now (False: the caller
             calls :meth:`prepare_folder` later, after its own checks).
+        gpu: the official DiffMix keyword, accepted and ignored (devices come from the launcher).
+
+    The package builds the loop from its typed settings with :meth:`from_config`; this keyword
+    form is the official API.
     """
 
     def __init__(
@@ -173,7 +177,7 @@ class TrainLoop:
         progress: bool = True,
         prepare_folder: bool = True,
         snr_gamma: float = 0.0,
-        gpu: Any = None,  # official keyword, ignored: devices come from the launcher
+        gpu: Any = None,
     ):
         self.model = model
         self.diffusion = diffusion
@@ -256,6 +260,43 @@ class TrainLoop:
 
         if prepare_folder:
             self.prepare_folder()
+
+    @classmethod
+    def from_config(cls, *, model: torch.nn.Module, diffusion: Any, data: Iterator, cfg: TrainConfig,
+                    use_fp16: bool = False, **overrides: Any) -> "TrainLoop":
+        """The loop of a :class:`~guided_diffusion.train_config.TrainConfig` (how the package builds it).
+
+        Each setting of ``cfg`` goes to the keyword of the same meaning; the named timestep sampler
+        is built on ``diffusion`` (``cfg.schedule_sampler``, ``cfg.t_max``). ``use_fp16`` is the
+        model setting (:class:`~guided_diffusion.config.ModelConfig`). ``overrides`` replace any
+        keyword, e.g. ``resume_checkpoint`` (a :class:`ResumePlan`), ``log_dir``, a resolved
+        ``precision``, ``config``, ``prepare_folder``.
+        """
+        kwargs: dict[str, Any] = dict(
+            batch_size=cfg.batch_size,
+            microbatch=cfg.microbatch,
+            lr=cfg.lr,
+            ema_rate=cfg.ema_rate,
+            drop_rate=cfg.drop_rate,
+            log_interval=cfg.log_interval,
+            save_interval=cfg.save_interval,
+            resume_checkpoint=cfg.resume_checkpoint,
+            fp16_scale_growth=cfg.fp16_scale_growth,
+            weight_decay=cfg.weight_decay,
+            lr_anneal_steps=cfg.lr_anneal_steps,
+            max_steps=cfg.max_steps,
+            log_dir=cfg.log_dir or None,
+            seed=cfg.seed,
+            grad_clip=cfg.grad_clip,
+            keep_checkpoints=cfg.keep_checkpoints,
+            precision=cfg.precision,
+            progress=cfg.progress,
+            snr_gamma=cfg.snr_gamma,
+        )
+        kwargs.update(overrides)
+        if kwargs.get("schedule_sampler") is None:
+            kwargs["schedule_sampler"] = create_named_schedule_sampler(cfg.schedule_sampler, diffusion, cfg.t_max)
+        return cls(model=model, diffusion=diffusion, data=data, use_fp16=use_fp16, **kwargs)
 
     def prepare_folder(self) -> None:
         """Create the run folder, delete a killed run's temporaries, write ``config.json`` (rank 0).

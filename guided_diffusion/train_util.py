@@ -39,7 +39,7 @@ from .checkpoint_folder import (  # noqa: F401  (the loop's checkpoint API, re-e
     valid_marker,
     write_checkpoint,
 )
-from .data.training import load_data
+from .data.training import DataSettings, load_data, open_batches  # noqa: F401  (load_data: official name)
 from .errors import DiffMixError
 from .precision import resolve_precision, sdm_half
 from .resample import create_named_schedule_sampler
@@ -87,23 +87,11 @@ def train(model_cfg: Any, train_cfg: TrainConfig, data: Optional[Iterator] = Non
     torch.manual_seed(train_cfg.seed)
     model, diffusion = create_model_and_diffusion(**model_cfg.to_dict())
     model.to(dist_util.dev())
+    # Built here, not in from_config, so a sampler setting that cannot work fails before the data is read.
     sampler = create_named_schedule_sampler(train_cfg.schedule_sampler, diffusion, train_cfg.t_max)
     if data is None:
         logger.log(f"reading {train_cfg.data_dir} ({train_cfg.dataset_mode})...")
-        data = load_data(
-            data_dir=train_cfg.data_dir,
-            dataset_mode=train_cfg.dataset_mode,
-            batch_size=train_cfg.batch_size,
-            image_size=model_cfg.image_size,
-            num_classes=model_cfg.num_classes,
-            no_instance=model_cfg.no_instance,
-            seed=train_cfg.seed,
-            split="Train" if train_cfg.is_train else "Test",
-            num_workers=train_cfg.num_workers,
-            progress=info.rank == 0,
-            labels_merged=train_cfg.labels_merged,
-            rare_crop_share=train_cfg.rare_crop_share,
-        )
+        data = open_batches(DataSettings.from_config(train_cfg, model_cfg, progress=info.rank == 0))
         data_classes = getattr(data, "num_classes", model_cfg.num_classes)
         if data_classes != model_cfg.num_classes:
             raise DiffMixError(
@@ -111,33 +99,18 @@ def train(model_cfg: Any, train_cfg: TrainConfig, data: Optional[Iterator] = Non
                 f"but --num_classes is {model_cfg.num_classes}"
             )
     # Builds the optimizer and loads the resume checkpoint (a bad file fails here, nothing written yet).
-    loop = TrainLoop(
+    loop = TrainLoop.from_config(
         model=model,
         diffusion=diffusion,
         data=data,
-        batch_size=train_cfg.batch_size,
-        microbatch=train_cfg.microbatch,
-        lr=train_cfg.lr,
-        ema_rate=train_cfg.ema_rate,
-        drop_rate=train_cfg.drop_rate,
-        log_interval=train_cfg.log_interval,
-        save_interval=train_cfg.save_interval,
-        resume_checkpoint=resume,
+        cfg=train_cfg,
         use_fp16=bool(getattr(model_cfg, "use_fp16", False)),
-        fp16_scale_growth=train_cfg.fp16_scale_growth,
         schedule_sampler=sampler,
-        weight_decay=train_cfg.weight_decay,
-        lr_anneal_steps=train_cfg.lr_anneal_steps,
-        max_steps=train_cfg.max_steps,
+        resume_checkpoint=resume,
         log_dir=log_dir,
-        seed=train_cfg.seed,
-        grad_clip=train_cfg.grad_clip,
-        keep_checkpoints=train_cfg.keep_checkpoints,
         precision=precision,
         config=flat_config(model_cfg, train_cfg, precision_resolved=precision, world_size=info.world_size),
-        progress=train_cfg.progress,
         prepare_folder=False,
-        snr_gamma=train_cfg.snr_gamma,
     )
 
     # Everything checked: from here on the run folder is written.

@@ -310,55 +310,98 @@ def shard_indices(n: int, rank: int, world: int) -> List[int]:
     return list(range(rank, n, world))
 
 
-def load_data(
-    *,
-    data_dir: str,
-    batch_size: int,
-    image_size: int,
-    dataset_mode: str,
-    class_table=None,
-    num_classes: Optional[int] = None,
-    no_instance: bool = False,
-    deterministic: bool = False,
-    random_flip: bool = True,
-    random_rotate: bool = True,
-    seed: int = 0,
-    split: str = "Train",
-    num_workers: int = 0,
-    image_folder: str = "Images",
-    label_folder: str = "Labels",
-    start_step: int = 0,
-    progress: bool = True,
-    labels_merged: str = "auto",
-    rare_crop_share: float = 0.0,
-) -> CropBatches:
-    """Training batches for the SDM U-Net (the official name ``load_data`` is kept).
-
-    Reads the split once into memory (validated; every problem reported together), shards it across
-    ranks (:func:`guided_diffusion.dist_util.rank_world`: the process group, else the launcher), and returns an infinite :class:`CropBatches`
-    iterator yielding ``(x, cond)`` -- see its docstring for shapes. Resume with ``start_step`` or
-    ``CropBatches.load_state_dict``.
+@dataclass(frozen=True)
+class DataSettings:
+    """What :func:`load_data` reads and how it crops: the keywords of the official ``load_data``.
 
     Args:
+        data_dir: dataset root holding ``<split>/<image_folder>`` and ``<split>/<label_folder>``.
+        batch_size: crops per step on this rank (>= 1); image_size: crop side S in pixels (>= 1).
         dataset_mode: one of ``DATASET_MODES`` (custom takes ``class_table`` or ``num_classes``;
             pannuke, conic and lizard read the datasets as distributed, ``split`` naming folds).
-        image_folder, label_folder: folder names inside the split (defaults: Images, Labels).
+        class_table, num_classes: the custom mode's classes, a table or a mapping-file path (see
+            :func:`~guided_diffusion.data.classes.resolve_class_table`).
+        no_instance: leave the instance-edge channel out of the condition.
+        deterministic: visit the files in listed order (no seeded shuffle).
+        random_flip, random_rotate: the crops' augmentation.
+        seed, start_step: the stream's seed and first global step (module docstring).
+        split: "Train"/"Test" (or a fold name); image_folder, label_folder: folder names inside it.
+        num_workers: DataLoader worker processes (0: in this process).
+        progress: show a progress bar while reading.
         labels_merged: "auto", "yes" or "no" (see :func:`guided_diffusion.data.readers.resolve_labels_form`).
-        rare_crop_share: share of rare-aware crops (module docstring); the rare classes are the
-            class table's :attr:`~guided_diffusion.data.classes.ClassTable.rare_classes`.
+        rare_crop_share: share in [0, 1] of rare-aware crops (module docstring); the rare classes are
+            the class table's :attr:`~guided_diffusion.data.classes.ClassTable.rare_classes`.
     """
-    if batch_size < 1 or image_size < 1:
-        raise DiffMixError(f"batch_size ({batch_size}) and image_size ({image_size}) must be positive")
-    table = resolve_class_table(dataset_mode, class_table, num_classes)
+
+    data_dir: str
+    batch_size: int
+    image_size: int
+    dataset_mode: str
+    class_table: Union[None, str, ClassTable] = None
+    num_classes: Optional[int] = None
+    no_instance: bool = False
+    deterministic: bool = False
+    random_flip: bool = True
+    random_rotate: bool = True
+    seed: int = 0
+    split: str = "Train"
+    num_workers: int = 0
+    image_folder: str = "Images"
+    label_folder: str = "Labels"
+    start_step: int = 0
+    progress: bool = True
+    labels_merged: str = "auto"
+    rare_crop_share: float = 0.0
+
+    @classmethod
+    def from_config(cls, train_cfg, model_cfg, progress: bool = True) -> "DataSettings":
+        """The data of a training run: a :class:`~guided_diffusion.train_config.TrainConfig` and a
+        :class:`~guided_diffusion.config.ModelConfig` (crop size, classes, instance channel)."""
+        return cls(
+            data_dir=train_cfg.data_dir,
+            dataset_mode=train_cfg.dataset_mode,
+            batch_size=train_cfg.batch_size,
+            image_size=model_cfg.image_size,
+            num_classes=model_cfg.num_classes,
+            no_instance=model_cfg.no_instance,
+            seed=train_cfg.seed,
+            split="Train" if train_cfg.is_train else "Test",
+            num_workers=train_cfg.num_workers,
+            progress=progress,
+            labels_merged=train_cfg.labels_merged,
+            rare_crop_share=train_cfg.rare_crop_share,
+        )
+
+
+def load_data(**settings) -> CropBatches:
+    """Training batches for the SDM U-Net (the official name and keyword form are kept).
+
+    The keywords are the fields of :class:`DataSettings` (``data_dir``, ``batch_size``,
+    ``image_size`` and ``dataset_mode`` required); see :func:`open_batches`.
+    """
+    return open_batches(DataSettings(**settings))
+
+
+def open_batches(settings: DataSettings) -> CropBatches:
+    """Read the split once into memory (validated; every problem reported together), shard it
+    across ranks (:func:`guided_diffusion.dist_util.rank_world`: the process group, else the
+    launcher), and return an infinite :class:`CropBatches` iterator yielding ``(x, cond)`` -- see
+    its docstring for shapes. Resume with ``settings.start_step`` or ``CropBatches.load_state_dict``.
+    """
+    s = settings
+    if s.batch_size < 1 or s.image_size < 1:
+        raise DiffMixError(f"batch_size ({s.batch_size}) and image_size ({s.image_size}) must be positive")
+    table = resolve_class_table(s.dataset_mode, s.class_table, s.num_classes)
     samples = read_dataset(
-        data_dir, table, split, image_folder, label_folder, min_size=image_size, progress=progress,
-        dataset_mode=dataset_mode,
-        labels_merged=labels_merged,
+        s.data_dir, table, s.split, s.image_folder, s.label_folder, min_size=s.image_size, progress=s.progress,
+        dataset_mode=s.dataset_mode,
+        labels_merged=s.labels_merged,
     )
     rank, world = rank_world()
-    rare = table.rare_classes if rare_crop_share > 0 else ()
-    dataset = TrainCropDataset(samples, image_size, random_flip=random_flip, random_rotate=random_rotate, rare_classes=rare)
+    rare = table.rare_classes if s.rare_crop_share > 0 else ()
+    dataset = TrainCropDataset(samples, s.image_size, random_flip=s.random_flip, random_rotate=s.random_rotate,
+                               rare_classes=rare)
     shard = shard_indices(len(samples), rank, world)
-    plan = CropPlan(shard, batch_size, seed, rank, deterministic,
-                    rare_images=[i for i in shard if len(dataset.rare_centres[i])], rare_share=rare_crop_share)
-    return CropBatches(dataset, plan, table.num_classes, no_instance, num_workers, start_step, table)
+    plan = CropPlan(shard, s.batch_size, s.seed, rank, s.deterministic,
+                    rare_images=[i for i in shard if len(dataset.rare_centres[i])], rare_share=s.rare_crop_share)
+    return CropBatches(dataset, plan, table.num_classes, s.no_instance, s.num_workers, s.start_step, table)
