@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -311,6 +312,23 @@ def test_evaluate_labels_over_arrays_equals_the_folder_evaluation(tmp_path):
         evaluate_labels([("a", labels_from_maps(np.zeros((8, 8), np.int32), None, "a"), pairs[0][2])])
     with pytest.raises(DiffMixError, match="nothing to evaluate"):
         evaluate_labels([])
+
+
+def test_evaluate_folders_scores_predictions_held_in_memory_as_their_files(tmp_path):
+    """A caller that just wrote its predictions passes them in memory: same scores, same pairing check."""
+    from guided_diffusion.metrics import labels_from_maps
+
+    true_dir, pred_dir = make_worked_folders(tmp_path)
+    held = {"a": labels_from_maps(*blob_map([(5, 6), (21, 5), (35, 5), (5, 50)], [1, 1, 2, 2]), "a pred"),
+            "b": labels_from_maps(*blob_map([(5, 5), (20, 5), (35, 5), (5, 50), (30, 30)], [2, 1, 3, 2, 3]), "b pred"),
+            "c": labels_from_maps(np.zeros((64, 64), np.int32), np.zeros((64, 64), np.int32), "c pred")}
+    files = evaluate_folders(str(true_dir), str(pred_dir), num_classes=4, progress=False)
+    memory = evaluate_folders(str(true_dir), str(pred_dir), num_classes=4, progress=False, predictions=held)
+    assert memory == files
+    os.remove(pred_dir / "c.mat")
+    with pytest.raises(DiffMixError, match="do not pair up"):
+        evaluate_folders(str(true_dir), str(pred_dir), num_classes=4, progress=False, predictions=held)
+
 
 def load_cli():
     spec = importlib.util.spec_from_file_location("evaluate_cli", REPO / "scripts" / "evaluate.py")

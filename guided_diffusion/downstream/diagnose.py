@@ -99,18 +99,23 @@ def pixel_counts(outputs: Dict[str, Any], inst_map: np.ndarray, type_map: np.nda
     return out
 
 
-def pixel_scores(model, net, samples, tile: int, device, dtype=None) -> Dict[str, Any]:
-    """Pooled pixel scores of ``model`` on labelled ``samples`` before post-processing: ``np_dice``
-    (nucleus pixels) and ``f1_type`` ``{"c": F1 of class-c pixels}`` (None where class c has no pixel
-    in truth or prediction). They do not depend on HoVer-Net's marker step, so they stay
-    comparable between runs whose instance scores that step decides (see the module docstring)."""
-    counts = sum(pixel_counts(predict_image(model, net, s.image, tile, device, dtype), s.inst_map, s.type_map,
-                              net.num_classes) for s in samples)
+def pixel_f1(counts: np.ndarray) -> Dict[str, Any]:
+    """Pooled pixel scores of summed :func:`pixel_counts` (int [num_classes, 3]): ``np_dice``
+    (nucleus pixels, row 0) and ``f1_type`` ``{"c": F1 of class-c pixels}`` for c >= 1 (None where
+    class c has no pixel in truth or prediction)."""
 
     def f1(tp, fp, fn):
         return float(2 * tp / (2 * tp + fp + fn)) if (2 * tp + fp + fn) else None
 
-    return {"np_dice": f1(*counts[0]), "f1_type": {str(c): f1(*counts[c]) for c in range(1, net.num_classes)}}
+    return {"np_dice": f1(*counts[0]), "f1_type": {str(c): f1(*counts[c]) for c in range(1, len(counts))}}
+
+
+def pixel_scores(model, net, samples, tile: int, device, dtype=None) -> Dict[str, Any]:
+    """Pooled pixel scores (:func:`pixel_f1`) of ``model`` on labelled ``samples`` before
+    post-processing. They do not depend on HoVer-Net's marker step, so they stay comparable between
+    runs whose instance scores that step decides (see the module docstring)."""
+    return pixel_f1(sum(pixel_counts(predict_image(model, net, s.image, tile, device, dtype), s.inst_map, s.type_map,
+                                     net.num_classes) for s in samples))
 
 
 def diagnose(run_dir: str, data_dir: str, split: str, table, tile: Optional[int] = None, device: str = "auto",

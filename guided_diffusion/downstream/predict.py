@@ -81,18 +81,37 @@ def predict_image(model: torch.nn.Module, net: NetConfig, image: np.ndarray, til
     return {k: v[0] for k, v in out.items()}
 
 
-def predict_arrays(model: torch.nn.Module, net: NetConfig, images: Iterable[Tuple[str, np.ndarray]], tile: int,
-                   device: torch.device, dtype: Optional[torch.dtype] = None, progress: bool = False,
-                   total: Optional[int] = None):
-    """Yield ``(stem, inst_map int32 [H, W], type_map int32 [H, W])`` for ``(stem, image)`` pairs
-    (an image below the minimum size raises when its turn comes: callers that write files check
-    them all first)."""
+def predict_outputs(model: torch.nn.Module, net: NetConfig, images: Iterable[Tuple[str, np.ndarray]], tile: int,
+                    device: torch.device, dtype: Optional[torch.dtype] = None, progress: bool = False,
+                    total: Optional[int] = None):
+    """Yield ``(stem, outputs, inst_map int32 [H, W], type_map int32 [H, W])`` for ``(stem, image)``
+    pairs: the network runs once per image, and its raw maps (``outputs``, as :func:`predict_image`)
+    come with their post-processed labels, so a caller that scores both predicts once. An image below
+    the minimum size raises when its turn comes (callers that write files check them all first)."""
     from tqdm.auto import tqdm
 
     check_input_size(net, tile, "--tile")
     for stem, image in tqdm(images, total=total, desc="predict", unit="image", disable=not progress):
         check_image_sizes([(stem, np.shape(image))], "the images to predict")
-        yield (stem, *postprocess(predict_image(model, net, image, tile, device, dtype)))
+        outputs = predict_image(model, net, image, tile, device, dtype)
+        yield (stem, outputs, *postprocess(outputs))
+
+
+def predict_arrays(model: torch.nn.Module, net: NetConfig, images: Iterable[Tuple[str, np.ndarray]], tile: int,
+                   device: torch.device, dtype: Optional[torch.dtype] = None, progress: bool = False,
+                   total: Optional[int] = None):
+    """Yield ``(stem, inst_map int32 [H, W], type_map int32 [H, W])`` for ``(stem, image)`` pairs
+    (:func:`predict_outputs` without the raw maps)."""
+    for stem, _, inst, types in predict_outputs(model, net, images, tile, device, dtype, progress, total):
+        yield stem, inst, types
+
+
+def write_prediction(out_dir: str, stem: str, inst_map: np.ndarray, type_map: np.ndarray, num_classes: int) -> str:
+    """Write one predicted label map as ``out_dir/<stem>.mat`` (atomically; the CoNSeP layout marked
+    ``classes_merged`` = 1 with the model's ``num_classes``). Returns the path."""
+    path = fileio.join(out_dir, stem + ".mat")
+    write_label_mat(path, inst_map, type_map, classes_merged=np.array(1), num_classes=np.array(num_classes))
+    return path
 
 
 def write_predictions(model: torch.nn.Module, net: NetConfig, data_dir: str, out_dir: str, split: str, tile: int,
@@ -107,12 +126,8 @@ def write_predictions(model: torch.nn.Module, net: NetConfig, data_dir: str, out
     # late in the split leaves no partial output (reading twice costs little beside the network).
     check_image_sizes(((images[s], read_rgb(images[s]).shape) for s in stems), f"images folder {folder}")
     pairs = ((s, read_rgb(images[s])) for s in stems)
-    written = []
-    for stem, inst, types in predict_arrays(model, net, pairs, tile, device, dtype, progress, len(stems)):
-        path = fileio.join(out_dir, stem + ".mat")
-        write_label_mat(path, inst, types, classes_merged=np.array(1), num_classes=np.array(net.num_classes))
-        written.append(path)
-    return written
+    return [write_prediction(out_dir, stem, inst, types, net.num_classes)
+            for stem, inst, types in predict_arrays(model, net, pairs, tile, device, dtype, progress, len(stems))]
 
 
 def default_tile(tile: Optional[int]) -> int:
@@ -120,15 +135,20 @@ def default_tile(tile: Optional[int]) -> int:
     return int(tile or HOVERNET_SIZE)
 
 
+def write_record(out_dir: str, run_dir: str, data_dir: str, split: str, tile: int, n_images: int, net: NetConfig) -> None:
+    """``out_dir/prediction.json``: what made the predictions of ``out_dir`` (written after them)."""
+    fileio.write_json(fileio.join(out_dir, RECORD), {
+        "run_dir": run_dir, "data_dir": data_dir, "split": split, "tile": tile, "n_images": n_images,
+        "net": net.to_dict(),
+    })
+
+
 def predict_folder(run_dir: str, data_dir: str, out_dir: str, split: str = "Test", tile: Optional[int] = None,
                    device: str = "auto", precision: str = "auto", progress: bool = True) -> List[str]:
     """:func:`write_predictions` with the network of a finished training run; ``out_dir/prediction.json``
-    (what made the predictions) is written last."""
+    (:func:`write_record`) is written last."""
     model, net, dev, dtype = load_segmenter(run_dir, device, precision)
     tile = default_tile(tile)
     written = write_predictions(model, net, data_dir, out_dir, split, tile, dev, dtype, progress)
-    fileio.write_json(fileio.join(out_dir, RECORD), {
-        "run_dir": run_dir, "data_dir": data_dir, "split": split, "tile": tile, "n_images": len(written),
-        "net": net.to_dict(),
-    })
+    write_record(out_dir, run_dir, data_dir, split, tile, len(written), net)
     return written

@@ -7,9 +7,10 @@ Arms (same network, same step budget, same batch size, several seeds each):
 * ``balance_enlarge`` -- real + balancing + *enlarging* patches;
 * ``gradmix`` (optional) -- real + GradMix images (cut-and-paste, no diffusion).
 
-Each arm x seed is trained (:func:`.train.train_segmenter`), predicts the held-out split
-(:func:`.predict.predict_folder`) and is scored with the project's metrics
-(:func:`guided_diffusion.metrics.evaluate_folders`). Its ``result.json`` is written last; a rerun
+Each arm x seed is trained (:func:`.train.train_segmenter`), predicts the held-out split once
+(the files :func:`.predict.predict_folder` writes) and is scored from those in-memory predictions
+with the project's metrics (:func:`guided_diffusion.metrics.evaluate_folders`) and the pixel scores
+before post-processing (:func:`.diagnose.pixel_f1`). Its ``result.json`` is written last; a rerun
 skips every arm x seed that has one (and resumes an interrupted training from its saved state).
 Then come ``results.csv`` (one row per run), ``summary.json`` and ``table.md`` (mean +- sample sd
 over seeds of Dice, AJI, PQ, detection F1 and F1 per class), ``f1_per_class.png`` (bars with sd
@@ -31,12 +32,12 @@ from .. import fileio
 from ..config import dataclass_to_argv, flag
 from ..data.readers import find_folder, read_dataset, resolve_split_dir
 from ..errors import DiffMixError, run_cli
-from ..metrics import evaluate_folders
+from ..metrics import evaluate_folders, labels_from_maps
 from ..plotting import bar_chart
 from . import data as ddata
-from .diagnose import pixel_scores
+from .diagnose import pixel_counts, pixel_f1, pixel_scores
 from .nets import check_image_sizes
-from .predict import predict_folder
+from .predict import default_tile, predict_outputs, write_prediction, write_record
 from .train import HoverTrainConfig, Pools, load_segmenter, resolve_table, train_segmenter, validate
 
 ARMS = {
@@ -317,15 +318,37 @@ def _worker(spec: str, arm: str, seed: str) -> None:
 
 
 def _pixel_scores(cfg: StudyConfig, settings: Dict[str, Any], run_dir: str, test_samples) -> Dict[str, Any]:
+    # Only for a result.json written before the study reported pixel scores (nothing else to compute).
     model, net, dev, dtype = load_segmenter(fileio.join(run_dir, "train"), cfg.device, cfg.precision)
     return pixel_scores(model, net, test_samples, settings["tile"], dev, dtype)
+
+
+def _predict(cfg: StudyConfig, settings: Dict[str, Any], train_dir: str, pred_dir: str, test_samples) -> tuple:
+    """Predict the held-out split once with the run's network: ``({stem: InstanceLabels}, pixel scores)``.
+
+    Each image's network outputs give its pixel counts (before post-processing) and its labels; the
+    labels are written to ``pred_dir`` as ``scripts/hovernet_predict.py`` writes them (with its
+    ``prediction.json``) and kept in memory for the instance scores."""
+    model, net, dev, dtype = load_segmenter(train_dir, cfg.device, cfg.precision)
+    tile = default_tile(settings["tile"])
+    counts = np.zeros((net.num_classes, 3), np.int64)
+    predicted = {}
+    images = ((s.files.stem, s.image) for s in test_samples)
+    outputs = predict_outputs(model, net, images, tile, dev, dtype, cfg.progress, len(test_samples))
+    for sample, (stem, out, inst, types) in zip(test_samples, outputs):
+        counts += pixel_counts(out, sample.inst_map, sample.type_map, net.num_classes)
+        path = write_prediction(pred_dir, stem, inst, types, net.num_classes)
+        # As read back from the file: marked with the model's classes.
+        predicted[stem] = dataclasses.replace(labels_from_maps(inst, types, path), marked_merged=net.num_classes)
+    write_record(pred_dir, train_dir, cfg.data_dir, cfg.test_split, tile, len(predicted), net)
+    return predicted, pixel_f1(counts)
 
 
 def run_arm_seed(cfg: StudyConfig, settings: Dict[str, Any], arm: str, seed: int, pools: Pools, test_labels: str,
                  test_samples) -> dict:
     """Train, predict and evaluate one arm x seed (or read its finished result).
 
-    ``test_samples``: the held-out split's labelled images (for the pixel scores)."""
+    ``test_samples``: the held-out split's labelled images (predicted once, for every score)."""
     run_dir = _run_dir(cfg, arm, seed)
     result_path = fileio.join(run_dir, RESULT)
     tcfg = train_config(cfg, settings, arm, seed, run_dir)
@@ -339,11 +362,10 @@ def run_arm_seed(cfg: StudyConfig, settings: Dict[str, Any], arm: str, seed: int
     record = train_segmenter(tcfg, pools)
     t1 = time.perf_counter()
     pred_dir = fileio.join(run_dir, "pred")
-    predict_folder(tcfg.out_dir, cfg.data_dir, pred_dir, cfg.test_split, settings["tile"], cfg.device, cfg.precision,
-                   cfg.progress)
+    predicted, pixel = _predict(cfg, settings, tcfg.out_dir, pred_dir, test_samples)
     t2 = time.perf_counter()
     ev = evaluate_folders(test_labels, pred_dir, class_table=pools.table, out_dir=fileio.join(run_dir, "eval"),
-                          progress=False)
+                          progress=False, predictions=predicted)
     cls = ev["classification"]
     # Every setting spelled out (not only those that differ from today's defaults); "" means unset.
     argv = dataclass_to_argv(dataclasses.replace(tcfg, progress=True), skip_defaults=False)
@@ -355,7 +377,7 @@ def run_arm_seed(cfg: StudyConfig, settings: Dict[str, Any], arm: str, seed: int
         **{k: ev["instance"][k] for k in ("dice", "aji", "pq")},
         "f1_detection": cls["f1_detection"], "type_accuracy": cls["type_accuracy"],
         "f1_type": {str(c): v for c, v in cls["f1_type"].items()},
-        "pixel": _pixel_scores(cfg, settings, run_dir, test_samples),
+        "pixel": pixel,
         "train_seconds": record["seconds"], "train_wall_seconds": t1 - t0, "predict_seconds": t2 - t1,
         "final_loss": record["final_loss_mean_last_10pct"], "synthetic_items": record["synthetic_items"],
         "items": record["items"],

@@ -20,7 +20,7 @@ Class merging (``class_table``, CLI ``--dataset_mode``)
 from __future__ import annotations
 
 import sys
-from typing import Iterable, Optional, Tuple
+from typing import Iterable, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -211,6 +211,7 @@ def evaluate_folders(
     progress: bool = True,
     class_table=None,
     labels_merged: str = "auto",
+    predictions: Optional[Mapping[str, InstanceLabels]] = None,
 ) -> dict:
     """Evaluate predicted label files against true ones, paired by file stem.
 
@@ -235,6 +236,9 @@ def evaluate_folders(
             ``result["warnings"]``.
         labels_merged: with ``class_table``: is the ground truth already merged? "auto" (decided
             from the ids present, with a notice), "yes" or "no".
+        predictions: ``{stem: InstanceLabels}`` of the files of ``pred_dir`` already held in memory
+            (e.g. by the caller that just wrote them, :func:`~guided_diffusion.metrics.labels.labels_from_maps`):
+            scored instead of reading those files again; the folders are paired all the same.
 
     Returns:
         dict with ``settings``, ``instance`` (means of the six metrics over images),
@@ -253,7 +257,8 @@ def evaluate_folders(
         )
     pairs = (
         # Predictions are expected in merged classes already: read without the table.
-        (stem, read_instance_labels(true_path, class_table), read_instance_labels(pred_path))
+        (stem, read_instance_labels(true_path, class_table),
+         predictions[stem] if predictions is not None else read_instance_labels(pred_path))
         for stem, true_path, pred_path in tqdm(triples, desc="evaluate", disable=not progress)
     )
     return _reported(evaluate_labels(pairs, radius, num_classes, match_iou, class_table), true_dir, pred_dir, out_dir)
