@@ -16,7 +16,7 @@ import argparse
 import dataclasses
 import os
 import typing
-from typing import Any, Mapping, Optional, Type, TypeVar
+from typing import Any, Callable, Mapping, Optional, Type, TypeVar
 
 from . import fileio
 from .errors import DiffMixError
@@ -31,13 +31,66 @@ def flag(default: Any, help: str) -> Any:
     return dataclasses.field(default=default, metadata={"help": help})
 
 
-def nonfinite_flags(cfg: Any) -> list:
+def nonfinite_flags(cfg: Any, prefix: str = "--") -> list:
     """One ``--name value: must be a finite number`` message per float field of the dataclass
     ``cfg`` holding NaN or inf (NaN passes every comparison such as ``lr <= 0``)."""
     import math
 
-    return [f"--{f.name} {getattr(cfg, f.name)}: must be a finite number" for f in dataclasses.fields(cfg)
+    return [f"{prefix}{f.name} {getattr(cfg, f.name)}: must be a finite number" for f in dataclasses.fields(cfg)
             if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name))]
+
+
+class SettingsCheck:
+    """The one way a settings dataclass is validated: every problem is collected, then all are raised
+    together in one :class:`DiffMixError`, joined with "; " (one line, as every command-line error:
+    docs/BAD_INPUT.md).
+
+    The float fields of ``cfg`` holding NaN or inf are reported first (:func:`nonfinite_flags`);
+    :meth:`need` then skips them, so one bad value gives one message. ``prefix`` is what names a
+    field in the messages ("--" for flags, "" for API-only settings). Typical use::
+
+        check = SettingsCheck(cfg)
+        check.need("lr", lambda v: v > 0, "> 0")              # --lr -1.0: must be > 0
+        check.add(cfg.eta and cfg.sampler != "ddim", "--eta applies to the ddim sampler only")
+        check.rule(check_precision, cfg.precision)             # a check that raises DiffMixError
+        check.done()                                           # raises when anything was recorded
+    """
+
+    def __init__(self, cfg: Any = None, prefix: str = "--"):
+        self.cfg = cfg
+        self.prefix = prefix
+        self.problems: list[str] = nonfinite_flags(cfg, prefix) if cfg is not None else []
+
+    def add(self, bad: Any, message: str) -> None:
+        """Record ``message`` when ``bad`` is true."""
+        if bad:
+            self.problems.append(message)
+
+    def need(self, name: str, ok: Callable[[Any], bool], rule: str) -> None:
+        """Record ``<prefix><name> <value>: must be <rule>`` unless ``ok(value)``. An unset (None)
+        value is not checked (unused by this run), nor a non-finite float (reported already)."""
+        import math
+
+        value = getattr(self.cfg, name)
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+            return
+        if not ok(value):
+            self.problems.append(f"{self.prefix}{name} {value}: must be {rule}")
+
+    def rule(self, check: Callable[..., T], *args: Any) -> Optional[T]:
+        """Run ``check(*args)``, a function that raises :class:`DiffMixError` on a problem: its
+        result, or None with its message recorded."""
+        try:
+            return check(*args)
+        except DiffMixError as err:
+            self.problems.append(str(err))
+            return None
+
+    def done(self) -> None:
+        """Raise every recorded problem in one :class:`DiffMixError` (each once: a nested check such
+        as :meth:`rule` may report a value again); nothing when there is none."""
+        if self.problems:
+            raise DiffMixError("; ".join(dict.fromkeys(self.problems)))
 
 
 def str2bool(v: Any) -> bool:

@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from . import fileio
-from .config import ModelConfig, flag, load_config_for_checkpoint, nonfinite_flags
+from .config import ModelConfig, SettingsCheck, flag, load_config_for_checkpoint
 from .data.classes import resolve_class_table
 from .data.layouts import GradMixLayout, SynthesisLayout
 from .data.readers import read_dataset
@@ -37,7 +37,7 @@ from .data.stats import dataset_statistics, write_statistics
 from .errors import DiffMixError
 from .gradmix.settings import GradMixConfig
 from .pretrained import DEFAULT_MODEL, REPO_ROOT, check_model_kind, describe
-from .report import write_report
+from .demo_report import write_report
 from .script_util import create_model_and_diffusion
 from .synthesis import SampleConfig, run_synthesis
 from .train_util import TrainConfig, find_latest_checkpoint, train
@@ -132,32 +132,22 @@ class DemoConfig:
     def validate(self) -> None:
         """Raise DiffMixError naming every bad flag of the resolved settings (None: unused by this
         preset), before anything is written."""
-        import math
-
-        problems = nonfinite_flags(self)
-
-        def need(name: str, ok, rule: str) -> None:
-            value = getattr(self, name)
-            finite = not isinstance(value, float) or math.isfinite(value)  # else reported above already
-            if value is not None and finite and not ok(value):
-                problems.append(f"--{name} {value}: must be {rule}")
-
+        check = SettingsCheck(self)
         for name in ("toy_train", "toy_size", "train_steps", "batch_size", "sample_batch_size", "log_interval",
                      "image_size", "num_channels", "num_res_blocks", "spade_hidden"):
-            need(name, lambda v: v >= 1, ">= 1")
+            check.need(name, lambda v: v >= 1, ">= 1")
         for name in ("seed", "toy_test", "finetune_steps", "margin", "num_balance", "num_enlarge",
                      "max_synthesis_maps", "num_classes"):
-            need(name, lambda v: v >= 0, ">= 0")
-        need("toy_rare_share", lambda v: 0 <= v <= 1, "in [0, 1]")
-        need("lr", lambda v: v > 0, "> 0")
-        need("finetune_lr", lambda v: v > 0, "> 0")
-        need("drop_rate", lambda v: 0 <= v <= 1, "in [0, 1]")
-        if problems:
-            raise DiffMixError("; ".join(problems))
+            check.need(name, lambda v: v >= 0, ">= 0")
+        check.need("toy_rare_share", lambda v: 0 <= v <= 1, "in [0, 1]")
+        check.need("lr", lambda v: v > 0, "> 0")
+        check.need("finetune_lr", lambda v: v > 0, "> 0")
+        check.need("drop_rate", lambda v: 0 <= v <= 1, "in [0, 1]")
         # Sampling flags by the synthesis stage's own rules (--s, --ddim_percent, --precision);
         # the two paths only satisfy its required-path checks.
-        SampleConfig(data_dir=".", results_path=".", s=self.s, ddim_percent=self.ddim_percent,
-                     precision=self.precision, seed=self.seed).validate()
+        check.rule(SampleConfig(data_dir=".", results_path=".", s=self.s, ddim_percent=self.ddim_percent,
+                                precision=self.precision, seed=self.seed).validate)
+        check.done()
 
 
 def _model_config(cfg: DemoConfig, num_classes: int):

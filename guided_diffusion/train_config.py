@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .config import flag, nonfinite_flags
+from .config import SettingsCheck, flag
 from .data.classes import LABELS_MERGED, LABELS_MERGED_HELP, dataset_mode_flag
 from .errors import DiffMixError
 from .precision import check_precision
@@ -72,48 +72,22 @@ def parse_ema_rates(ema_rate: Any) -> list[float]:
 
 
 def validate_train_config(cfg: TrainConfig) -> None:
-    """Raise :class:`DiffMixError` for settings that cannot work (checked before any heavy work)."""
-    problems = nonfinite_flags(cfg)
-    if cfg.batch_size < 1:
-        problems.append(f"--batch_size must be >= 1 (got {cfg.batch_size})")
-    if cfg.microbatch == 0 or cfg.microbatch < -1:
-        problems.append(f"--microbatch must be -1 (off) or >= 1 (got {cfg.microbatch})")
-    if not 0.0 <= cfg.drop_rate <= 1.0:
-        problems.append(f"--drop_rate must be in [0, 1] (got {cfg.drop_rate})")
-    if cfg.lr <= 0:
-        problems.append(f"--lr must be > 0 (got {cfg.lr})")
-    for name in ("log_interval", "save_interval"):
-        if getattr(cfg, name) < 1:
-            problems.append(f"--{name} must be >= 1 (got {getattr(cfg, name)})")
-    for name in ("lr_anneal_steps", "max_steps", "keep_checkpoints", "num_workers"):
-        if getattr(cfg, name) < 0:
-            problems.append(f"--{name} must be >= 0 (got {getattr(cfg, name)})")
-    if cfg.t_max < 0:
-        problems.append(f"--t_max must be >= 0 (got {cfg.t_max})")
-    if cfg.snr_gamma < 0:
-        problems.append(f"--snr_gamma must be >= 0 (got {cfg.snr_gamma})")
-    if not 0.0 <= cfg.rare_crop_share <= 1.0:
-        problems.append(f"--rare_crop_share must be in [0, 1] (got {cfg.rare_crop_share})")
-    if cfg.grad_clip < 0:
-        problems.append(f"--grad_clip must be >= 0 (got {cfg.grad_clip})")
-    if cfg.fp16_scale_growth <= 0:
-        problems.append(f"--fp16_scale_growth must be > 0 (got {cfg.fp16_scale_growth})")
-    try:
-        check_precision(cfg.precision)
-    except DiffMixError as err:
-        problems.append(str(err))
-    if cfg.labels_merged not in LABELS_MERGED:
-        problems.append(f"--labels_merged must be one of {', '.join(LABELS_MERGED)} (got {cfg.labels_merged!r})")
-    if cfg.schedule_sampler not in ("uniform", "loss-second-moment"):
-        problems.append(f"--schedule_sampler must be uniform or loss-second-moment (got {cfg.schedule_sampler!r})")
-    try:
-        parse_ema_rates(cfg.ema_rate)
-    except DiffMixError as err:
-        problems.append(str(err))
-    if len(problems) == 1:
-        raise DiffMixError(f"invalid training setting: {problems[0]}")
-    if problems:
-        raise DiffMixError("invalid training settings:\n  " + "\n  ".join(problems))
+    """Raise :class:`DiffMixError` naming every setting that cannot work (checked before any heavy work)."""
+    check = SettingsCheck(cfg)
+    for name in ("batch_size", "log_interval", "save_interval"):
+        check.need(name, lambda v: v >= 1, ">= 1")
+    check.need("microbatch", lambda v: v == -1 or v >= 1, "-1 (off) or >= 1")
+    for name in ("drop_rate", "rare_crop_share"):
+        check.need(name, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
+    for name in ("lr", "fp16_scale_growth"):
+        check.need(name, lambda v: v > 0, "> 0")
+    for name in ("lr_anneal_steps", "max_steps", "keep_checkpoints", "num_workers", "t_max", "snr_gamma", "grad_clip"):
+        check.need(name, lambda v: v >= 0, ">= 0")
+    check.rule(check_precision, cfg.precision)
+    check.need("labels_merged", lambda v: v in LABELS_MERGED, f"one of {', '.join(LABELS_MERGED)}")
+    check.need("schedule_sampler", lambda v: v in ("uniform", "loss-second-moment"), "uniform or loss-second-moment")
+    check.rule(parse_ema_rates, cfg.ema_rate)
+    check.done()
 
 
 def flat_config(model_cfg: Any, train_cfg: TrainConfig, **extra: Any) -> dict[str, Any]:

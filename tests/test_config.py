@@ -133,3 +133,31 @@ def test_create_model_and_diffusion_with_official_keywords():
     model, diffusion = script_util.create_model_and_diffusion(**kw)
     assert model.num_classes == 4 and model.out_channels == 6
     assert diffusion.num_timesteps == 10
+
+
+def test_settings_are_validated_in_one_style_every_problem_in_one_line():
+    """Every settings dataclass reports all its problems in one DiffMixError, joined with "; "; a
+    non-finite value is named once (as not finite), not again by its range rule."""
+    from guided_diffusion.gradmix.settings import GradMixConfig
+    from guided_diffusion.synthesis.settings import SampleConfig
+    from guided_diffusion.train_config import TrainConfig, validate_train_config
+
+    cases = [
+        (lambda: validate_train_config(TrainConfig(batch_size=0, lr=float("nan"), drop_rate=2.0)),
+         ["--batch_size 0: must be >= 1", "--lr nan: must be a finite number", "--drop_rate 2.0: must be in [0, 1]"]),
+        (lambda: SampleConfig(data_dir="", results_path="r", s=0.5, eta=float("inf")).validate(),
+         ["--s 0.5: the guidance scale must be >= 1", "--eta inf: must be a finite number", "--data_dir is required"]),
+        (lambda: GradMixConfig(data_dir="d", out_dir="o", kinds="shuffle", fraction=1.5, dilate=-1).validate(),
+         ["--kinds 'shuffle'", "--fraction 1.5: must be in [0, 1]", "--dilate -1: must be a non-negative integer"]),
+    ]
+    for run, fragments in cases:
+        with pytest.raises(DiffMixError) as err:
+            run()
+        message = str(err.value)
+        assert "\n" not in message and message.count("; ") == len(fragments) - 1, message
+        for fragment in fragments:
+            assert fragment in message, message
+        assert message.count("--lr nan") <= 1 and message.count("--eta inf") <= 1
+    check = config.SettingsCheck(TrainConfig())
+    check.need("batch_size", lambda v: v >= 1, ">= 1")
+    check.done()  # nothing recorded: no error

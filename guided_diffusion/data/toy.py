@@ -22,7 +22,6 @@ visible pixels (placements that would hide more than ``max_overlap`` of a nucleu
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence, Tuple, Union
 
@@ -32,6 +31,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from .. import fileio
+from ..config import SettingsCheck
 from ..errors import DiffMixError
 from .classes import CONSEP
 from .labels import instance_table, write_label_mat
@@ -67,17 +67,16 @@ class ToyConfig:
 
     def validate(self) -> None:
         """Raise :class:`DiffMixError` naming every setting out of its range (NaN included)."""
-        problems = [f"{name} {getattr(self, name)}: must be a finite number {rule}"
-                    for name, ok, rule in (("density", lambda v: v >= 0, ">= 0"), ("scale", lambda v: v > 0, "> 0"),
-                                           ("cluster_size", lambda v: v > 0, "> 0"),
-                                           ("max_overlap", lambda v: 0 <= v <= 1, "in [0, 1]"),
-                                           ("lumen", lambda v: 0 <= v <= 1, "in [0, 1]"))
-                    if not (math.isfinite(getattr(self, name)) and ok(getattr(self, name)))]
+        check = SettingsCheck(self, prefix="")
+        check.need("density", lambda v: v >= 0, ">= 0")
+        for name in ("scale", "cluster_size"):
+            check.need(name, lambda v: v > 0, "> 0")
+        for name in ("max_overlap", "lumen"):
+            check.need(name, lambda v: 0 <= v <= 1, "in [0, 1]")
         probs = np.asarray(self.class_probs, np.float64)
-        if probs.shape != (4,) or not np.isfinite(probs).all() or probs.min() < 0 or probs.sum() <= 0:
-            problems.append(f"class_probs must be 4 non-negative shares, got {self.class_probs}")
-        if problems:
-            raise DiffMixError("; ".join(problems))
+        check.add(probs.shape != (4,) or not np.isfinite(probs).all() or probs.min() < 0 or probs.sum() <= 0,
+                  f"class_probs must be 4 non-negative shares, got {self.class_probs}")
+        check.done()
 
 
 def _tile_shape(size) -> Tuple[int, int]:

@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from .. import fileio
-from ..config import dataclass_to_argv, flag
+from ..config import SettingsCheck, dataclass_to_argv, flag
 from ..data.readers import find_folder, read_dataset, resolve_split_dir
 from ..errors import DiffMixError, run_cli
 from ..metrics import evaluate_folders, labels_from_maps
@@ -106,9 +106,14 @@ def _source_groups(cfg: StudyConfig) -> Dict[str, str]:
 
 
 def resolve(cfg: StudyConfig) -> Dict[str, Any]:
-    """The preset with the explicitly given fields on top, plus the arm list and seed list."""
-    if cfg.preset not in PRESETS:
+    """The preset with the explicitly given fields on top, plus the arm list and seed list; raises
+    :class:`DiffMixError` naming every flag that cannot work."""
+    if cfg.preset not in PRESETS:  # every other setting is read on top of the preset
         raise DiffMixError(f"--preset {cfg.preset!r}: expected one of {', '.join(PRESETS)}")
+    check = SettingsCheck(cfg)
+    check.add(not cfg.out_dir, "--out_dir is required")
+    check.add(not cfg.data_dir, "--data_dir is required (the real dataset root)")
+    check.need("jobs", lambda v: v >= 1, ">= 1")
     out = dict(PRESETS[cfg.preset])
     for key in out:
         value = getattr(cfg, key)
@@ -117,23 +122,23 @@ def resolve(cfg: StudyConfig) -> Dict[str, Any]:
     try:
         out["seeds"] = [int(s) for s in ddata.split_list(out["seeds"])]
     except ValueError:
-        raise DiffMixError(f"--seeds {out['seeds']!r}: expected comma-separated integers") from None
-    if not out["seeds"] or len(set(out["seeds"])) != len(out["seeds"]):
-        raise DiffMixError(f"--seeds {out['seeds']!r}: expected distinct seeds")
-    if min(out["seeds"]) < 0:
-        raise DiffMixError(f"--seeds {','.join(map(str, out['seeds']))}: seeds must be >= 0")
+        check.add(True, f"--seeds {out['seeds']!r}: expected comma-separated integers")
+    else:
+        check.add(not out["seeds"] or len(set(out["seeds"])) != len(out["seeds"]),
+                  f"--seeds {out['seeds']!r}: expected distinct seeds")
+        check.add(out["seeds"] and min(out["seeds"]) < 0,
+                  f"--seeds {','.join(map(str, out['seeds']))}: seeds must be >= 0")
     arms = ddata.split_list(cfg.arms) or list(DEFAULT_ARMS) + (["gradmix"] if cfg.gradmix_dirs else [])
     unknown = [a for a in arms if a not in ARMS]
-    if unknown:
-        raise DiffMixError(f"--arms: unknown arm(s) {unknown}; expected {', '.join(ARMS)}")
+    check.add(unknown, f"--arms: unknown arm(s) {unknown}; expected {', '.join(ARMS)}")
     groups = _source_groups(cfg)
-    for arm in arms:
+    for arm in [a for a in arms if a in ARMS]:
         for g in ARMS[arm][1]:
-            if not ddata.split_list(groups[g]):
-                raise DiffMixError(f"arm {arm} needs --{g}_dirs (synthetic sources); or choose --arms")
+            check.add(not ddata.split_list(groups[g]), f"arm {arm} needs --{g}_dirs (synthetic sources); or choose --arms")
         # the arm's pool is the union of its groups: a folder in two of them would count twice
-        ddata.refuse_listed_twice([d for g in ARMS[arm][1] for d in ddata.split_list(groups[g])],
-                                  " / ".join(f"--{g}_dirs" for g in ARMS[arm][1]))
+        check.rule(ddata.refuse_listed_twice, [d for g in ARMS[arm][1] for d in ddata.split_list(groups[g])],
+                   " / ".join(f"--{g}_dirs" for g in ARMS[arm][1]))
+    check.done()
     out["arms"] = arms
     return out
 
@@ -423,15 +428,9 @@ def run_study(cfg: StudyConfig, argv: Optional[Sequence[str]] = None) -> Dict[st
     before anything is written."""
     import torch
 
-    if not cfg.out_dir:
-        raise DiffMixError("--out_dir is required")
-    if not cfg.data_dir:
-        raise DiffMixError("--data_dir is required (the real dataset root)")
-    if cfg.jobs < 1:
-        raise DiffMixError(f"--jobs {cfg.jobs}: must be >= 1")
+    settings = resolve(cfg)
     ddata.refuse_distributed_format(cfg.dataset_mode, "utility_study.py")  # scores a CoNSeP-layout Test split
     fileio.check_output_dir(cfg.out_dir, "--out_dir")
-    settings = resolve(cfg)
     identity = _check_study_folder(cfg, settings)
     table = resolve_table(cfg)
     if cfg.num_threads:

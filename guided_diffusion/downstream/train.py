@@ -23,7 +23,7 @@ import torch
 
 from .. import fileio, runlock
 from ..checkpoints import load_state_dict, load_torch_file, mismatch_message, save_state_dict
-from ..config import flag, load_config_for_checkpoint, nonfinite_flags
+from ..config import SettingsCheck, flag, load_config_for_checkpoint
 from ..data.classes import ClassTable, dataset_mode_flag, resolve_class_table
 from ..data.readers import LabeledImage
 from ..data.training import TrainCropDataset
@@ -79,30 +79,19 @@ class HoverTrainConfig:
 
 
 def validate(cfg: HoverTrainConfig) -> None:
-    problems = []
-    if not cfg.out_dir:
-        problems.append("--out_dir is required")
-    problems += nonfinite_flags(cfg)
-    if cfg.arch not in ARCHS:
-        problems.append(f"--arch {cfg.arch!r}: expected one of {', '.join(ARCHS)}")
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        problems.append(f"--steps ({cfg.steps}) and --batch_size ({cfg.batch_size}) must be >= 1")
-    if cfg.lr <= 0 or not 0 < cfg.lr_drop_at <= 1:
-        problems.append(f"--lr must be > 0 and --lr_drop_at in (0, 1] (got {cfg.lr}, {cfg.lr_drop_at})")
-    try:
-        check_precision(cfg.precision, PRECISIONS)
-    except DiffMixError as err:
-        problems.append(str(err))
-    if cfg.weight_decay < 0:
-        problems.append(f"--weight_decay {cfg.weight_decay}: must be >= 0")
-    if cfg.seed < 0:
-        problems.append(f"--seed {cfg.seed}: must be >= 0")
-    if cfg.save_interval < 1:
-        problems.append(f"--save_interval must be >= 1 (got {cfg.save_interval})")
-    if cfg.encoder_checkpoint and cfg.arch != "hovernet":
-        problems.append("--encoder_checkpoint is only used with --arch hovernet")
-    if problems:
-        raise DiffMixError("; ".join(problems))
+    """Raise :class:`DiffMixError` naming every setting of ``cfg`` that cannot work."""
+    check = SettingsCheck(cfg)
+    check.add(not cfg.out_dir, "--out_dir is required")
+    check.add(cfg.arch not in ARCHS, f"--arch {cfg.arch!r}: expected one of {', '.join(ARCHS)}")
+    for name in ("steps", "batch_size", "save_interval"):
+        check.need(name, lambda v: v >= 1, ">= 1")
+    check.need("lr", lambda v: v > 0, "> 0")
+    check.need("lr_drop_at", lambda v: 0 < v <= 1, "in (0, 1]")
+    check.rule(check_precision, cfg.precision, PRECISIONS)
+    for name in ("weight_decay", "seed"):
+        check.need(name, lambda v: v >= 0, ">= 0")
+    check.add(cfg.encoder_checkpoint and cfg.arch != "hovernet", "--encoder_checkpoint is only used with --arch hovernet")
+    check.done()
     if cfg.arch in ARCHS:
         check_input_size(cfg.net_config(2), cfg.crop_size, "--crop_size")
 

@@ -124,12 +124,11 @@ def run_gradmix(cfg: GradMixConfig) -> dict:
         Summary dict: ``written`` and ``skipped`` map names, ``settings``, and ``counts``
         (class counts, see :func:`class_count_summary`) when ``stats``.
     """
+    cfg.validate()
     counts = cfg.counts()
     num_balance, num_enlarge = counts["balance"], counts["enlarge"]
     radii = cfg.radii()
     stems = cfg.stem_list()
-    if not cfg.data_dir or not cfg.out_dir:
-        raise DiffMixError("--data_dir and --out_dir are required")
     fileio.check_output_dir(cfg.out_dir, "--out_dir")
     table = resolve_class_table(cfg.dataset_mode, cfg.class_table, cfg.num_classes)
     default_classes(table.num_classes)  # enough classes for GradMix
@@ -139,18 +138,6 @@ def run_gradmix(cfg: GradMixConfig) -> dict:
     bad = [c for c in minor_t + major_t if c >= table.num_classes]
     if bad:
         raise DiffMixError(f"classes {bad} do not exist: the {table.name} table has classes 1..{table.num_classes - 1}")
-    for value, name in ((cfg.max_shift, "max_shift"), (cfg.dilate, "dilate")):
-        if int(value) != value or value < 0:
-            raise DiffMixError(f"--{name} must be a non-negative integer, got {value}")
-    if num_balance == 0 and num_enlarge == 0:
-        raise DiffMixError("nothing to do: num_balance and num_enlarge are both 0")
-    for value, name in ((cfg.fraction, "fraction"), (cfg.enlarge_fraction, "enlarge_fraction")):
-        if not 0.0 <= float(value) <= 1.0:
-            raise DiffMixError(f"{name} must be in [0, 1], got {value}")
-    if cfg.size_ratio <= 0 or cfg.margin < 0 or int(cfg.max_tries) != cfg.max_tries or cfg.max_tries < 1:
-        raise DiffMixError(
-            f"need size_ratio > 0, margin >= 0 and an integer max_tries >= 1 (got {cfg.size_ratio}, {cfg.margin}, {cfg.max_tries})"
-        )
 
     samples = list_samples(cfg.data_dir, cfg.split, cfg.image_folder, cfg.label_folder, dataset_mode=cfg.dataset_mode)
     table = resolve_labels_form(table, [s.label for s in samples], cfg.labels_merged, what=f"dataset {cfg.data_dir}",

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
-from ..config import flag
+from ..config import SettingsCheck, flag
 from ..data.classes import LABELS_MERGED_HELP, dataset_mode_flag
 from ..errors import DiffMixError
 from . import BALANCE_DEFAULTS, ENLARGE_DEFAULTS, KINDS, OFFICIAL_MEDIAN_RADII
@@ -56,6 +56,23 @@ class GradMixConfig:
     progress: bool = flag(True, "show progress bars")
     verbose: bool = flag(True, "print notices and the class counts")
     cache_mb: float = flag(1024.0, "label maps read for the donor bank are kept up to this size for the edits")
+
+    def validate(self) -> None:
+        """Raise :class:`DiffMixError` naming every flag that cannot work (the class table's checks,
+        which need the dataset's table, come in :func:`~guided_diffusion.gradmix.pipeline.run_gradmix`)."""
+        check = SettingsCheck(self)
+        counts = check.rule(self.counts)
+        check.rule(self.radii)
+        check.add(not self.data_dir or not self.out_dir, "--data_dir and --out_dir are required")
+        for name in ("max_shift", "dilate"):
+            check.need(name, lambda v: int(v) == v and v >= 0, "a non-negative integer")
+        check.add(counts is not None and not any(counts.values()), "nothing to do: num_balance and num_enlarge are both 0")
+        for name in ("fraction", "enlarge_fraction"):
+            check.need(name, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
+        check.need("size_ratio", lambda v: v > 0, "> 0")
+        check.need("margin", lambda v: v >= 0, ">= 0")
+        check.need("max_tries", lambda v: int(v) == v and v >= 1, "an integer >= 1")
+        check.done()
 
     def counts(self) -> Dict[str, int]:
         """Maps per source image of each kind: ``--num_maps`` for the ``--kinds`` named, unless

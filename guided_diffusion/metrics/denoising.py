@@ -20,9 +20,8 @@ import numpy as np
 import torch
 
 from .. import samplers as smp
-from ..config import flag, nonfinite_flags
+from ..config import SettingsCheck, flag
 from ..data.classes import dataset_mode_flag
-from ..errors import DiffMixError
 
 
 @dataclasses.dataclass
@@ -43,17 +42,20 @@ class DenoisingConfig:
 
     def resolve(self) -> Tuple[List[str], List[int]]:
         """``(checkpoint paths, timesteps)``; raises :class:`DiffMixError` for unusable flags."""
+        check = SettingsCheck(self)
         paths = [s.strip() for s in self.model_paths.split(",") if s.strip()]
         try:
             timesteps = [int(t) for t in self.timesteps.split(",") if t.strip()]
         except ValueError:
-            raise DiffMixError(f"--timesteps {self.timesteps!r}: expected comma-separated integers") from None
-        problems = nonfinite_flags(self) + [m for bad, m in (
-            (not paths, "--model_paths is required"), (not self.data_dir, "--data_dir is required"),
-            (not timesteps, "--timesteps is empty"), (self.num_patches < 0, "--num_patches must be >= 0"),
-            (self.seed < 0, "--seed must be >= 0"), (self.batch_size < 1, "--batch_size must be >= 1")) if bad]
-        if problems:
-            raise DiffMixError(problems[0])
+            timesteps = None
+            check.add(True, f"--timesteps {self.timesteps!r}: expected comma-separated integers")
+        check.add(not paths, "--model_paths is required")
+        check.add(not self.data_dir, "--data_dir is required")
+        check.add(timesteps == [], "--timesteps is empty")
+        check.add(self.num_patches < 0, "--num_patches must be >= 0")
+        check.add(self.seed < 0, "--seed must be >= 0")
+        check.add(self.batch_size < 1, "--batch_size must be >= 1")
+        check.done()
         return paths, timesteps
 
 

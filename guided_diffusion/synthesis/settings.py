@@ -13,7 +13,8 @@ import torch
 from .. import fileio
 from ..checkpoint_folder import newest_ema_checkpoint
 from ..checkpoints import load_model_weights
-from ..config import CONFIG_NAME, ModelConfig, flag, nonfinite_flags, config_path_for_checkpoint, load_config_for_checkpoint
+from ..config import (CONFIG_NAME, ModelConfig, SettingsCheck, config_path_for_checkpoint, flag,
+                      load_config_for_checkpoint)
 from ..data.classes import LABELS_MERGED, LABELS_MERGED_HELP, dataset_mode_flag
 from ..data.formats.export import ARRAY_FORMATS
 from ..errors import DiffMixError
@@ -77,49 +78,37 @@ class SampleConfig:
     use_ddim: bool = flag(False, "official flag, ignored (use --sampler)")
 
     def validate(self) -> None:
-        problems = nonfinite_flags(self)
-        if problems:
-            raise DiffMixError(problems[0])
-        if self.labels_merged not in LABELS_MERGED:
-            raise DiffMixError(f"--labels_merged {self.labels_merged!r}: expected one of {', '.join(LABELS_MERGED)}")
-        if self.sampler not in SAMPLERS:
-            raise DiffMixError(f"--sampler {self.sampler!r}: expected one of {', '.join(SAMPLERS)}")
-        check_precision(self.precision)
-        if not (0 < self.ddim_percent <= 100):
-            raise DiffMixError(f"--ddim_percent {self.ddim_percent}: must be in (0, 100] (percent of the steps)")
-        if self.s < 1:
-            # The official sampler silently ignores s <= 1; a value below 1 is almost surely a mistake.
-            raise DiffMixError(f"--s {self.s}: the guidance scale must be >= 1 (1 = conditional model only)")
-        if self.solver_steps < 0 or (self.solver_steps and self.sampler != "dpmpp2m"):
-            raise DiffMixError(f"--solver_steps {self.solver_steps}: must be >= 0, and applies to --sampler dpmpp2m only "
-                               f"(got --sampler {self.sampler})")
-        if self.eta < 0:
-            raise DiffMixError(f"--eta {self.eta}: must be >= 0")
-        if self.eta and self.sampler != "ddim":
-            raise DiffMixError(f"--eta applies to the ddim sampler only (got --sampler {self.sampler})")
+        """Raise :class:`DiffMixError` naming every flag that cannot work."""
+        check = SettingsCheck(self)
+        check.add(self.labels_merged not in LABELS_MERGED,
+                  f"--labels_merged {self.labels_merged!r}: expected one of {', '.join(LABELS_MERGED)}")
+        check.add(self.sampler not in SAMPLERS, f"--sampler {self.sampler!r}: expected one of {', '.join(SAMPLERS)}")
+        check.rule(check_precision, self.precision)
+        check.need("ddim_percent", lambda v: 0 < v <= 100, "in (0, 100] (percent of the steps)")
+        # The official sampler silently ignores s <= 1; a value below 1 is almost surely a mistake.
+        check.add(self.s < 1, f"--s {self.s}: the guidance scale must be >= 1 (1 = conditional model only)")
+        check.add(self.solver_steps < 0 or (self.solver_steps and self.sampler != "dpmpp2m"),
+                  f"--solver_steps {self.solver_steps}: must be >= 0, and applies to --sampler dpmpp2m only "
+                  f"(got --sampler {self.sampler})")
+        check.need("eta", lambda v: v >= 0, ">= 0")
+        check.add(self.eta and self.sampler != "ddim", f"--eta applies to the ddim sampler only (got --sampler {self.sampler})")
         for name in ("batch_size", "samples_per_map"):
-            if getattr(self, name) < 1:
-                raise DiffMixError(f"--{name} {getattr(self, name)}: must be >= 1")
-        if self.num_samples < 0 or self.stride < 0 or self.figure_rows < 0:
-            raise DiffMixError("--num_samples, --stride and --figure_rows must be >= 0")
-        if not self.data_dir:
-            raise DiffMixError("--data_dir is required (the real reference images)")
-        if self.source_format:
-            if self.dataset_mode.lower() not in ARRAY_FORMATS:
-                raise DiffMixError(f"--source_format applies to dataset_mode {' or '.join(ARRAY_FORMATS)}, "
-                                   f"not {self.dataset_mode!r}")
-        if not self.results_path:
-            raise DiffMixError("--results_path is required")
-        if self.start not in STARTS:
-            raise DiffMixError(f"--start {self.start!r}: expected one of {', '.join(STARTS)}")
-        if self.start == "gradmix" and not self.label_dir:
-            raise DiffMixError("--start gradmix needs --label_dir (a GradMix output folder with Images/)")
-        if self.keep_donors < -1:
-            raise DiffMixError(f"--keep_donors {self.keep_donors}: must be -1 (off) or a ring width >= 0 in pixels")
-        if self.keep_donors >= 0 and not self.label_dir:
-            raise DiffMixError("--keep_donors needs --label_dir (a GradMix output folder with Images/ and Records/)")
-        if self.changed_only and not self.label_dir:
-            raise DiffMixError("--changed_only True needs --label_dir (a GradMix output folder with Records/)")
+            check.need(name, lambda v: v >= 1, ">= 1")
+        for name in ("num_samples", "stride", "figure_rows"):
+            check.need(name, lambda v: v >= 0, ">= 0")
+        check.add(not self.data_dir, "--data_dir is required (the real reference images)")
+        check.add(self.source_format and self.dataset_mode.lower() not in ARRAY_FORMATS,
+                  f"--source_format applies to dataset_mode {' or '.join(ARRAY_FORMATS)}, not {self.dataset_mode!r}")
+        check.add(not self.results_path, "--results_path is required")
+        check.add(self.start not in STARTS, f"--start {self.start!r}: expected one of {', '.join(STARTS)}")
+        check.add(self.start == "gradmix" and not self.label_dir,
+                  "--start gradmix needs --label_dir (a GradMix output folder with Images/)")
+        check.need("keep_donors", lambda v: v >= -1, "-1 (off) or a ring width >= 0 in pixels")
+        check.add(self.keep_donors >= 0 and not self.label_dir,
+                  "--keep_donors needs --label_dir (a GradMix output folder with Images/ and Records/)")
+        check.add(self.changed_only and not self.label_dir,
+                  "--changed_only True needs --label_dir (a GradMix output folder with Records/)")
+        check.done()
 
 
 def default_run_name(cfg: SampleConfig, timestep_respacing: str) -> str:

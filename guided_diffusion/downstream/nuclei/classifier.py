@@ -25,7 +25,6 @@ network's outputs are their logits in that order.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -35,7 +34,7 @@ from torch import nn
 
 from ... import fileio, runlock
 from ...checkpoints import load_state_dict, load_torch_file, mismatch_message, save_state_dict
-from ...config import flag, nonfinite_flags
+from ...config import SettingsCheck, flag
 from ...errors import DiffMixError
 from ...train_state import derive_seed
 
@@ -60,27 +59,19 @@ class ClassifierConfig:
     save_interval: int = flag(250, "save the resumable state every this many steps (with out_dir)")
 
     def validate(self) -> None:
-        problems = []
+        """Raise :class:`DiffMixError` naming every setting that cannot work."""
+        check = SettingsCheck(self)
         for name in ("width", "steps", "batch_size", "save_interval"):
-            v = getattr(self, name)
-            if int(v) != v or v < 1:
-                problems.append(f"--{name} must be an integer >= 1 (got {v})")
-        if self.width < 8:
-            # Below 8 channels per stage, the CPU convolution kernels of torch 2.13 abort the process.
-            problems.append(f"--width must be >= 8 (got {self.width})")
-        if self.stem_stride not in (1, 2):
-            problems.append(f"--stem_stride must be 1 or 2 (got {self.stem_stride})")
-        problems += nonfinite_flags(self)
-        for name, lo, hi in (("lr", 0.0, math.inf), ("lr_drop_at", 0.0, 1.0)):
-            if not lo < getattr(self, name) <= hi:
-                problems.append(f"--{name} {getattr(self, name)}: must be in ({lo:g}, {hi:g}]")
-        for name, hi in (("weight_decay", math.inf), ("jitter", 1.0)):
-            if not 0 <= getattr(self, name) <= hi:
-                problems.append(f"--{name} {getattr(self, name)}: must be in [0, {hi:g}]")
-        if int(self.seed) != self.seed or self.seed < 0:
-            problems.append(f"--seed must be a non-negative integer (got {self.seed})")
-        if problems:
-            raise DiffMixError("; ".join(problems))
+            check.need(name, lambda v: int(v) == v and v >= 1, "an integer >= 1")
+        # Below 8 channels per stage, the CPU convolution kernels of torch 2.13 abort the process.
+        check.need("width", lambda v: v >= 8, ">= 8")
+        check.need("stem_stride", lambda v: v in (1, 2), "1 or 2")
+        check.need("lr", lambda v: v > 0, "> 0")
+        check.need("lr_drop_at", lambda v: 0 < v <= 1, "in (0, 1]")
+        check.need("weight_decay", lambda v: v >= 0, ">= 0")
+        check.need("jitter", lambda v: 0 <= v <= 1, "in [0, 1]")
+        check.need("seed", lambda v: int(v) == v and v >= 0, "a non-negative integer")
+        check.done()
 
 
 class ImageClassifier(nn.Module):

@@ -29,7 +29,7 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 
 from ... import fileio
-from ...config import flag
+from ...config import SettingsCheck, flag
 from ...errors import DiffMixError
 from ...metrics.classification import binomial_ci, bootstrap_ci, class_scores, kid
 from ...plotting import pyplot, save_figure
@@ -247,15 +247,15 @@ def run_evidence(cfg: EvidenceConfig, ccfg: ClassifierConfig, argv: Optional[Seq
     import torch
 
     runs_dirs = split_list(cfg.synthetic_dirs)
-    refuse_listed_twice(runs_dirs, "--synthetic_dirs")
-    if not cfg.out_dir or not cfg.data_dir or not runs_dirs:
-        raise DiffMixError("--out_dir, --data_dir and --synthetic_dirs are required")
-    if min(cfg.n_boot, cfg.kid_subsets, cfg.c2st_folds, cfg.c2st_steps, cfg.crop_size) < 1 or cfg.grid_items < 0:
-        raise DiffMixError("--n_boot, --kid_subsets, --c2st_folds, --c2st_steps and --crop_size must be >= 1, "
-                           "--grid_items >= 0")
-    if cfg.c2st_groups not in ("tile", "image"):
-        raise DiffMixError(f"--c2st_groups {cfg.c2st_groups!r}: expected tile or image")
-    ccfg.validate()
+    check = SettingsCheck(cfg)
+    check.rule(refuse_listed_twice, runs_dirs, "--synthetic_dirs")
+    check.add(not cfg.out_dir or not cfg.data_dir or not runs_dirs, "--out_dir, --data_dir and --synthetic_dirs are required")
+    for name in ("n_boot", "kid_subsets", "c2st_folds", "c2st_steps", "crop_size"):
+        check.need(name, lambda v: v >= 1, ">= 1")
+    check.need("grid_items", lambda v: v >= 0, ">= 0")
+    check.add(cfg.c2st_groups not in ("tile", "image"), f"--c2st_groups {cfg.c2st_groups!r}: expected tile or image")
+    check.rule(ccfg.validate)
+    check.done()
     fileio.check_output_dir(cfg.out_dir, "--out_dir")
     for d in runs_dirs:
         fileio.check_not_input(cfg.out_dir, {"--data_dir": cfg.data_dir, "--synthetic_dirs": d,

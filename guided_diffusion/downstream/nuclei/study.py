@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from ... import fileio
-from ...config import flag
+from ...config import SettingsCheck, flag
 from ...errors import DiffMixError
 from ...metrics.classification import bootstrap_mean_diff, class_scores, paired_test
 from ...plotting import bar_chart
@@ -65,9 +65,13 @@ def _sources(cfg: NucleusStudyConfig) -> Dict[str, List[str]]:
 
 
 def resolve(cfg: NucleusStudyConfig, ccfg: ClassifierConfig):
-    """``(arms, seeds, classifier settings)`` after the preset."""
-    if cfg.preset not in PRESETS:
+    """``(arms, seeds, classifier settings)`` after the preset; raises :class:`DiffMixError` naming
+    every flag that cannot work."""
+    if cfg.preset not in PRESETS:  # the classifier settings are read on top of the preset
         raise DiffMixError(f"--preset {cfg.preset!r}: expected one of {', '.join(PRESETS)}")
+    check = SettingsCheck(cfg)
+    check.add(not cfg.out_dir or not cfg.data_dir, "--out_dir and --data_dir are required")
+    check.add(cfg.n_boot < 1 or cfg.crop_size < 4, "--n_boot must be >= 1 and --crop_size >= 4")
     preset = dict(PRESETS[cfg.preset])
     seeds_text = cfg.seeds if cfg.seeds is not None else preset.pop("seeds")
     preset.pop("seeds", None)
@@ -75,21 +79,21 @@ def resolve(cfg: NucleusStudyConfig, ccfg: ClassifierConfig):
     try:
         seeds = [int(s) for s in str(seeds_text).split(",") if s.strip()]
     except ValueError:
-        raise DiffMixError(f"--seeds {seeds_text!r}: expected comma-separated integers") from None
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise DiffMixError(f"--seeds {seeds_text!r}: expected distinct non-negative integers")
+        seeds = None
+        check.add(True, f"--seeds {seeds_text!r}: expected comma-separated integers")
+    check.add(seeds is not None and (not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0),
+              f"--seeds {seeds_text!r}: expected distinct non-negative integers")
     sources = _sources(cfg)
-    refuse_listed_twice([cfg.data_dir] + [d for g in sources.values() for d in g], "--data_dir / --*_dirs")
+    check.rule(refuse_listed_twice, [cfg.data_dir] + [d for g in sources.values() for d in g], "--data_dir / --*_dirs")
     arms = [a.strip() for a in cfg.arms.split(",") if a.strip()] or [
         a for a, (_, groups) in ARMS.items() if all(sources[g] for g in groups)]
     unknown = [a for a in arms if a not in ARMS]
-    if unknown:
-        raise DiffMixError(f"--arms: unknown arm(s) {unknown}; expected {', '.join(ARMS)}")
-    for arm in arms:
+    check.add(unknown, f"--arms: unknown arm(s) {unknown}; expected {', '.join(ARMS)}")
+    for arm in [a for a in arms if a in ARMS]:
         missing = [g for g in ARMS[arm][1] if not sources[g]]
-        if missing:
-            raise DiffMixError(f"arm {arm} needs --{missing[0]}_dirs; or choose --arms")
-    ccfg.validate()
+        check.add(missing, f"arm {arm} needs --{missing[0] if missing else ''}_dirs; or choose --arms")
+    check.rule(ccfg.validate)
+    check.done()
     return arms, seeds, ccfg
 
 
@@ -193,10 +197,6 @@ def run_study(cfg: NucleusStudyConfig, ccfg: ClassifierConfig, argv: Optional[Se
     """Run (or resume) the study; every source is read and checked before anything is written."""
     import torch
 
-    if not cfg.out_dir or not cfg.data_dir:
-        raise DiffMixError("--out_dir and --data_dir are required")
-    if cfg.n_boot < 1 or cfg.crop_size < 4:
-        raise DiffMixError("--n_boot must be >= 1 and --crop_size >= 4")
     arms, seeds, ccfg = resolve(cfg, ccfg)
     identity = _check_folder(cfg, ccfg)
     fileio.check_output_dir(cfg.out_dir, "--out_dir")
