@@ -37,13 +37,13 @@ from scipy import ndimage
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from guided_diffusion import fileio  # noqa: E402
 from guided_diffusion.data.classes import CONSEP  # noqa: E402
 from guided_diffusion.data.labels import instance_table  # noqa: E402
 from guided_diffusion.data.readers import list_samples, read_label_file  # noqa: E402
 from guided_diffusion.data.toy import ToyConfig, make_toy_dataset  # noqa: E402
 from guided_diffusion.gradmix import GradMixConfig, run_gradmix  # noqa: E402
 from guided_diffusion.gradmix.image import disk  # noqa: E402
+from guided_diffusion.infra import fileio  # noqa: E402
 
 TOY = ToyConfig(density=6.0, class_probs=(0.15, 0.30, 0.30, 0.25))
 

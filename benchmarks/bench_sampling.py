@@ -21,8 +21,8 @@ import torch
 
 from guided_diffusion import samplers as smp
 from guided_diffusion import synthesis as syn
-from guided_diffusion.config import ModelConfig, str2bool
 from guided_diffusion.data import build_condition
+from guided_diffusion.infra.config import ModelConfig, str2bool
 from guided_diffusion.script_util import create_model_and_diffusion
 
 

@@ -57,11 +57,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import common  # noqa: E402  (benchmarks/common.py)
-from guided_diffusion import fileio  # noqa: E402
 from guided_diffusion import samplers as smp  # noqa: E402
 from guided_diffusion import synthesis as syn  # noqa: E402
-from guided_diffusion.config import ModelConfig, str2bool  # noqa: E402
-from guided_diffusion.errors import DiffMixError, run_cli  # noqa: E402
+from guided_diffusion.infra import fileio  # noqa: E402
+from guided_diffusion.infra.config import ModelConfig, str2bool  # noqa: E402
+from guided_diffusion.infra.errors import DiffMixError, run_cli  # noqa: E402
 
 FidelityFn = Callable[[np.ndarray, np.ndarray, np.ndarray], Dict[str, float]]
 

@@ -48,7 +48,7 @@ def run_setting(args: argparse.Namespace, use_checkpoint: bool) -> dict:
 
     from guided_diffusion import logger
     from guided_diffusion import train_util as tu
-    from guided_diffusion.config import ModelConfig
+    from guided_diffusion.infra.config import ModelConfig
     from guided_diffusion.script_util import create_model_and_diffusion
 
     torch.set_num_threads(args.threads)

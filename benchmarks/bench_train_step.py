@@ -41,7 +41,7 @@ import torch.utils.checkpoint  # noqa: E402
 import common  # noqa: E402  (benchmarks/common.py)
 from guided_diffusion import logger  # noqa: E402
 from guided_diffusion import train_util as tu  # noqa: E402
-from guided_diffusion.config import ModelConfig  # noqa: E402
+from guided_diffusion.infra.config import ModelConfig  # noqa: E402
 from guided_diffusion.script_util import create_model_and_diffusion  # noqa: E402
 from guided_diffusion.unet import AttentionBlock  # noqa: E402
 

@@ -14,7 +14,7 @@ import platform
 import time
 from typing import Any, Callable
 
-from guided_diffusion.errors import DiffMixError
+from guided_diffusion.infra.errors import DiffMixError
 
 
 def perturb_weights(model: Any, std: float = 0.02, seed: int = 0) -> Any:

@@ -56,8 +56,8 @@ from typing import Any, Callable, Dict, Optional
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from guided_diffusion import fileio  # noqa: E402
-from guided_diffusion.errors import DiffMixError, run_cli  # noqa: E402
+from guided_diffusion.infra import fileio  # noqa: E402
+from guided_diffusion.infra.errors import DiffMixError, run_cli  # noqa: E402
 
 import common  # noqa: E402  (benchmarks/common.py)
 
@@ -219,7 +219,7 @@ def build_sdm(cfg: dict, device, seed: int = 0, perturb: bool = True):
     initialises in seconds on a GPU), weights perturbed unless ``perturb`` is False."""
     import torch
 
-    from guided_diffusion.config import ModelConfig
+    from guided_diffusion.infra.config import ModelConfig
     from guided_diffusion.script_util import create_model_and_diffusion
 
     torch.manual_seed(seed)

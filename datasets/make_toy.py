@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 
-from guided_diffusion import fileio
 from guided_diffusion.data.toy import DEFAULT_CLASS_PROBS, ToyConfig, make_toy_dataset
-from guided_diffusion.config import HelpFormatter
-from guided_diffusion.errors import DiffMixError, run_cli
+from guided_diffusion.infra import fileio
+from guided_diffusion.infra.config import HelpFormatter
+from guided_diffusion.infra.errors import DiffMixError, run_cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:

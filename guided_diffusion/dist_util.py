@@ -4,7 +4,7 @@ How a run is launched decides how the process group is formed:
 
 - ``torchrun --nproc_per_node N [--nnodes M ...] scripts/image_train.py ...``: torchrun exports
   ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; we join with ``env://``.
-- ``mpiexec -n N python scripts/image_train.py ...`` (any launcher of :mod:`guided_diffusion.launcher`): ranks come from mpi4py (an optional import; the
+- ``mpiexec -n N python scripts/image_train.py ...`` (any launcher of :mod:`guided_diffusion.infra.launcher`): ranks come from mpi4py (an optional import; the
   ``mpich`` PyPI package provides an MPI), rank 0 picks a free TCP port and broadcasts it.
 - a plain ``python ...``: a one-process group over an in-memory store, so code that calls
   ``torch.distributed`` collectives (the loss-aware timestep sampler, the logger) works unchanged.
@@ -24,9 +24,9 @@ from typing import Any, Iterable, Optional
 import torch
 import torch.distributed as dist
 
-from .checkpoints import load_state_dict  # noqa: F401  (guided-diffusion's dist_util.load_state_dict name)
-from .errors import DiffMixError
-from .launcher import LaunchRank, launch_rank
+from .infra.checkpoints import load_state_dict  # noqa: F401  (guided-diffusion's dist_util.load_state_dict name)
+from .infra.errors import DiffMixError
+from .infra.launcher import LaunchRank, launch_rank
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import torch as th
 from tqdm.auto import tqdm
 
 from . import samplers
-from .errors import DiffMixError
+from .infra.errors import DiffMixError
 from .losses import discretized_gaussian_log_likelihood, normal_kl
 from .samplers import extract_into_tensor as _extract_into_tensor  # noqa: F401  (official name)
 

@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 
 import torch.distributed as dist
 
-from . import fileio
+from .infra import fileio
 
 DEBUG, INFO, WARN, ERROR, DISABLED = 10, 20, 30, 40, 50
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .errors import DiffMixError
+from .infra.errors import DiffMixError
 
 
 def create_named_schedule_sampler(name: str, diffusion, t_max: int = 0) -> "ScheduleSampler":

@@ -13,7 +13,7 @@ import numpy as np
 import torch as th
 
 from . import gaussian_diffusion as gd
-from .errors import DiffMixError
+from .infra.errors import DiffMixError
 
 
 def space_timesteps(num_timesteps: int, section_counts: Union[str, Sequence[int]]) -> Set[int]:

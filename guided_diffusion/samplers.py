@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .errors import DiffMixError
+from .infra.errors import DiffMixError
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # keep(x, abar) -> x with a known region replaced by a reference noised to level abar (1.0 = clean).

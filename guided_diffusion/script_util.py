@@ -3,7 +3,7 @@
 Keeps the openai/guided-diffusion + SDM public names (``model_and_diffusion_defaults``,
 ``create_model``, ``create_model_and_diffusion``, ``add_dict_to_argparser``, ``args_to_dict``,
 ``str2bool``) with the same keyword names and defaults; the defaults themselves live in
-:class:`guided_diffusion.config.ModelConfig`.
+:class:`guided_diffusion.infra.config.ModelConfig`.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 from typing import Any, Iterable, Mapping
 
-from .config import ModelConfig, str2bool
 from .data.condition import condition_channels
-from .errors import DiffMixError
+from .infra.config import ModelConfig, str2bool
+from .infra.errors import DiffMixError
 from .respace import create_gaussian_diffusion
 from .unet import UNetModel
 
@@ -178,7 +178,7 @@ def create_model_and_diffusion(
     use_new_attention_order,
     spade_hidden=128,
 ):
-    """(model, diffusion) from the official flat settings (see :class:`~guided_diffusion.config.ModelConfig`)."""
+    """(model, diffusion) from the official flat settings (see :class:`~guided_diffusion.infra.config.ModelConfig`)."""
     model = create_model(
         image_size,
         num_classes,

@@ -3,10 +3,10 @@
 ``guided_diffusion.train_util`` keeps the names code written for guided-diffusion / SDM imports
 (``TrainLoop``, ``update_ema``, ...); the pieces live in their own modules:
 
-* :mod:`.train_config` -- ``TrainConfig`` (flags), validation, the flat ``config.json``;
-* :mod:`.train_state` -- seeds, RNG and timestep-sampler state in a ``weights_only`` form;
-* :mod:`.train_loop` -- ``TrainLoop`` (steps, EMA, mixed precision, logging);
-* :mod:`.checkpoint_folder` -- the run folder's checkpoints: names, markers, resume and save.
+* :mod:`.infra.train_config` -- ``TrainConfig`` (flags), validation, the flat ``config.json``;
+* :mod:`.infra.train_state` -- seeds, RNG and timestep-sampler state in a ``weights_only`` form;
+* :mod:`.infra.train_loop` -- ``TrainLoop`` (steps, EMA, mixed precision, logging);
+* :mod:`.infra.checkpoint_folder` -- the run folder's checkpoints: names, markers, resume and save.
 
 Set-up order of :func:`train`: every user input is checked before anything is written (settings,
 ``--resume_checkpoint`` and the "folder already holds checkpoints" case, the model, the dataset,
@@ -20,8 +20,10 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from . import dist_util, fileio, logger, runlock
-from .checkpoint_folder import (  # noqa: F401  (the loop's checkpoint API, re-exported)
+from . import dist_util, logger
+from .data.training import DataSettings, load_data, open_batches  # noqa: F401  (load_data: official name)
+from .infra import fileio, runlock
+from .infra.checkpoint_folder import (  # noqa: F401  (the loop's checkpoint API, re-exported)
     ResumePlan,
     check_fresh_start,
     checkpoint_filenames,
@@ -39,27 +41,26 @@ from .checkpoint_folder import (  # noqa: F401  (the loop's checkpoint API, re-e
     valid_marker,
     write_checkpoint,
 )
-from .data.training import DataSettings, load_data, open_batches  # noqa: F401  (load_data: official name)
-from .errors import DiffMixError
-from .precision import resolve_precision, sdm_half
-from .resample import create_named_schedule_sampler
-from .script_util import create_model_and_diffusion
-from .train_config import TrainConfig, flat_config, parse_ema_rates, validate_train_config  # noqa: F401
-from .train_loop import INITIAL_LOG_LOSS_SCALE, TrainLoop, drop_condition, log_loss_dict, update_ema  # noqa: F401
-from .train_state import (  # noqa: F401
+from .infra.errors import DiffMixError
+from .infra.precision import resolve_precision, sdm_half
+from .infra.train_config import TrainConfig, flat_config, parse_ema_rates, validate_train_config  # noqa: F401
+from .infra.train_loop import INITIAL_LOG_LOSS_SCALE, TrainLoop, drop_condition, log_loss_dict, update_ema  # noqa: F401
+from .infra.train_state import (  # noqa: F401
     capture_global_rng,
     derive_seed,
     load_sampler_state,
     restore_global_rng,
     sampler_state,
 )
+from .resample import create_named_schedule_sampler
+from .script_util import create_model_and_diffusion
 
 
 def train(model_cfg: Any, train_cfg: TrainConfig, data: Optional[Iterator] = None) -> TrainLoop:
     """Run a whole training job (set-up, model, data, loop); returns the finished loop.
 
-    ``model_cfg`` is a :class:`guided_diffusion.config.ModelConfig`. ``data`` replaces the dataset
-    reader (tests, custom pipelines). Call inside :func:`guided_diffusion.errors.run_cli`.
+    ``model_cfg`` is a :class:`guided_diffusion.infra.config.ModelConfig`. ``data`` replaces the dataset
+    reader (tests, custom pipelines). Call inside :func:`guided_diffusion.infra.errors.run_cli`.
 
     Every user input is checked before anything is written: settings, the resume file and the
     "folder already holds checkpoints" case, the model, the dataset, and the resume checkpoint

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .errors import DiffMixError
+from .infra.errors import DiffMixError
 from .nn import SiLU, autocast_disabled, checkpoint, normalization, timestep_embedding, zero_module
 
 SPADE_HIDDEN = 128  # hidden width of the SPADE label branch in the official code (the default)

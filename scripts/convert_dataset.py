@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 
-from guided_diffusion import fileio
-from guided_diffusion.config import HelpFormatter, str2bool
 from guided_diffusion.data.formats import FORMAT_MODES
-from guided_diffusion.errors import DiffMixError, run_cli
+from guided_diffusion.infra import fileio
+from guided_diffusion.infra.config import HelpFormatter, str2bool
+from guided_diffusion.infra.errors import DiffMixError, run_cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 
-from guided_diffusion import fileio
 from guided_diffusion.data.classes import DATASET_MODES, LABELS_MERGED, LABELS_MERGED_HELP, resolve_class_table
 from guided_diffusion.data.stats import (
     dataset_statistics,
@@ -20,8 +19,9 @@ from guided_diffusion.data.stats import (
     write_comparison,
     write_statistics,
 )
-from guided_diffusion.config import HelpFormatter
-from guided_diffusion.errors import DiffMixError, run_cli
+from guided_diffusion.infra import fileio
+from guided_diffusion.infra.config import HelpFormatter
+from guided_diffusion.infra.errors import DiffMixError, run_cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import argparse
 
-from guided_diffusion import fileio, metrics
+from guided_diffusion import metrics
 from guided_diffusion.data.classes import DATASET_MODES, LABELS_MERGED, LABELS_MERGED_HELP, resolve_class_table
 from guided_diffusion.data.formats import is_format
-from guided_diffusion.errors import DiffMixError, run_cli
+from guided_diffusion.infra import fileio
+from guided_diffusion.infra.errors import DiffMixError, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,10 +11,10 @@ import argparse
 import shlex
 import sys
 
-from guided_diffusion import fileio
-from guided_diffusion.config import HelpFormatter
-from guided_diffusion.errors import run_cli
-from guided_diffusion.pretrained import export_model
+from guided_diffusion.app.pretrained import export_model
+from guided_diffusion.infra import fileio
+from guided_diffusion.infra.config import HelpFormatter
+from guided_diffusion.infra.errors import run_cli
 
 
 def main(argv=None) -> None:

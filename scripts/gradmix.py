@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 
-from guided_diffusion.config import HelpFormatter, add_dataclass_args, dataclass_from_args
-from guided_diffusion.errors import run_cli
 from guided_diffusion import gradmix  # its modules load at first use: --help stays fast
 from guided_diffusion.gradmix.settings import GradMixConfig
+from guided_diffusion.infra.config import HelpFormatter, add_dataclass_args, dataclass_from_args
+from guided_diffusion.infra.errors import run_cli
 
 
 def parse_args(argv=None) -> GradMixConfig:

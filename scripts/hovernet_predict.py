@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import argparse
 
-from guided_diffusion import fileio
-from guided_diffusion.config import HelpFormatter
 from guided_diffusion.downstream.cli import add_inference_flags, add_run_flags, apply_threads
-from guided_diffusion.errors import run_cli
+from guided_diffusion.infra import fileio
+from guided_diffusion.infra.config import HelpFormatter
+from guided_diffusion.infra.errors import run_cli
 
 
 def main(argv=None) -> list:

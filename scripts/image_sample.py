@@ -20,9 +20,9 @@ import argparse
 import dataclasses
 import sys
 
-from guided_diffusion import fileio
-from guided_diffusion.config import ModelConfig, add_dataclass_args, dataclass_from_args
-from guided_diffusion.errors import run_cli
+from guided_diffusion.infra import fileio
+from guided_diffusion.infra.config import ModelConfig, add_dataclass_args, dataclass_from_args
+from guided_diffusion.infra.errors import run_cli
 from guided_diffusion.synthesis import (
     DEFAULT_TIMESTEP_RESPACING,
     SAMPLING_ONLY_MODEL_KEYS,

@@ -1,7 +1,7 @@
 """Train the SDM/DiffMix semantic diffusion model on a labelled nuclei dataset.
 
 The flags are the official ``image_train.py`` ones (model/diffusion settings from
-``guided_diffusion.config.ModelConfig``, training settings from ``guided_diffusion.train_util.TrainConfig``),
+``guided_diffusion.infra.config.ModelConfig``, training settings from ``guided_diffusion.train_util.TrainConfig``),
 so the official command lines work; see ``python scripts/image_train.py --help``.
 
 Examples:
@@ -27,8 +27,8 @@ import sys
 from typing import Optional, Sequence
 
 from guided_diffusion import dist_util
-from guided_diffusion.config import ModelConfig, add_dataclass_args, dataclass_from_args
-from guided_diffusion.errors import run_cli
+from guided_diffusion.infra.config import ModelConfig, add_dataclass_args, dataclass_from_args
+from guided_diffusion.infra.errors import run_cli
 from guided_diffusion.train_util import TrainConfig, train
 
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 
-from guided_diffusion.config import HelpFormatter, add_dataclass_args, dataclass_from_args
-from guided_diffusion.errors import run_cli
+from guided_diffusion.infra.config import HelpFormatter, add_dataclass_args, dataclass_from_args
+from guided_diffusion.infra.errors import run_cli
 
 
 def main(argv=None) -> dict:

@@ -20,8 +20,8 @@ import argparse
 import dataclasses
 import sys
 
-from guided_diffusion.config import add_dataclass_args, dataclass_from_args
-from guided_diffusion.errors import run_cli
+from guided_diffusion.infra.config import add_dataclass_args, dataclass_from_args
+from guided_diffusion.infra.errors import run_cli
 
 
 def main(argv=None) -> list:
@@ -36,8 +36,8 @@ def main(argv=None) -> list:
     import numpy as np
     import torch
 
-    from guided_diffusion import fileio
-    from guided_diffusion.config import ModelConfig, load_config_for_checkpoint
+    from guided_diffusion.infra import fileio
+    from guided_diffusion.infra.config import ModelConfig, load_config_for_checkpoint
     from guided_diffusion.data import build_condition
     from guided_diffusion.data.condition import image_to_tensor
     from guided_diffusion.data.patches import sampling_patches

@@ -21,11 +21,11 @@ import pytest
 import torch
 
 from data_helpers import write_mat
-from guided_diffusion import fileio
-from guided_diffusion.checkpoints import save_state_dict
-from guided_diffusion.config import ModelConfig, save_config
 from guided_diffusion.data import make_toy_dataset
-from guided_diffusion.errors import run_cli
+from guided_diffusion.infra import fileio
+from guided_diffusion.infra.checkpoints import save_state_dict
+from guided_diffusion.infra.config import ModelConfig, save_config
+from guided_diffusion.infra.errors import run_cli
 from guided_diffusion.script_util import create_model_and_diffusion
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -397,7 +397,7 @@ CASES = [
     Case("sample-bad-sampler", "sample", sample_argv("--sampler", "euler"), ["--sampler"]),
     Case("sample-missing-data", "sample", sample_argv("--data_dir", "{missing}"), ["{missing}"]),
     Case("sample-disk-full", "sample", sample_argv(), ["No space left", "kept: 0 complete patches"],
-         prepare=lambda e, out, tmp, mp: no_space(mp, "guided_diffusion.fileio.write_png"), out_kind="consistent"),
+         prepare=lambda e, out, tmp, mp: no_space(mp, "guided_diffusion.infra.fileio.write_png"), out_kind="consistent"),
     Case("sample-folder-locked", "sample", sample_argv("--run_name", "r"), ["in use by", ".lock"],
          prepare=lambda e, out, tmp, mp: live_lock(os.path.join(out, "r")), out_kind="consistent"),
     # ---------------------------------------------------------------- image_train.py

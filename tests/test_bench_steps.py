@@ -14,11 +14,11 @@ import torch
 
 from guided_diffusion import samplers as smp
 from guided_diffusion import synthesis as syn
-from guided_diffusion.checkpoints import save_state_dict
-from guided_diffusion.config import ModelConfig, save_config
 from guided_diffusion.data import build_condition, make_toy_dataset
 from guided_diffusion.data.patches import sampling_patches
-from guided_diffusion.errors import run_cli
+from guided_diffusion.infra.checkpoints import save_state_dict
+from guided_diffusion.infra.config import ModelConfig, save_config
+from guided_diffusion.infra.errors import run_cli
 from guided_diffusion.script_util import create_model_and_diffusion
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,8 +8,8 @@ import re
 import pytest
 import torch
 
-from guided_diffusion import checkpoints
-from guided_diffusion.errors import DiffMixError
+from guided_diffusion.infra import checkpoints
+from guided_diffusion.infra.errors import DiffMixError
 from guided_diffusion.script_util import create_model
 
 

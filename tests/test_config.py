@@ -9,8 +9,9 @@ from typing import Optional
 
 import pytest
 
-from guided_diffusion import config, script_util
-from guided_diffusion.errors import DiffMixError
+from guided_diffusion import script_util
+from guided_diffusion.infra import config
+from guided_diffusion.infra.errors import DiffMixError
 
 # The official SDM model_and_diffusion_defaults() (semantic-diffusion-model/guided_diffusion/script_util.py),
 # written out by hand so a changed default fails here.
@@ -140,7 +141,7 @@ def test_settings_are_validated_in_one_style_every_problem_in_one_line():
     non-finite value is named once (as not finite), not again by its range rule."""
     from guided_diffusion.gradmix.settings import GradMixConfig
     from guided_diffusion.synthesis.settings import SampleConfig
-    from guided_diffusion.train_config import TrainConfig, validate_train_config
+    from guided_diffusion.infra.train_config import TrainConfig, validate_train_config
 
     cases = [
         (lambda: validate_train_config(TrainConfig(batch_size=0, lr=float("nan"), drop_rate=2.0)),

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion import fileio
 from guided_diffusion.data.condition import build_condition, condition_channels, instance_edges
 from guided_diffusion.data.labels import instance_table, relabel_contiguous, write_label_mat
-from guided_diffusion.errors import DiffMixError, run_cli
+from guided_diffusion.infra import fileio
+from guided_diffusion.infra.errors import DiffMixError, run_cli
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):

@@ -12,18 +12,18 @@ import pytest
 import torch
 from test_synthesis import TINY, base_argv, load_outputs, run_main, setup, tiny_model  # noqa: F401  (fixture)
 
-from guided_diffusion import fileio
 from guided_diffusion import samplers as smp
-from guided_diffusion.checkpoints import save_state_dict
-from guided_diffusion.config import save_config
 from guided_diffusion.data import CONSEP, write_label_mat
 from guided_diffusion.data.classes import identity_table
 from guided_diffusion.data.readers import LabeledImage, SampleFiles, read_label_file
 from guided_diffusion.data.training import CropPlan, TrainCropDataset, nucleus_centres
-from guided_diffusion.errors import DiffMixError
+from guided_diffusion.infra import fileio
+from guided_diffusion.infra.checkpoints import save_state_dict
+from guided_diffusion.infra.config import save_config
+from guided_diffusion.infra.errors import DiffMixError
+from guided_diffusion.infra.train_config import TrainConfig, validate_train_config
 from guided_diffusion.resample import TruncatedUniformSampler, create_named_schedule_sampler
 from guided_diffusion.respace import create_gaussian_diffusion
-from guided_diffusion.train_config import TrainConfig, validate_train_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -277,7 +277,7 @@ def test_sdm_validate_scores_checkpoints_on_the_same_patches(setup, tmp_path, ca
     assert json.load(open(out))["rows"] == rows
     with pytest.raises(SystemExit) as exc:
         run_cli_main = load_script("sdm_validate")
-        from guided_diffusion.errors import run_cli
+        from guided_diffusion.infra.errors import run_cli
 
         run_cli(lambda: run_cli_main.main(["--data_dir", setup["data"], "--model_paths", setup["ckpt"], "--timesteps", "a"]))
     assert exc.value.code == 2 and "--timesteps 'a'" in capsys.readouterr().err

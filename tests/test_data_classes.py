@@ -12,7 +12,7 @@ from guided_diffusion.data.classes import (
     load_class_table,
     resolve_class_table,
 )
-from guided_diffusion.errors import DiffMixError
+from guided_diffusion.infra.errors import DiffMixError
 
 
 def test_consep_merge_7_to_4():

@@ -28,7 +28,7 @@ from guided_diffusion.data.formats.export import convert_to_consep
 from guided_diffusion.data.labels import instance_table
 from guided_diffusion.data.readers import list_samples, read_dataset
 from guided_diffusion.data.stats import dataset_statistics
-from guided_diffusion.errors import DiffMixError
+from guided_diffusion.infra.errors import DiffMixError
 
 
 def _read(root, mode, split="all"):

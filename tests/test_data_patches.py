@@ -9,7 +9,7 @@ from data_helpers import write_pair
 from guided_diffusion.data.classes import CONSEP
 from guided_diffusion.data.labels import instance_ids, write_label_mat
 from guided_diffusion.data.patches import grid_starts, patch_grid, sampling_patches
-from guided_diffusion.errors import DiffMixError
+from guided_diffusion.infra.errors import DiffMixError
 
 
 def test_grid_starts_examples():

@@ -11,7 +11,7 @@ from guided_diffusion.data.classes import CONSEP, identity_table
 from guided_diffusion.data.labels import write_label_mat
 from guided_diffusion.data.readers import list_samples, read_dataset, read_label_file, resolve_split_dir
 from guided_diffusion.data.toy import make_toy_tile
-from guided_diffusion.errors import DiffMixError
+from guided_diffusion.infra.errors import DiffMixError
 
 
 def test_pairs_by_stem_when_sorted_orders_differ(tmp_path):

@@ -17,7 +17,7 @@ from guided_diffusion.data.stats import (
     write_statistics,
 )
 from guided_diffusion.data.toy import make_toy_dataset
-from guided_diffusion.errors import DiffMixError
+from guided_diffusion.infra.errors import DiffMixError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 

@@ -12,7 +12,7 @@ from guided_diffusion.data.condition import instance_edges
 from guided_diffusion.data.labels import instance_table
 from guided_diffusion.data.readers import read_dataset
 from guided_diffusion.data.toy import ToyConfig, class_shares, make_toy_dataset, make_toy_tile
-from guided_diffusion.errors import DiffMixError
+from guided_diffusion.infra.errors import DiffMixError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "datasets"))
 

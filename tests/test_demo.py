@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from guided_diffusion import fileio
-from guided_diffusion.checkpoints import load_model_weights
-from guided_diffusion.demo import DemoConfig, run_demo
+from guided_diffusion.app.demo import DemoConfig, run_demo
+from guided_diffusion.infra import fileio
+from guided_diffusion.infra.checkpoints import load_model_weights
 from guided_diffusion.script_util import create_model_and_diffusion
 
 
@@ -86,7 +86,7 @@ def test_quick_demo_writes_every_output(tmp_path):
 
 
 def _model_keys():
-    from guided_diffusion.config import ModelConfig
+    from guided_diffusion.infra.config import ModelConfig
     import dataclasses
 
     return [f.name for f in dataclasses.fields(ModelConfig)]

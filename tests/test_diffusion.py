@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from guided_diffusion import gaussian_diffusion as gd
-from guided_diffusion.errors import DiffMixError
+from guided_diffusion.infra.errors import DiffMixError
 from guided_diffusion.losses import (
     approx_standard_normal_cdf,
     discretized_gaussian_log_likelihood,

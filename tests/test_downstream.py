@@ -13,13 +13,13 @@ pytest.importorskip("monai")
 pytest.importorskip("skimage")
 
 from conftest import load_script  # noqa: E402
-from guided_diffusion import fileio  # noqa: E402
 from guided_diffusion.data.classes import CONSEP, identity_table  # noqa: E402
 from guided_diffusion.data.readers import read_dataset  # noqa: E402
 from guided_diffusion.data.toy import make_toy_dataset  # noqa: E402
 from guided_diffusion.downstream.nets import NetConfig, build_network  # noqa: E402
 from guided_diffusion.downstream.targets import HV, NC, NP, hover_maps, hovernet_targets  # noqa: E402
-from guided_diffusion.errors import DiffMixError, run_cli  # noqa: E402
+from guided_diffusion.infra import fileio  # noqa: E402
+from guided_diffusion.infra.errors import DiffMixError, run_cli  # noqa: E402
 from guided_diffusion.synthesis.outputs import hovernet_patch  # noqa: E402
 
 
@@ -323,7 +323,7 @@ def test_study_quick_preset_runs_end_to_end_and_resumes_without_recomputing(toy,
     import argparse
     import shlex
 
-    from guided_diffusion.config import add_dataclass_args, dataclass_from_args
+    from guided_diffusion.infra.config import add_dataclass_args, dataclass_from_args
     from guided_diffusion.downstream.train import HoverTrainConfig
 
     r = runs[-1]
@@ -459,14 +459,14 @@ def test_synthetic_types_outside_the_classes_are_rejected(toy, tmp_path, capsys)
 
 def test_hovernet_preset_needs_256_px_crops():
     from guided_diffusion.downstream.train import HoverTrainConfig, validate
-    from guided_diffusion.errors import DiffMixError
+    from guided_diffusion.infra.errors import DiffMixError
 
     with pytest.raises(DiffMixError, match="exactly 256"):
         validate(HoverTrainConfig(data_dir="x", out_dir="y", arch="hovernet", crop_size=128))
 
 
 def test_an_interrupted_training_resumes_to_the_uninterrupted_weights(toy, tmp_path, monkeypatch):
-    from guided_diffusion.checkpoints import load_state_dict
+    from guided_diffusion.infra.checkpoints import load_state_dict
     from guided_diffusion.downstream import data as ddata
     from guided_diffusion.downstream.train import HoverTrainConfig, train_segmenter
 

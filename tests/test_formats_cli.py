@@ -85,7 +85,7 @@ def test_image_train_cli_two_steps(dataset, tmp_path):
 
 
 def _tiny(num_classes):
-    from guided_diffusion.config import ModelConfig
+    from guided_diffusion.infra.config import ModelConfig
     from guided_diffusion.script_util import create_model_and_diffusion
 
     cfg = ModelConfig(image_size=32, num_classes=num_classes, num_channels=32, num_res_blocks=1, num_head_channels=16,
@@ -158,7 +158,7 @@ def test_evaluate_cli_reads_ground_truth_as_distributed(tmp_path, capsys):
     # a missing prediction is reported against the dataset, not the temporary ground-truth folder
     os.remove(pred / "Test" / "Labels" / "glas_3-0000.mat")
     (pred / "Test" / "Labels" / "other.mat").write_bytes((pred / "Train" / "Labels" / "crag_2-0000.mat").read_bytes())
-    from guided_diffusion.errors import DiffMixError
+    from guided_diffusion.infra.errors import DiffMixError
 
     with pytest.raises(DiffMixError, match=r"conic, split Test"):
         _script("evaluate").main(["--true_dir", str(root), "--pred_dir", str(pred / "Test" / "Labels"),

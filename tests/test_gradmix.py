@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from guided_diffusion.data.labels import instance_table
-from guided_diffusion.errors import DiffMixError
 from guided_diffusion.gradmix import (
     balance_map,
     collect_donors,
@@ -16,6 +15,7 @@ from guided_diffusion.gradmix import (
 )
 from guided_diffusion.gradmix.balance import dilated_area
 from guided_diffusion.gradmix.image import disk
+from guided_diffusion.infra.errors import DiffMixError
 
 
 def put(inst, typ, nid, cls, r0, c0, h, w):

@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from guided_diffusion import fileio
 from guided_diffusion.data.classes import CONSEP
 from guided_diffusion.data.labels import instance_table
-from guided_diffusion.data.readers import read_label_file
 from guided_diffusion.data.patches import list_virtual_maps
+from guided_diffusion.data.readers import read_label_file
 from guided_diffusion.data.toy import ToyConfig, make_toy_dataset
-from guided_diffusion.errors import DiffMixError
 from guided_diffusion.gradmix import GradMixConfig, run_gradmix
+from guided_diffusion.infra import fileio
+from guided_diffusion.infra.errors import DiffMixError
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "gradmix.py"
@@ -145,7 +145,7 @@ def test_bad_input_is_a_clear_error(toy, tmp_path, capsys):
         run_gradmix(GradMixConfig(data_dir=toy, dataset_mode="consep", out_dir=str(tmp_path / "b"), stems="toy_train_000", fraction=0.5, **FAST))
     # The CLI reports user errors in one line, without a traceback (in-process: run_cli is what
     # the script's __main__ calls).
-    from guided_diffusion.errors import run_cli
+    from guided_diffusion.infra.errors import run_cli
 
     cli = load_cli()
     with pytest.raises(SystemExit) as exit_info:

@@ -17,7 +17,7 @@ from data_helpers import write_image, write_mat
 from guided_diffusion.data.classes import CONSEP, GLYSAC, identity_table
 from guided_diffusion.data.readers import read_dataset, resolve_labels_form
 from guided_diffusion.data.stats import dataset_statistics
-from guided_diffusion.errors import DiffMixError
+from guided_diffusion.infra.errors import DiffMixError
 from guided_diffusion.metrics import evaluate_folders
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from guided_diffusion import dist_util, launcher
+from guided_diffusion import dist_util
 from guided_diffusion import synthesis as syn
-from guided_diffusion.errors import DiffMixError
+from guided_diffusion.infra import launcher
+from guided_diffusion.infra.errors import DiffMixError
 
 _VARS = [v for family in launcher._FAMILIES for v in family[1:]] + ["MASTER_ADDR"]
 

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from guided_diffusion import fileio
 from guided_diffusion.data.classes import CONSEP, resolve_class_table
 from guided_diffusion.data.labels import write_label_mat
-from guided_diffusion.errors import DiffMixError
+from guided_diffusion.infra import fileio
+from guided_diffusion.infra.errors import DiffMixError
 from guided_diffusion.metrics import (
     INSTANCE_KEYS,
     evaluate_folders,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from guided_diffusion.errors import DiffMixError
+from guided_diffusion.infra.errors import DiffMixError
 from guided_diffusion.metrics.classification import (
     binomial_ci,
     bootstrap_ci,

@@ -12,14 +12,14 @@ import torch
 pytest.importorskip("monai")
 
 from conftest import load_script  # noqa: E402
-from guided_diffusion import fileio  # noqa: E402
 from guided_diffusion.data.classes import CONSEP  # noqa: E402
 from guided_diffusion.data.readers import LabeledImage, SampleFiles, read_dataset, read_label_file  # noqa: E402
 from guided_diffusion.data.toy import ToyConfig, make_toy_dataset  # noqa: E402
 from guided_diffusion.downstream.nuclei import crops as C  # noqa: E402
 from guided_diffusion.downstream.nuclei.classifier import ClassifierConfig, predict, train_classifier  # noqa: E402
 from guided_diffusion.downstream.nuclei.evidence import c2st, fidelity_scores, tile_of  # noqa: E402
-from guided_diffusion.errors import DiffMixError, run_cli  # noqa: E402
+from guided_diffusion.infra import fileio  # noqa: E402
+from guided_diffusion.infra.errors import DiffMixError, run_cli  # noqa: E402
 from guided_diffusion.synthesis.outputs import hovernet_patch  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,12 +10,12 @@ import os
 import numpy as np
 import torch
 
-from guided_diffusion import fileio
-from guided_diffusion.config import ModelConfig, load_config_for_checkpoint
-from guided_diffusion.data.readers import list_samples, read_samples
+from guided_diffusion.app.demo import SAMPLE_DATA
+from guided_diffusion.app.pretrained import DEFAULT_MODEL, describe, export_model
 from guided_diffusion.data.classes import resolve_class_table
-from guided_diffusion.demo import SAMPLE_DATA
-from guided_diffusion.pretrained import DEFAULT_MODEL, describe, export_model
+from guided_diffusion.data.readers import list_samples, read_samples
+from guided_diffusion.infra import fileio
+from guided_diffusion.infra.config import ModelConfig, load_config_for_checkpoint
 from guided_diffusion.synthesis import SampleConfig, run_synthesis
 from guided_diffusion.synthesis.settings import load_model_and_diffusion
 
@@ -83,7 +83,7 @@ def test_demo_synthesis_path_with_the_shipped_model_on_one_shipped_patch(tmp_pat
 def test_export_writes_a_model_folder_that_sampling_loads(tmp_path):
     """export_model on a tiny two-stage run: safetensors EMA weights equal the run's EMA file, the
     config and the record sit beside them, and sampling loads the folder strictly."""
-    from guided_diffusion.checkpoints import load_state_dict
+    from guided_diffusion.infra.checkpoints import load_state_dict
     from guided_diffusion.data import make_toy_dataset
     from guided_diffusion.train_util import TrainConfig, train
 
@@ -118,8 +118,8 @@ def test_stage_order_follows_the_log_and_paths_recorded_elsewhere(tmp_path):
     log_dir. Stages that do not chain are refused naming both folders."""
     import pytest
 
-    from guided_diffusion.errors import DiffMixError
-    from guided_diffusion.pretrained import check_stage_order
+    from guided_diffusion.infra.errors import DiffMixError
+    from guided_diffusion.app.pretrained import check_stage_order
 
     pre, fine = str(tmp_path / "pre"), str(tmp_path / "fine")
     os.makedirs(fine)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion.errors import DiffMixError
+from guided_diffusion.infra.errors import DiffMixError
 from guided_diffusion.resample import LossSecondMomentResampler, UniformSampler, create_named_schedule_sampler
 from guided_diffusion.respace import create_gaussian_diffusion
 

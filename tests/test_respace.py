@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from guided_diffusion import gaussian_diffusion as gd
-from guided_diffusion.errors import DiffMixError
+from guided_diffusion.infra.errors import DiffMixError
 from guided_diffusion.respace import SpacedDiffusion, create_gaussian_diffusion, space_timesteps
 
 

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion import checkpoint_folder as cf
-from guided_diffusion import fileio, runlock
-from guided_diffusion.errors import DiffMixError
+from guided_diffusion.infra import checkpoint_folder as cf
+from guided_diffusion.infra import fileio, runlock
+from guided_diffusion.infra.errors import DiffMixError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -147,8 +147,8 @@ def test_synthesis_recipe_through_torchrun_two_ranks(tmp_path):
     """The recipe's exact command line (synthesize.sh with NPROC=2, --s 1.5) through torchrun on CPU."""
     if shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")):
         pytest.skip("torchrun is not installed")
-    from guided_diffusion.checkpoints import save_state_dict
-    from guided_diffusion.config import ModelConfig, save_config
+    from guided_diffusion.infra.checkpoints import save_state_dict
+    from guided_diffusion.infra.config import ModelConfig, save_config
     from guided_diffusion.data import make_toy_dataset
     from guided_diffusion.script_util import create_model_and_diffusion
 

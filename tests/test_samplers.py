@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from guided_diffusion import samplers
-from guided_diffusion.errors import DiffMixError
+from guided_diffusion.infra.errors import DiffMixError
 from guided_diffusion.respace import create_gaussian_diffusion
 
 

@@ -15,14 +15,14 @@ import pytest
 import torch
 from train_helpers import TINY_UNET
 
-from guided_diffusion import fileio
 from guided_diffusion import samplers as smp
 from guided_diffusion import synthesis as syn
-from guided_diffusion.checkpoints import save_state_dict
-from guided_diffusion.config import ModelConfig, save_config
 from guided_diffusion.data import CONSEP, build_condition, make_toy_dataset, relabel_contiguous, write_label_mat
 from guided_diffusion.data.readers import read_label_file
-from guided_diffusion.errors import run_cli
+from guided_diffusion.infra import fileio
+from guided_diffusion.infra.checkpoints import save_state_dict
+from guided_diffusion.infra.config import ModelConfig, save_config
+from guided_diffusion.infra.errors import run_cli
 from guided_diffusion.script_util import create_model_and_diffusion
 
 # The training tests' tiny U-Net (one definition), sampled in eval mode over 100 diffusion steps.

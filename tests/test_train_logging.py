@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.errors import DiffMixError
+from guided_diffusion.infra.errors import DiffMixError
 
 
 def _rows(path):

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from guided_diffusion import train_util as tu
-from guided_diffusion.errors import DiffMixError
-from guided_diffusion.checkpoints import load_torch_file
+from guided_diffusion.infra.checkpoints import load_torch_file
+from guided_diffusion.infra.errors import DiffMixError
 from guided_diffusion.resample import LossSecondMomentResampler, ScheduleSampler, UniformSampler
 from train_helpers import MicroDenoiser, SeededBatches, micro_diffusion, one_thread, quiet_logger, state_equal
 
@@ -190,7 +190,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
 
 
 def test_full_disk_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
-    from guided_diffusion import checkpoint_folder
+    from guided_diffusion.infra import checkpoint_folder
 
     real_save_pt = checkpoint_folder._save_pt
 

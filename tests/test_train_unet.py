@@ -15,8 +15,8 @@ import torch
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion import train_util as tu
-from guided_diffusion.config import ModelConfig, load_config_for_checkpoint
-from guided_diffusion.errors import DiffMixError
+from guided_diffusion.infra.config import ModelConfig, load_config_for_checkpoint
+from guided_diffusion.infra.errors import DiffMixError
 from guided_diffusion.script_util import create_model_and_diffusion
 from train_helpers import TINY_UNET, one_thread, quiet_logger, state_equal
 
@@ -146,7 +146,7 @@ def test_image_train_flags_cover_both_configs_and_parse_the_official_recipe():
         "--resume_checkpoint OUTPUT/model005900.pt --save_interval 100 --gpu 3"
     ).split()
     args = parser.parse_args(official)
-    from guided_diffusion.config import dataclass_from_args
+    from guided_diffusion.infra.config import dataclass_from_args
 
     train_cfg = dataclass_from_args(tu.TrainConfig, args)
     model_cfg = dataclass_from_args(ModelConfig, args)
@@ -173,7 +173,7 @@ def test_image_train_reports_user_errors_without_traceback(tmp_path):
 
 
 def _fake_checkpoint(folder):
-    from guided_diffusion.checkpoint_folder import write_checkpoint
+    from guided_diffusion.infra.checkpoint_folder import write_checkpoint
 
     folder.mkdir(parents=True)
     write_checkpoint(str(folder), 7, {"model000007.pt": {"w": torch.zeros(1)}})
@@ -247,9 +247,9 @@ def test_one_precision_policy_for_sdm_and_segmenter(monkeypatch):
     (half = bf16, no fp16) goes through the same function."""
     import torch
 
-    from guided_diffusion import precision as prec
+    from guided_diffusion.infra import precision as prec
     from guided_diffusion.downstream import train as dtrain
-    from guided_diffusion.errors import DiffMixError
+    from guided_diffusion.infra.errors import DiffMixError
 
     assert prec.resolve_precision("auto", "cuda", prec.sdm_half(False)) == "fp32"  # no half configured
     assert prec.resolve_precision("bf16", "cpu", None) == "bf16"  # explicit wins

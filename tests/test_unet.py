@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from guided_diffusion.errors import DiffMixError
+from guided_diffusion.infra.errors import DiffMixError
 from guided_diffusion.nn import GroupNorm32, timestep_embedding
 from guided_diffusion.script_util import create_model
 from guided_diffusion.synthesis import FastGuidedDenoiser, PlainGuidedDenoiser

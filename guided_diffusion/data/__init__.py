@@ -6,9 +6,10 @@ without torch, so GradMix, dataset statistics and evaluation start fast. The nam
 access (PEP 562).
 """
 
-from ..lazy import lazy_attributes
+from ..infra.lazy import lazy_attributes
 from .classes import CONSEP, GLYSAC, ClassTable, identity_table, load_class_table, resolve_class_table  # noqa: F401
 from .labels import instance_table, relabel_contiguous, write_label_mat  # noqa: F401
+from .patches import Patch, grid_starts, list_virtual_maps, patch_grid, sampling_patches  # noqa: F401
 from .readers import (  # noqa: F401
     LabeledImage,
     SampleFiles,
@@ -20,7 +21,6 @@ from .readers import (  # noqa: F401
     read_samples,
     resolve_split_dir,
 )
-from .patches import Patch, grid_starts, list_virtual_maps, patch_grid, sampling_patches  # noqa: F401
 from .stats import (  # noqa: F401
     LabelStats,
     dataset_statistics,

@@ -25,9 +25,9 @@ from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from .. import fileio
-from ..config import flag
-from ..errors import DiffMixError
+from ..infra import fileio
+from ..infra.config import flag
+from ..infra.errors import DiffMixError
 from .formats import FORMAT_MODES, get_format
 
 # consep/glysac/custom read the CoNSeP folder layout; the FORMAT_MODES read datasets as distributed

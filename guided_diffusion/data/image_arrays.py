@@ -9,7 +9,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import DiffMixError
+from ..infra.errors import DiffMixError
 
 # Pixels scanned per step when finding the range of a large (memory-mapped) array: bounds memory.
 _SCAN_VALUES = 1 << 24

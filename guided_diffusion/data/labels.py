@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import fileio
+from ..infra import fileio
 
 
 def instance_ids(inst_map: np.ndarray) -> np.ndarray:

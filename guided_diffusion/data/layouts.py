@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .. import fileio
-from ..completion import is_marked
+from ..infra import fileio
+from ..infra.completion import is_marked
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .. import fileio
-from ..errors import DiffMixError
+from ..infra import fileio
+from ..infra.errors import DiffMixError
 from .classes import ClassTable, resolve_class_table
 from .labels import relabel_contiguous
 from .readers import (

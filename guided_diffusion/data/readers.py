@@ -1,6 +1,6 @@
 """Dataset readers: listing, pairing by stem, reading and validating labelled images.
 
-Supported layouts (paths local or remote through :mod:`guided_diffusion.fileio`):
+Supported layouts (paths local or remote through :mod:`guided_diffusion.infra.fileio`):
 
 * CoNSeP / GLySAC / custom: ``<root>/{Train,Test}/Images/*.{png,tif,tiff,jpg,jpeg}`` and
   ``<root>/{Train,Test}/Labels/*.mat`` (keys ``inst_map``, ``type_map``; ``inst_type`` and
@@ -14,7 +14,7 @@ Supported layouts (paths local or remote through :mod:`guided_diffusion.fileio`)
 Images and labels are paired by file stem, never by the sort order of two listings. Every problem
 of a dataset (unpaired files, unreadable files, missing keys, size mismatches, type values outside
 the class table, images smaller than the crop) is collected and reported in one
-:class:`~guided_diffusion.errors.DiffMixError`, each line naming its file.
+:class:`~guided_diffusion.infra.errors.DiffMixError`, each line naming its file.
 """
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .. import fileio
-from ..errors import DiffMixError
+from ..infra import fileio
+from ..infra.errors import DiffMixError
 from .classes import CONSEP, GLYSAC, LABELS_MERGED, ClassTable
 from .formats import ArrayPatch, check_labels, get_format, is_format
 from .formats import read_image as format_image
+from .image_arrays import rgb_uint8
 from .label_arrays import MERGED_KEY, NUM_CLASSES_KEY, maps_from_arrays, merge_types  # noqa: F401 (public here too)
 from .label_arrays import int_map as _int_map
-from .image_arrays import rgb_uint8
 
 IMAGE_EXTS = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 LABEL_EXT = ".mat"

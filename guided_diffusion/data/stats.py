@@ -15,9 +15,9 @@ from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .. import fileio
-from ..plotting import figure_bytes, pyplot
-from ..errors import DiffMixError
+from ..infra import fileio
+from ..infra.errors import DiffMixError
+from ..infra.plotting import figure_bytes, pyplot
 from .classes import ClassTable, resolve_class_table
 from .labels import instance_table
 from .layouts import GradMixLayout

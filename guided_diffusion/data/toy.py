@@ -30,9 +30,9 @@ from PIL import Image
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from .. import fileio
-from ..config import SettingsCheck
-from ..errors import DiffMixError
+from ..infra import fileio
+from ..infra.config import SettingsCheck
+from ..infra.errors import DiffMixError
 from .classes import CONSEP
 from .labels import instance_table, write_label_mat
 from .readers import is_dir

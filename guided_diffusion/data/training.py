@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..dist_util import rank_world
-from ..errors import DiffMixError
+from ..infra.errors import DiffMixError
 from .classes import ClassTable, resolve_class_table
 from .condition import build_condition, image_to_tensor
 from .readers import LabeledImage, read_dataset
@@ -355,8 +355,8 @@ class DataSettings:
 
     @classmethod
     def from_config(cls, train_cfg, model_cfg, progress: bool = True) -> "DataSettings":
-        """The data of a training run: a :class:`~guided_diffusion.train_config.TrainConfig` and a
-        :class:`~guided_diffusion.config.ModelConfig` (crop size, classes, instance channel)."""
+        """The data of a training run: a :class:`~guided_diffusion.infra.train_config.TrainConfig` and a
+        :class:`~guided_diffusion.infra.config.ModelConfig` (crop size, classes, instance channel)."""
         return cls(
             data_dir=train_cfg.data_dir,
             dataset_mode=train_cfg.dataset_mode,

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import str2bool
 from ..data.classes import DATASET_MODE_HELP, DEFAULT_DATASET_MODE
+from ..infra.config import str2bool
 
 
 def add_inference_flags(parser: argparse.ArgumentParser) -> None:

@@ -26,8 +26,6 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .. import fileio
-from ..config import flag
 from ..data.classes import ClassTable, dataset_mode_flag, identity_table
 from ..data.formats import get_format, is_format, parse_split
 from ..data.labels import instance_table
@@ -37,8 +35,10 @@ from ..data.readers import (
     resolve_split_dir,
 )
 from ..data.training import CropPlan, TrainCropDataset
-from ..errors import DiffMixError
-from ..train_state import derive_seed
+from ..infra import fileio
+from ..infra.config import flag
+from ..infra.errors import DiffMixError
+from ..infra.train_state import derive_seed
 from .targets import hovernet_targets
 
 _TAG_REAL, _TAG_SYNTH = 11, 12

@@ -28,8 +28,8 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from .. import fileio
 from ..data.readers import read_dataset
+from ..infra import fileio
 from .nets import check_image_sizes, check_input_size
 from .predict import default_tile, postprocess, predict_image
 from .targets import HV, NC, NP, hover_maps

@@ -21,13 +21,13 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .. import fileio
 from ..data.classes import DEFAULT_DATASET_MODE, resolve_class_table
 from ..data.labels import instance_table, write_label_mat
 from ..data.readers import LabeledImage, find_folder, read_dataset, resolve_split_dir
-from ..errors import DiffMixError
+from ..infra import fileio
+from ..infra.errors import DiffMixError
+from ..infra.plotting import pyplot, save_figure
 from ..metrics import evaluate_folders, evaluate_labels, labels_from_maps
-from ..plotting import pyplot, save_figure
 from ..synthesis.outputs import _PALETTE, label_overlay
 from . import data as ddata
 from .nets import check_image_sizes, check_net_classes

@@ -34,9 +34,9 @@ from typing import Any, Dict, Iterable, Tuple
 import torch
 from torch import nn
 
-from ..checkpoints import load_state_dict
 from ..data.readers import Problems
-from ..errors import DiffMixError
+from ..infra.checkpoints import load_state_dict
+from ..infra.errors import DiffMixError
 from .targets import HV, NC, NP
 
 ARCHS = ("small", "hovernet")
@@ -73,7 +73,7 @@ class NetConfig:
     def from_dict(cls, values: Any, source: str) -> "NetConfig":
         """The ``"net"`` entry of a run's ``config.json`` (file ``source``), checked field by field.
 
-        Stricter than :meth:`guided_diffusion.config.ModelConfig.from_dict`: training writes this
+        Stricter than :meth:`guided_diffusion.infra.config.ModelConfig.from_dict`: training writes this
         entry with JSON types, so a key it never writes, a missing key, a quoted number
         (``"width": "4"``) or a non-object is a hand edit and is refused, naming the field.
         """

@@ -20,11 +20,11 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .. import fileio
+from ..data.condition import image_to_tensor
 from ..data.labels import relabel_contiguous, write_label_mat
 from ..data.readers import list_images, read_rgb
-from ..data.condition import image_to_tensor
-from ..errors import DiffMixError
+from ..infra import fileio
+from ..infra.errors import DiffMixError
 from .nets import HOVERNET_SIZE, NetConfig, check_image_sizes, check_input_size
 from .targets import HV, NC, NP
 from .train import forward, load_segmenter

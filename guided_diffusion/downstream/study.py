@@ -28,12 +28,12 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .. import fileio
-from ..config import SettingsCheck, dataclass_to_argv, flag
 from ..data.readers import find_folder, read_dataset, resolve_split_dir
-from ..errors import DiffMixError, run_cli
+from ..infra import fileio
+from ..infra.config import SettingsCheck, dataclass_to_argv, flag
+from ..infra.errors import DiffMixError, run_cli
+from ..infra.plotting import bar_chart
 from ..metrics import evaluate_folders, labels_from_maps
-from ..plotting import bar_chart
 from . import data as ddata
 from .diagnose import pixel_counts, pixel_f1, pixel_scores
 from .nets import check_image_sizes

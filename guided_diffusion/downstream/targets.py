@@ -24,7 +24,7 @@ from monai.transforms import ComputeHoVerMaps
 from monai.utils import convert_to_numpy
 from monai.utils.enums import HoVerNetBranch
 
-from ..errors import DiffMixError
+from ..infra.errors import DiffMixError
 
 NP, HV, NC = HoVerNetBranch.NP.value, HoVerNetBranch.HV.value, HoVerNetBranch.NC.value
 

@@ -21,15 +21,14 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .. import fileio, runlock
-from ..checkpoints import load_state_dict, load_torch_file, mismatch_message, save_state_dict
-from ..config import SettingsCheck, flag, load_config_for_checkpoint
 from ..data.classes import ClassTable, dataset_mode_flag, resolve_class_table
 from ..data.readers import LabeledImage
 from ..data.training import TrainCropDataset
-from ..errors import DiffMixError
-from ..precision import autocast_dtype, check_precision, resolve_precision
-from ..pretrained import check_model_kind
+from ..infra import fileio, runlock
+from ..infra.checkpoints import load_state_dict, load_torch_file, mismatch_message, save_state_dict
+from ..infra.config import SettingsCheck, check_model_kind, flag, load_config_for_checkpoint
+from ..infra.errors import DiffMixError
+from ..infra.precision import autocast_dtype, check_precision, resolve_precision
 from . import data as ddata
 from .nets import ARCHS, NetConfig, build_network, check_net_classes, check_input_size, load_encoder, parameter_count
 
@@ -131,7 +130,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def segmenter_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """The segmenter's autocast dtype under the shared policy (:mod:`guided_diffusion.precision`;
+    """The segmenter's autocast dtype under the shared policy (:mod:`guided_diffusion.infra.precision`;
     its half precision is bf16): bfloat16, or None for plain fp32."""
     return autocast_dtype(resolve_precision(precision, device, "bf16", PRECISIONS))
 

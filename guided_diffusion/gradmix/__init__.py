@@ -14,7 +14,7 @@ Modules: ``nuclei`` (per-nucleus geometry), ``donors``, ``balance``, ``enlarge``
 starts at once.
 """
 
-from ..lazy import lazy_attributes
+from ..infra.lazy import lazy_attributes
 
 KINDS = ("balance", "enlarge")
 

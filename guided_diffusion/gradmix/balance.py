@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 import numpy as np
 from scipy import ndimage
 
-from ..errors import DiffMixError
+from ..infra.errors import DiffMixError
 from . import BALANCE_DEFAULTS
 from .donors import DonorBank
 from .nuclei import check_label_maps, nucleus_table, pad_box, paint_types

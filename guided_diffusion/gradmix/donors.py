@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ..errors import DiffMixError
+from ..infra.errors import DiffMixError
 from . import BALANCE_DEFAULTS
 from .nuclei import check_label_maps, nucleus_table
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import DiffMixError
+from ..infra.errors import DiffMixError
 from . import ENLARGE_DEFAULTS
 from .nuclei import check_label_maps, nucleus_table, paint_types
 

@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from ..errors import DiffMixError
+from ..infra.errors import DiffMixError
 from . import OFFICIAL_MEDIAN_RADII
 from .donors import DonorBank
 from .nuclei import nucleus_table, pad_box, union_box

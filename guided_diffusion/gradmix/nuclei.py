@@ -13,7 +13,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..data.labels import instance_table
-from ..errors import DiffMixError
+from ..infra.errors import DiffMixError
 
 
 @dataclass

@@ -28,14 +28,14 @@ from typing import Optional, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from .. import fileio
-from ..completion import is_marked, refuse_changed_settings, write_marked
 from ..data.classes import resolve_class_table
 from ..data.labels import instance_table, write_label_mat
 from ..data.layouts import GradMixLayout
 from ..data.readers import list_samples, read_label_arrays, read_sample_labels, resolve_labels_form, sample_image
 from ..data.stats import write_comparison
-from ..errors import DiffMixError
+from ..infra import fileio
+from ..infra.completion import is_marked, refuse_changed_settings, write_marked
+from ..infra.errors import DiffMixError
 from . import KINDS
 from .balance import balance_map, check_minor_major
 from .donors import collect_donors

@@ -7,9 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
-from ..config import SettingsCheck, flag
 from ..data.classes import LABELS_MERGED_HELP, dataset_mode_flag
-from ..errors import DiffMixError
+from ..infra.config import SettingsCheck, flag
+from ..infra.errors import DiffMixError
 from . import BALANCE_DEFAULTS, ENLARGE_DEFAULTS, KINDS, OFFICIAL_MEDIAN_RADII
 
 

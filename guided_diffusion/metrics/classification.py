@@ -11,7 +11,7 @@ Conventions, shared with :mod:`.scores`:
     * bootstrap intervals are percentile intervals of the valid (non-``None``) replicates, and are
       ``None`` when fewer than :data:`MIN_VALID_REPLICATES` replicates are valid;
     * every random draw comes from ``numpy.random.default_rng(seed)``, so results are reproducible;
-    * bad input raises :class:`~guided_diffusion.errors.DiffMixError` with a one-line message.
+    * bad input raises :class:`~guided_diffusion.infra.errors.DiffMixError` with a one-line message.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..errors import DiffMixError
+from ..infra.errors import DiffMixError
 
 # Below this many valid replicates the 2.5th/97.5th percentiles are little more than the extreme
 # values, so no interval is reported rather than a misleading one.

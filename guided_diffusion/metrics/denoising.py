@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from .. import samplers as smp
-from ..config import SettingsCheck, flag
 from ..data.classes import dataset_mode_flag
+from ..infra.config import SettingsCheck, flag
 
 
 @dataclasses.dataclass

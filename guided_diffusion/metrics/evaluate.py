@@ -25,7 +25,7 @@ from typing import Iterable, Mapping, Optional, Tuple
 import numpy as np
 
 from ..data.readers import list_samples, read_sample_labels, resolve_labels_form
-from ..errors import DiffMixError
+from ..infra.errors import DiffMixError
 from .labels import InstanceLabels, labels_from_maps, match_label_files, pair_stems, read_instance_labels
 from .report import write_reports
 from .scores import INSTANCE_KEYS, _instance_scores, instance_overlap, pair_by_centroid, pq_scores, type_metrics

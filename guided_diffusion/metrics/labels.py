@@ -12,10 +12,10 @@ from typing import Optional
 
 import numpy as np
 
-from .. import fileio
 from ..data.labels import instance_table
 from ..data.readers import load_label_file
-from ..errors import DiffMixError
+from ..infra import fileio
+from ..infra.errors import DiffMixError
 
 LABEL_EXTENSIONS = (".mat", ".npy")
 

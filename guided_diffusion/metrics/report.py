@@ -6,7 +6,7 @@ import csv
 import io
 from typing import Sequence
 
-from .. import fileio
+from ..infra import fileio
 from .scores import INSTANCE_KEYS
 
 

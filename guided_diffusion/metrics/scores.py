@@ -54,7 +54,7 @@ from typing import Optional, Sequence
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from ..errors import DiffMixError
+from ..infra.errors import DiffMixError
 
 INSTANCE_KEYS = ("dice", "aji", "aji_plus", "dq", "sq", "pq")
 

@@ -33,9 +33,9 @@ from __future__ import annotations
 
 from ..data.condition import image_to_tensor  # noqa: F401
 from ..dist_util import local_device as default_device  # noqa: F401
-from ..errors import DiffMixError  # noqa: F401
-from ..launcher import launch_rank  # noqa: F401
-from ..precision import PRECISIONS, autocast_context  # noqa: F401
+from ..infra.errors import DiffMixError  # noqa: F401
+from ..infra.launcher import launch_rank  # noqa: F401
+from ..infra.precision import PRECISIONS, autocast_context  # noqa: F401
 from ..samplers import start_steps  # noqa: F401
 from .outputs import (  # noqa: F401
     Job,

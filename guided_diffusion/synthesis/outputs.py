@@ -11,11 +11,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .. import fileio
 from ..data.condition import instance_edges
-from ..data.layouts import SynthesisLayout as OutputLayout  # noqa: F401  (the run layout, named once)
 from ..data.labels import relabel_contiguous
-from ..errors import DiffMixError
+from ..data.layouts import SynthesisLayout as OutputLayout  # noqa: F401  (the run layout, named once)
+from ..infra import fileio
+from ..infra.errors import DiffMixError
 
 
 def output_name(map_name: str, patch_index: int, sample_index: int) -> str:

@@ -14,17 +14,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import __version__, fileio, runlock
+from .. import __version__
 from .. import samplers as smp
-from ..completion import refuse_changed_settings, write_marked
-from ..config import load_config_for_checkpoint
 from ..data.condition import build_condition, image_to_tensor
 from ..data.formats.export import export_source_format
-from ..data.readers import image_sources
 from ..data.patches import VIRTUAL_MAP_RE, sampling_patches
+from ..data.readers import image_sources
 from ..dist_util import local_device
-from ..errors import DiffMixError
-from ..launcher import launch_rank
+from ..infra import fileio, runlock
+from ..infra.completion import refuse_changed_settings, write_marked
+from ..infra.config import load_config_for_checkpoint
+from ..infra.errors import DiffMixError
+from ..infra.launcher import launch_rank
 from .outputs import Job, OutputLayout, hovernet_patch, plan_jobs, shard, to_uint8, write_run_figure
 from .sampling import (
     FastGuidedDenoiser,
@@ -244,7 +245,7 @@ def _check_finite(sample: torch.Tensor, batch: Sequence[Job], model_path: str, k
 def _write_outputs(layout: OutputLayout, job: Job, image: np.ndarray, cfg: SampleConfig, settings: Dict[str, Any],
                    hint=None) -> None:
     """PNG, then the HoVer-Net .npy, then the record (last: it marks the output complete); ``hint``
-    as in :func:`guided_diffusion.completion.write_marked`."""
+    as in :func:`guided_diffusion.infra.completion.write_marked`."""
     p = job.patch
     npy = hovernet_patch(image, p.inst_map, p.type_map)
     write_marked(

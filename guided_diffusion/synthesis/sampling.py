@@ -12,8 +12,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .. import samplers as smp
-from ..errors import DiffMixError
-from ..precision import autocast_context
+from ..infra.errors import DiffMixError
+from ..infra.precision import autocast_context
 from ..respace import create_gaussian_diffusion
 from .settings import SAMPLERS
 

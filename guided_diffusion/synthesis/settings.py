@@ -10,16 +10,15 @@ from typing import Any, Dict
 
 import torch
 
-from .. import fileio
-from ..checkpoint_folder import newest_ema_checkpoint
-from ..checkpoints import load_model_weights
-from ..config import (CONFIG_NAME, ModelConfig, SettingsCheck, config_path_for_checkpoint, flag,
-                      load_config_for_checkpoint)
 from ..data.classes import LABELS_MERGED, LABELS_MERGED_HELP, dataset_mode_flag
 from ..data.formats.export import ARRAY_FORMATS
-from ..errors import DiffMixError
-from ..precision import check_precision, resolve_precision, sdm_half
-from ..pretrained import check_model_kind
+from ..infra import fileio
+from ..infra.checkpoint_folder import newest_ema_checkpoint
+from ..infra.checkpoints import load_model_weights
+from ..infra.config import (CONFIG_NAME, ModelConfig, SettingsCheck, check_model_kind, config_path_for_checkpoint,
+                            flag, load_config_for_checkpoint)
+from ..infra.errors import DiffMixError
+from ..infra.precision import check_precision, resolve_precision, sdm_half
 from ..script_util import create_model_and_diffusion
 
 SAMPLERS = ("ddim", "ddpm", "dpmpp2m")
@@ -196,7 +195,7 @@ def load_model_and_diffusion(model_path: str, model_cfg: Dict[str, Any], device:
 
 
 def sampling_precision(cfg: SampleConfig, model_cfg: Dict[str, Any], device: torch.device) -> str:
-    """The autocast precision to sample with (the shared policy of :mod:`guided_diffusion.precision`);
+    """The autocast precision to sample with (the shared policy of :mod:`guided_diffusion.infra.precision`);
     fp16 sampling is refused on the CPU."""
     precision = resolve_precision(cfg.precision, device, sdm_half(bool(model_cfg.get("use_fp16"))))
     if precision == "fp16" and device.type != "cuda":

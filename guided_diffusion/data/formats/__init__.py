@@ -39,8 +39,8 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
-from ... import fileio
-from ...errors import DiffMixError
+from ...infra import fileio
+from ...infra.errors import DiffMixError
 from ..image_arrays import rgb_scale, rgb_uint8
 from ..label_arrays import maps_from_arrays
 

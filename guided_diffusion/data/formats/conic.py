@@ -15,7 +15,7 @@ from typing import List, Tuple
 
 import numpy as np
 
-from ...errors import DiffMixError
+from ...infra.errors import DiffMixError
 from ..classes import _table
 from ..readers import SampleFiles
 from . import array_rgb, check_array, csv_column, keep_split, local_dir, member_ref, open_array, source_folds

@@ -24,9 +24,9 @@ import numpy as np
 
 from tqdm.auto import tqdm
 
-from ... import fileio, runlock
-from ...completion import changed_settings
-from ...errors import DiffMixError
+from ...infra import fileio, runlock
+from ...infra.completion import changed_settings
+from ...infra.errors import DiffMixError
 from ..image_arrays import rgb_uint8
 from ..labels import write_label_mat
 from ..layouts import SynthesisLayout
@@ -103,7 +103,7 @@ def convert_to_consep(
     ``images=False`` writes the labels only (ground truth for evaluation). ``out_dir`` (named
     ``flag`` in errors) must be new, empty, or a conversion with the same settings (rerunning an
     interrupted conversion completes it; see :func:`check_output_folder`); it is locked for
-    the run (:mod:`guided_diffusion.runlock`), so two conversions never write one folder.
+    the run (:mod:`guided_diffusion.infra.runlock`), so two conversions never write one folder.
     """
 
     fileio.check_output_dir(out_dir, flag)

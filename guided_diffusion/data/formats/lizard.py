@@ -18,8 +18,8 @@ from typing import List, Tuple
 
 import numpy as np
 
-from ... import fileio
-from ...errors import DiffMixError
+from ...infra import fileio
+from ...infra.errors import DiffMixError
 from ..readers import IMAGE_EXTS, LABEL_EXT, Problems, SampleFiles, read_rgb
 from . import keep_split, local_dir, source_folds
 from .conic import TABLE as CONIC_TABLE

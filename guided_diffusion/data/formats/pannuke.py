@@ -26,7 +26,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from ...errors import DiffMixError
+from ...infra.errors import DiffMixError
 from ..classes import _table
 from ..readers import SampleFiles
 from . import array_rgb, check_array, keep_split, local_dir, member_ref, open_array

@@ -32,11 +32,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ... import fileio, runlock
-from ...checkpoints import load_state_dict, load_torch_file, mismatch_message, save_state_dict
-from ...config import SettingsCheck, flag
-from ...errors import DiffMixError
-from ...train_state import derive_seed
+from ...infra import fileio, runlock
+from ...infra.checkpoints import load_state_dict, load_torch_file, mismatch_message, save_state_dict
+from ...infra.config import SettingsCheck, flag
+from ...infra.errors import DiffMixError
+from ...infra.train_state import derive_seed
 
 CONFIG, STATE, MODEL, RECORD = "config.json", "train_state.pt", "model.safetensors", "train.json"
 _TAG_BATCH = 31

@@ -26,12 +26,12 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from ... import fileio
 from ...data.classes import ClassTable, identity_table
 from ...data.labels import instance_table
 from ...data.layouts import GradMixLayout, SynthesisLayout
 from ...data.readers import LabeledImage, find_folder, read_dataset, read_samples
-from ...errors import DiffMixError
+from ...infra import fileio
+from ...infra.errors import DiffMixError
 
 
 @dataclass

@@ -28,11 +28,11 @@ from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
-from ... import fileio
-from ...config import SettingsCheck, flag
-from ...errors import DiffMixError
+from ...infra import fileio
+from ...infra.config import SettingsCheck, flag
+from ...infra.errors import DiffMixError
+from ...infra.plotting import pyplot, save_figure
 from ...metrics.classification import binomial_ci, bootstrap_ci, class_scores, kid
-from ...plotting import pyplot, save_figure
 from ..data import RealSplits, refuse_listed_twice, split_list
 from ..study import command_line, machine
 from . import crops as C

@@ -24,11 +24,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ... import fileio
-from ...config import SettingsCheck, flag
-from ...errors import DiffMixError
+from ...infra import fileio
+from ...infra.config import SettingsCheck, flag
+from ...infra.errors import DiffMixError
+from ...infra.plotting import bar_chart
 from ...metrics.classification import bootstrap_mean_diff, class_scores, paired_test
-from ...plotting import bar_chart
 from ..data import RealSplits, refuse_listed_twice, split_list
 from ..study import ARMS, command_line, machine
 from . import crops as C

@@ -3,7 +3,7 @@ and a run's resume (plan, load, retiring newer checkpoints) and save.
 
 Per saved step N a run folder holds ``model%06d.pt``, ``ema_<rate>_%06d.pt``, ``opt%06d.pt``,
 ``train_state%06d.pt`` and, written last, the marker ``checkpoint%06d.json`` listing those files
-and their sizes (the protocol of :mod:`guided_diffusion.completion`). A checkpoint counts as
+and their sizes (the protocol of :mod:`guided_diffusion.infra.completion`). A checkpoint counts as
 complete only when its marker is valid, so a killed process or a full disk never produces a
 corrupt ``latest``.
 """
@@ -24,7 +24,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 import torch.distributed
 
-from . import dist_util, fileio, logger
+from .. import dist_util, logger
+from . import fileio
 from .checkpoints import load_model_weights, load_state_dict, load_torch_file
 from .completion import file_size, write_marked
 from .errors import DiffMixError
@@ -221,7 +222,7 @@ def write_checkpoint(
     expected_bytes: Optional[int] = None,
 ) -> None:
     """Write each ``{name: object}`` atomically, then the completion marker
-    (:func:`guided_diffusion.completion.write_marked`).
+    (:func:`guided_diffusion.infra.completion.write_marked`).
 
     An object may be given as a zero-argument callable that builds it: it is called just before
     its file is written, so only one CPU copy (model, one EMA, or the optimizer) exists at a time.
@@ -326,7 +327,7 @@ def plan_resume(resume_checkpoint: str, log_dir: str) -> ResumePlan:
 
 
 def load_resume_checkpoint(loop: Any, path: str) -> None:
-    """Load checkpoint ``path`` into a :class:`~guided_diffusion.train_loop.TrainLoop` (see its
+    """Load checkpoint ``path`` into a :class:`~guided_diffusion.infra.train_loop.TrainLoop` (see its
     module doc for what a complete checkpoint restores and what a weights-only file does).
 
     Reads and sets the loop's ``model``, ``ema_params``, ``opt``, ``scaler``, ``generator``,

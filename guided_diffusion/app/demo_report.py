@@ -11,12 +11,12 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from . import fileio
-from .plotting import plot_loss_curve, pyplot, save_figure
-from .data.classes import resolve_class_table
-from .data.labels import relabel_contiguous
-from .data.layouts import SynthesisLayout
-from .data.readers import read_label_file, resolve_labels_form
+from ..data.classes import resolve_class_table
+from ..data.labels import relabel_contiguous
+from ..data.layouts import SynthesisLayout
+from ..data.readers import read_label_file, resolve_labels_form
+from ..infra import fileio
+from ..infra.plotting import plot_loss_curve, pyplot, save_figure
 
 
 def _records(synthesis_dir: str) -> List[Dict[str, Any]]:
@@ -28,7 +28,7 @@ def _records(synthesis_dir: str) -> List[Dict[str, Any]]:
 
 def _real_label_path(record: Dict[str, Any]) -> Optional[str]:
     """The real label file a GradMix map was made from (its GradMix record names it)."""
-    from .gradmix import read_map_record  # lazy: gradmix's pipeline imports scipy; the report is light
+    from ..gradmix import read_map_record  # lazy: gradmix's pipeline imports scipy; the report is light
 
     label_source = record.get("label_source", "")
     gm = read_map_record(label_source)
@@ -40,7 +40,7 @@ def _real_label_path(record: Dict[str, Any]) -> Optional[str]:
 def plot_pipeline(record: Dict[str, Any], class_table, path: str) -> Optional[str]:
     """One synthesis record drawn as the DiffMix pipeline: real patch + real label -> virtual label
     (GradMix) -> synthetic patch."""
-    from .synthesis import label_overlay  # lazy: synthesis imports torch; the report draws from files
+    from ..synthesis import label_overlay  # lazy: synthesis imports torch; the report draws from files
 
     crop = record["crop"]
     x0, y0, h, w = int(crop["x0"]), int(crop["y0"]), int(crop["height"]), int(crop["width"])
@@ -73,7 +73,7 @@ def plot_pipeline(record: Dict[str, Any], class_table, path: str) -> Optional[st
 def changed_nuclei(record: Dict[str, Any]) -> tuple:
     """``(kind, mask bool [S, S])``: the nuclei GradMix placed (balancing) or moved (enlarging) inside
     a synthesis record's crop; kind is None and the mask empty for the dataset's own labels."""
-    from .gradmix import changed_mask  # lazy: gradmix's pipeline imports scipy; the report is light
+    from ..gradmix import changed_mask  # lazy: gradmix's pipeline imports scipy; the report is light
 
     crop = record["crop"]
     window = (crop["y0"], crop["x0"], crop["height"], crop["width"])
@@ -95,7 +95,7 @@ def outline(image: np.ndarray, mask: np.ndarray, colour=(255, 230, 0)) -> np.nda
 def plot_changed_nuclei(records: Sequence[Dict[str, Any]], path: str, rows: int = 6) -> Optional[str]:
     """Grid of real patch | virtual label map | synthetic patch for the crops where GradMix placed
     rare nuclei (most placed first; enlarging maps fill remaining rows), changed nuclei outlined."""
-    from .synthesis import label_overlay, write_figure  # lazy: synthesis imports torch
+    from ..synthesis import label_overlay, write_figure  # lazy: synthesis imports torch
 
     scored = []
     for r in records:

@@ -57,12 +57,13 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from . import dist_util, fileio, logger
+from .. import dist_util, logger
+from ..resample import UniformSampler, create_named_schedule_sampler
+from . import fileio
 from .checkpoint_folder import ResumePlan, load_resume_checkpoint, plan_resume, remove_stale_temporaries, save_checkpoint
 from .config import CONFIG_NAME, save_config
 from .errors import DiffMixError
 from .precision import autocast_context, resolve_precision, sdm_half
-from .resample import UniformSampler, create_named_schedule_sampler
 from .train_config import TrainConfig, parse_ema_rates
 from .train_state import derive_seed
 
@@ -128,7 +129,7 @@ class TrainLoop:
         lr, weight_decay: AdamW; lr_anneal_steps: linear decay to 0, ending the run.
         ema_rate: comma-separated rates (or a float). drop_rate: classifier-free condition dropout.
         log_interval, save_interval: in steps. resume_checkpoint: see module docstring (or a
-            :class:`~guided_diffusion.checkpoint_folder.ResumePlan` already made by the caller).
+            :class:`~guided_diffusion.infra.checkpoint_folder.ResumePlan` already made by the caller).
         use_fp16, fp16_scale_growth: official fp16 flags (fp16 autocast + dynamic loss scaling).
         schedule_sampler: a :class:`~guided_diffusion.resample.ScheduleSampler` (uniform when None);
             loss-aware samplers also get ``update_with_local_losses(t, losses)``.
@@ -264,11 +265,11 @@ class TrainLoop:
     @classmethod
     def from_config(cls, *, model: torch.nn.Module, diffusion: Any, data: Iterator, cfg: TrainConfig,
                     use_fp16: bool = False, **overrides: Any) -> "TrainLoop":
-        """The loop of a :class:`~guided_diffusion.train_config.TrainConfig` (how the package builds it).
+        """The loop of a :class:`~guided_diffusion.infra.train_config.TrainConfig` (how the package builds it).
 
         Each setting of ``cfg`` goes to the keyword of the same meaning; the named timestep sampler
         is built on ``diffusion`` (``cfg.schedule_sampler``, ``cfg.t_max``). ``use_fp16`` is the
-        model setting (:class:`~guided_diffusion.config.ModelConfig`). ``overrides`` replace any
+        model setting (:class:`~guided_diffusion.infra.config.ModelConfig`). ``overrides`` replace any
         keyword, e.g. ``resume_checkpoint`` (a :class:`ResumePlan`), ``log_dir``, a resolved
         ``precision``, ``config``, ``prepare_folder``.
         """

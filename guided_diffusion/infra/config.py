@@ -274,6 +274,33 @@ def load_config_for_checkpoint(ckpt_path: str) -> Optional[dict[str, Any]]:
     return config
 
 
+# The two kinds of model folder, told apart by their config.json (see model_kind).
+KINDS = {
+    "sdm": "a diffusion model (SDM: an image_train.py run or export_model.py folder)",
+    "segmenter": "a nuclei segmenter (a hovernet_train.py run)",
+}
+
+
+def model_kind(config: Mapping[str, Any]) -> Optional[str]:
+    """Which model a ``config.json`` describes: ``"segmenter"`` (a ``hovernet_train.py`` run: its
+    settings under ``"settings"`` and ``"net"``), ``"sdm"`` (model settings at the top level or under
+    ``"model"``, as training and :func:`~guided_diffusion.app.pretrained.export_model` write them), or None when it says neither."""
+    if "net" in config or "settings" in config:
+        return "segmenter"
+    model = config["model"] if isinstance(config.get("model"), dict) else config
+    if any(f.name in model for f in dataclasses.fields(ModelConfig)):
+        return "sdm"
+    return None
+
+
+def check_model_kind(config: Mapping[str, Any], path: str, need: str, flag: str) -> None:
+    """Refuse a model folder (or file) ``path`` whose ``config.json`` describes the other kind of
+    model than ``need`` ("sdm" or "segmenter"), which ``flag`` needs."""
+    kind = model_kind(config)
+    if kind is not None and kind != need:
+        raise DiffMixError(f"{path}: holds {KINDS[kind]}, but {flag} needs {KINDS[need]}")
+
+
 def dataclass_to_argv(instance: Any, skip_defaults: bool = True) -> list[str]:
     """The ``--flag value`` list that :func:`add_dataclass_args` parses back into ``instance``
     (fields equal to their defaults left out with ``skip_defaults``; None values never written)."""

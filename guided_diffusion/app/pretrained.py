@@ -4,7 +4,7 @@ A model folder (e.g. ``models/consep256_cpu/``) holds
 
 * ``model.safetensors`` -- the EMA weights of the run's newest complete checkpoint (fp32);
 * ``config.json`` -- the run's resolved settings (model + training), read back by sampling exactly
-  as for a training run folder (:func:`guided_diffusion.config.load_config_for_checkpoint`);
+  as for a training run folder (:func:`guided_diffusion.infra.config.load_config_for_checkpoint`);
 * ``training.json`` -- how it was trained: data, every stage's settings, steps, wall time, seed,
   final losses, the recipe, the machine and the SHA-256 of the weights;
 * ``loss.png`` -- the loss curve of all stages.
@@ -14,7 +14,6 @@ The weights are safetensors, so loading a shipped model never unpickles anything
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import hashlib
 import os
@@ -22,45 +21,19 @@ import platform
 import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from . import fileio
-from .checkpoint_folder import ema_filename, list_complete_checkpoints
-from .checkpoints import load_state_dict, save_state_dict
-from .config import CONFIG_NAME, ModelConfig, load_config_for_checkpoint
-from .errors import DiffMixError
-from .plotting import plot_loss_curve, read_progress
+from ..infra import fileio
+from ..infra.checkpoint_folder import ema_filename, list_complete_checkpoints
+from ..infra.checkpoints import load_state_dict, save_state_dict
+from ..infra.config import CONFIG_NAME, check_model_kind, load_config_for_checkpoint
+from ..infra.errors import DiffMixError
+from ..infra.plotting import plot_loss_curve, read_progress
 
 WEIGHTS_NAME = "model.safetensors"
 RECORD_NAME = "training.json"
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# guided_diffusion/app/pretrained.py -> the repository root, three levels up.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The small real-data SDM shipped with the project (trained by scripts/scripts_train/consep256_cpu.sh).
 DEFAULT_MODEL = os.path.join(REPO_ROOT, "models", "consep256_cpu", WEIGHTS_NAME)
-
-# The two kinds of model folder, told apart by their config.json (see model_kind).
-KINDS = {
-    "sdm": "a diffusion model (SDM: an image_train.py run or export_model.py folder)",
-    "segmenter": "a nuclei segmenter (a hovernet_train.py run)",
-}
-
-
-def model_kind(config: Mapping[str, Any]) -> Optional[str]:
-    """Which model a ``config.json`` describes: ``"segmenter"`` (a ``hovernet_train.py`` run: its
-    settings under ``"settings"`` and ``"net"``), ``"sdm"`` (model settings at the top level or under
-    ``"model"``, as training and :func:`export_model` write them), or None when it says neither."""
-    if "net" in config or "settings" in config:
-        return "segmenter"
-    model = config["model"] if isinstance(config.get("model"), dict) else config
-    if any(f.name in model for f in dataclasses.fields(ModelConfig)):
-        return "sdm"
-    return None
-
-
-def check_model_kind(config: Mapping[str, Any], path: str, need: str, flag: str) -> None:
-    """Refuse a model folder (or file) ``path`` whose ``config.json`` describes the other kind of
-    model than ``need`` ("sdm" or "segmenter"), which ``flag`` needs."""
-    kind = model_kind(config)
-    if kind is not None and kind != need:
-        raise DiffMixError(f"{path}: holds {KINDS[kind]}, but {flag} needs {KINDS[need]}")
-
 
 def _stage_record(run_dir: str) -> Dict[str, Any]:
     """One training stage: its settings, step range, wall time and last logged losses."""
@@ -116,7 +89,7 @@ def check_stage_order(run_dirs: Sequence[str], configs: Sequence[Mapping[str, An
     """Refuse training stages that do not chain: each stage after the first must have started (or
     resumed) from a checkpoint of the stage before it. Else the export would take the wrong
     stage's weights (``--run_dirs FINE,PRE`` exports the pre-training EMA) under a wrong record."""
-    from .downstream.data import refuse_listed_twice  # lazy: downstream imports MONAI, matplotlib, scipy
+    from ..downstream.data import refuse_listed_twice  # lazy: downstream imports MONAI, matplotlib, scipy
 
     refuse_listed_twice(run_dirs, "--run_dirs")
     for (prev, prev_cfg), (cur, cur_cfg) in zip(zip(run_dirs, configs), zip(run_dirs[1:], configs[1:])):

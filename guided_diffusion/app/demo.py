@@ -28,19 +28,19 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from . import fileio
-from .config import ModelConfig, SettingsCheck, flag, load_config_for_checkpoint
-from .data.classes import resolve_class_table
-from .data.layouts import GradMixLayout, SynthesisLayout
-from .data.readers import read_dataset
-from .data.stats import dataset_statistics, write_statistics
-from .errors import DiffMixError
-from .gradmix.settings import GradMixConfig
-from .pretrained import DEFAULT_MODEL, REPO_ROOT, check_model_kind, describe
+from ..data.classes import resolve_class_table
+from ..data.layouts import GradMixLayout, SynthesisLayout
+from ..data.readers import read_dataset
+from ..data.stats import dataset_statistics, write_statistics
+from ..gradmix.settings import GradMixConfig
+from ..infra import fileio
+from ..infra.config import ModelConfig, SettingsCheck, check_model_kind, flag, load_config_for_checkpoint
+from ..infra.errors import DiffMixError
+from ..script_util import create_model_and_diffusion
+from ..synthesis import SampleConfig, run_synthesis
+from ..train_util import TrainConfig, find_latest_checkpoint, train
 from .demo_report import write_report
-from .script_util import create_model_and_diffusion
-from .synthesis import SampleConfig, run_synthesis
-from .train_util import TrainConfig, find_latest_checkpoint, train
+from .pretrained import DEFAULT_MODEL, REPO_ROOT, describe
 
 SAMPLE_DATA = os.path.join(REPO_ROOT, "datasets", "sample")
 
@@ -270,8 +270,8 @@ class _Stages:
 def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
     """Run the whole pipeline; returns the run record (also saved as ``<out_dir>/demo.json``)."""
     # lazy: data.toy and gradmix.pipeline import scipy, which demo.py --help skips
-    from .data.toy import ToyConfig, make_toy_dataset
-    from .gradmix.pipeline import run_gradmix
+    from ..data.toy import ToyConfig, make_toy_dataset
+    from ..gradmix.pipeline import run_gradmix
 
     cfg = cfg.resolved()
     out = cfg.out_dir
@@ -351,7 +351,7 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
     stages.outputs["gradmix"] = gradmix_dir
 
     # 4. The SDM: the shipped pretrained model, or pre-training + classifier-free fine-tuning here.
-    precision = cfg.precision  # "auto" is resolved by training and sampling (guided_diffusion/precision.py)
+    precision = cfg.precision  # "auto" is resolved by training and sampling (guided_diffusion/infra/precision.py)
     training: List[_Stage] = []
     if pretrained:
         checkpoint = cfg.model_path

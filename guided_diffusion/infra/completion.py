@@ -51,7 +51,7 @@ def write_marked(
 
     Args:
         outputs: ``(path, write)`` pairs; ``write(path)`` writes one file atomically (e.g. through
-            :func:`guided_diffusion.fileio.atomic_open`).
+            :func:`guided_diffusion.infra.fileio.atomic_open`).
         marker: the marker's content, or a callable given ``{path: size}`` of the written files
             (see :func:`file_size`) that returns it.
         what: names the set in error messages (e.g. "checkpoint of step 10").

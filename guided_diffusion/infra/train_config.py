@@ -6,8 +6,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from ..data.classes import LABELS_MERGED, LABELS_MERGED_HELP, dataset_mode_flag
 from .config import SettingsCheck, flag
-from .data.classes import LABELS_MERGED, LABELS_MERGED_HELP, dataset_mode_flag
 from .errors import DiffMixError
 from .precision import check_precision
 
@@ -16,9 +16,9 @@ from .precision import check_precision
 class TrainConfig:
     """Training settings: the official ``image_train.py`` flag names and defaults, plus new ones.
 
-    ``use_fp16`` is a model setting (:class:`guided_diffusion.config.ModelConfig`) and keeps its
+    ``use_fp16`` is a model setting (:class:`guided_diffusion.infra.config.ModelConfig`) and keeps its
     official meaning for training: with ``precision auto`` on CUDA it selects fp16 autocast + loss
-    scaling (:mod:`guided_diffusion.precision`).
+    scaling (:mod:`guided_diffusion.infra.precision`).
     """
 
     data_dir: str = flag("", "dataset root holding Train/Images and Train/Labels")
