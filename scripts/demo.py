@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from guided_diffusion.app.demo import DemoConfig, run_demo
+from guided_diffusion.app.demo_settings import DemoConfig
 from guided_diffusion.infra.config import add_dataclass_args, dataclass_from_args
 from guided_diffusion.infra.errors import run_cli
 
@@ -19,7 +19,10 @@ from guided_diffusion.infra.errors import run_cli
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_args(parser, DemoConfig)
-    run_demo(dataclass_from_args(DemoConfig, parser.parse_args(argv)))
+    cfg = dataclass_from_args(DemoConfig, parser.parse_args(argv))
+    from guided_diffusion.app.demo import run_demo  # after the flags: the run loads torch, --help does not
+
+    run_demo(cfg)
 
 
 if __name__ == "__main__":

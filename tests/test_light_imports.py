@@ -49,3 +49,25 @@ def test_torch_names_of_the_data_package_still_resolve():
 
     assert callable(data.build_condition) and callable(data.load_data)
     assert "build_condition" in dir(data)
+
+
+def test_help_of_the_demo_and_gradmix_commands_loads_no_torch():
+    """--help of the two main commands starts at once: their settings modules are light."""
+    check = textwrap.dedent(
+        """
+        import runpy, sys
+        sys.argv = [sys.argv[1], "--help"]
+        try:
+            runpy.run_path(sys.argv[0], run_name="__main__")
+        except SystemExit:
+            pass
+        print("HEAVY", sorted(m for m in ("torch", "scipy", "matplotlib") if m in sys.modules))
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for script in ("scripts/demo.py", "scripts/gradmix.py"):
+        proc = subprocess.run([sys.executable, "-c", check, str(REPO / script)], capture_output=True, text=True,
+                              env=env, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "--out_dir" in proc.stdout
+        assert [ln for ln in proc.stdout.splitlines() if ln.startswith("HEAVY")] == ["HEAVY []"], (script, proc.stdout[-500:])

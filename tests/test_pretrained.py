@@ -10,7 +10,7 @@ import os
 import numpy as np
 import torch
 
-from guided_diffusion.app.demo import SAMPLE_DATA
+from guided_diffusion.app.demo_settings import SAMPLE_DATA
 from guided_diffusion.app.pretrained import DEFAULT_MODEL, describe, export_model
 from guided_diffusion.data.classes import resolve_class_table
 from guided_diffusion.data.readers import list_samples, read_samples

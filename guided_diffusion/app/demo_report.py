@@ -17,6 +17,7 @@ from ..data.layouts import SynthesisLayout
 from ..data.readers import read_label_file, resolve_labels_form
 from ..infra import fileio
 from ..infra.plotting import plot_loss_curve, pyplot, save_figure
+from .pretrained import describe, stage_lines
 
 
 def _records(synthesis_dir: str) -> List[Dict[str, Any]]:
@@ -125,8 +126,6 @@ def _rel(path: str, start: str) -> str:
 
 def _model_lines(record: Dict[str, Any], out_dir: str, fig_dir: str) -> tuple:
     """(Markdown lines describing the SDM, loss-curve path or None)."""
-    from .pretrained import describe, stage_lines  # lazy: pretrained imports torch
-
     m = record["model"]
     arch = (f"{m['image_size']} px, {m['num_channels']} channels (x {m['channel_mult']}), "
             f"{m['num_res_blocks']} residual block(s) per level, SPADE width {m['spade_hidden']}")

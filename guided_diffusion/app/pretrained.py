@@ -22,8 +22,6 @@ import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from ..infra import fileio
-from ..infra.checkpoint_folder import ema_filename, list_complete_checkpoints
-from ..infra.checkpoints import load_state_dict, save_state_dict
 from ..infra.config import CONFIG_NAME, check_model_kind, load_config_for_checkpoint
 from ..infra.errors import DiffMixError
 from ..infra.plotting import plot_loss_curve, read_progress
@@ -35,11 +33,12 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 # The small real-data SDM shipped with the project (trained by scripts/scripts_train/consep256_cpu.sh).
 DEFAULT_MODEL = os.path.join(REPO_ROOT, "models", "consep256_cpu", WEIGHTS_NAME)
 
-def _stage_record(run_dir: str) -> Dict[str, Any]:
-    """One training stage: its settings, step range, wall time and last logged losses."""
+
+def _stage_record(run_dir: str, steps: Sequence[int]) -> Dict[str, Any]:
+    """One training stage: its settings, step range (``steps``: its complete checkpoints), wall time
+    and last logged losses."""
     config = fileio.read_json(fileio.join(run_dir, CONFIG_NAME))
     rows = [r for r in read_progress(run_dir) if "step" in r]
-    steps = list_complete_checkpoints(run_dir)
     # Wall time from the logged throughput: each row covers the steps since the previous row.
     wall, prev = 0.0, None
     for r in rows:
@@ -112,7 +111,11 @@ def export_model(run_dirs: Sequence[str], out_dir: str, recipe: str = "", comman
     Returns:
         The training record (also written as ``training.json``).
     """
+    # torch only here: the demo's settings and reports read this module's names without it.
     import torch
+
+    from ..infra.checkpoint_folder import ema_filename, list_complete_checkpoints
+    from ..infra.checkpoints import load_state_dict, save_state_dict
 
     if not run_dirs:
         raise DiffMixError("export needs at least one training run folder")
@@ -142,7 +145,7 @@ def export_model(run_dirs: Sequence[str], out_dir: str, recipe: str = "", comman
     save_state_dict(weights, state)
     fileio.write_json(fileio.join(out_dir, CONFIG_NAME), config)
     plot_loss_curve([(os.path.basename(d.rstrip("/")), d) for d in run_dirs], fileio.join(out_dir, "loss.png"))
-    stages = [_stage_record(d) for d in run_dirs]
+    stages = [_stage_record(d, list_complete_checkpoints(d)) for d in run_dirs]
     record = {
         "weights": WEIGHTS_NAME,
         "sha256": hashlib.sha256(fileio.read_bytes(weights)).hexdigest(),
