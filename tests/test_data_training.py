@@ -166,3 +166,25 @@ def test_load_data_reports_small_images(tmp_path):
     write_pair(str(tmp_path), "Train", "a", h=20, w=30)
     with pytest.raises(Exception, match=r"a\.png: image 30x20 \(WxH\) is smaller than the crop size 24"):
         load_data(data_dir=str(tmp_path), batch_size=1, image_size=24, dataset_mode="consep", progress=False)
+
+
+def test_data_settings_of_a_training_run(tiny_root):
+    """The typed path (DataSettings -> open_batches, what train() uses) and the official keyword
+    form give the same stream; a run's settings come from its TrainConfig and ModelConfig."""
+    from guided_diffusion.data.training import DataSettings, open_batches
+    from guided_diffusion.infra.config import ModelConfig
+    from guided_diffusion.infra.train_config import TrainConfig
+
+    train_cfg = TrainConfig(data_dir=tiny_root, dataset_mode="consep", batch_size=2, seed=3)
+    model_cfg = ModelConfig(image_size=16, num_classes=5, no_instance=True)
+    settings = DataSettings.from_config(train_cfg, model_cfg, progress=False)
+    assert (settings.split, settings.image_size, settings.num_classes, settings.no_instance, settings.seed) == \
+        ("Train", 16, 5, True, 3)
+    assert DataSettings.from_config(TrainConfig(is_train=False), model_cfg).split == "Test"
+    typed = _take(open_batches(settings), 2)
+    official = _take(load_data(data_dir=tiny_root, batch_size=2, image_size=16, dataset_mode="consep", num_classes=5,
+                               no_instance=True, seed=3, progress=False), 2)
+    for (xa, ca), (xb, cb) in zip(typed, official):
+        assert torch.equal(xa, xb) and torch.equal(ca["y"], cb["y"])
+    with pytest.raises(TypeError):
+        load_data(data_dir=tiny_root, batch_size=2, image_size=16, dataset_mode="consep", bogus=1)

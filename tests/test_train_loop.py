@@ -279,3 +279,22 @@ def test_resuming_an_older_checkpoint_retires_newer_ones(tmp_path):
     assert loop.step == 2
     assert tu.list_complete_checkpoints(str(tmp_path)) == [2]  # latest now means this branch
     assert (tmp_path / "model000006.pt").exists()  # files kept
+
+
+def test_the_loop_of_a_train_config_is_the_loop_of_its_keywords(tmp_path):
+    """TrainLoop.from_config (how train() builds the loop) maps each TrainConfig setting to the
+    official keyword of the same meaning; overrides win; the named sampler is built."""
+    diffusion = micro_diffusion()
+    cfg = tu.TrainConfig(batch_size=3, microbatch=1, lr=2e-3, ema_rate="0.9,0.5", drop_rate=0.25, log_interval=3,
+                         save_interval=5, weight_decay=0.01, lr_anneal_steps=9, max_steps=7, seed=4, grad_clip=1.5,
+                         keep_checkpoints=2, snr_gamma=5.0, progress=False, t_max=3, log_dir=str(tmp_path / "cfg"))
+    loop = tu.TrainLoop.from_config(model=MicroDenoiser(), diffusion=diffusion, data=SeededBatches(), cfg=cfg)
+    assert (loop.batch_size, loop.microbatch, loop.lr, loop.ema_rates, loop.drop_rate) == (3, 1, 2e-3, [0.9, 0.5], 0.25)
+    assert (loop.log_interval, loop.save_interval, loop.weight_decay, loop.lr_anneal_steps, loop.max_steps) == (3, 5, 0.01, 9, 7)
+    assert (loop.seed, loop.grad_clip, loop.keep_checkpoints, loop.snr_gamma, loop.progress) == (4, 1.5, 2, 5.0, False)
+    assert loop.log_dir == str(tmp_path / "cfg") and loop.end_step == 7
+    t, _ = loop.schedule_sampler.sample(64, torch.device("cpu"))
+    assert int(t.max()) <= 3  # --t_max: the truncated sampler of the config
+    other = tu.TrainLoop.from_config(model=MicroDenoiser(), diffusion=diffusion, data=SeededBatches(), cfg=cfg,
+                                     log_dir=str(tmp_path / "override"), schedule_sampler=UniformSampler(diffusion))
+    assert other.log_dir == str(tmp_path / "override") and type(other.schedule_sampler) is UniformSampler
