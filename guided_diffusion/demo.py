@@ -24,7 +24,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -36,7 +36,7 @@ from .data.readers import read_dataset
 from .data.stats import dataset_statistics, write_statistics
 from .errors import DiffMixError
 from .gradmix.settings import GradMixConfig
-from .pretrained import DEFAULT_MODEL, REPO_ROOT, check_model_kind, describe
+from .pretrained import DEFAULT_CLASSIFIER, DEFAULT_MODEL, RECIPE_OPTIONS, REPO_ROOT, check_model_kind, describe
 from .report import write_report
 from .script_util import create_model_and_diffusion
 from .synthesis import SampleConfig, run_synthesis
@@ -44,25 +44,31 @@ from .train_util import TrainConfig, find_latest_checkpoint, train
 
 SAMPLE_DATA = os.path.join(REPO_ROOT, "datasets", "sample")
 
+# The recommended synthesis for rare-class work (docs/REAL_DATA.md, sections 0c-0d): SDEdit from GradMix's
+# composed image, DPM-Solver++(2M) with 10 model calls. The paper's start (the real patch, DDIM) is the
+# paper preset, and one flag away (--start real --sampler ddim) in the others.
+RECOMMENDED_PERCENT = 55.0
+
 PRESETS: Dict[str, Dict[str, Any]] = {
     "quick": dict(
         data_dir="", dataset_mode="consep", num_classes=0, model_path="",
         toy_train=2, toy_test=1, toy_size=96, toy_rare_share=0.25, image_size=32, channel_mult="1,2,2", num_channels=32, num_res_blocks=1,
         attention_resolutions="8", num_head_channels=16, spade_hidden=128, train_steps=3, finetune_steps=2, batch_size=2,
         lr=2e-4, finetune_lr=2e-5, ema_rate="0.9999", margin=8, timestep_respacing="ddim10", ddim_percent=55.0,
+        start="gradmix", sampler="dpmpp2m", solver_steps=3, classifier=DEFAULT_CLASSIFIER,
         max_synthesis_maps=2, sample_batch_size=4, log_interval=1,
     ),
     "demo": dict(
         data_dir=SAMPLE_DATA, dataset_mode="consep", num_classes=0, model_path=DEFAULT_MODEL,
-        margin=16, timestep_respacing="ddim50", ddim_percent=55.0, max_synthesis_maps=4, sample_batch_size=8,
-        log_interval=10,
+        margin=16, timestep_respacing="ddim100", ddim_percent=RECOMMENDED_PERCENT, start="gradmix", sampler="dpmpp2m",
+        solver_steps=10, classifier=DEFAULT_CLASSIFIER, max_synthesis_maps=4, sample_batch_size=8, log_interval=10,
     ),
     "paper": dict(
         data_dir="", dataset_mode="consep", num_classes=0, model_path="",
         toy_train=16, toy_test=4, toy_size=1000, toy_rare_share=0.0, image_size=256, channel_mult="", num_channels=256, num_res_blocks=2,
         attention_resolutions="32,16,8", num_head_channels=64, spade_hidden=128, train_steps=5900, finetune_steps=4100,
         batch_size=16, lr=1e-4, finetune_lr=2e-5, ema_rate="0.9999", margin=30, timestep_respacing="ddim100", ddim_percent=55.0,
-        max_synthesis_maps=0, sample_batch_size=4, log_interval=100,
+        start="real", sampler="ddim", solver_steps=0, classifier="", max_synthesis_maps=0, sample_batch_size=4, log_interval=100,
     ),
 }
 
@@ -101,7 +107,13 @@ class DemoConfig:
     num_balance: int = flag(1, "GradMix balancing maps per image")
     num_enlarge: int = flag(1, "GradMix enlarging maps per image")
     timestep_respacing: Optional[str] = flag(None, "sampling steps, e.g. ddim50")
-    ddim_percent: Optional[float] = flag(None, "percent of the steps run from the noised real patch")
+    ddim_percent: Optional[float] = flag(None, "percent of the steps run from the noised start image")
+    start: Optional[str] = flag(None, "what SDEdit noises: gradmix (GradMix's composed image of the map; balancing maps "
+                                      "only, as GradMix composes no image for enlarging maps) or real (the real patch, "
+                                      "the paper's; balancing and enlarging maps)")
+    sampler: Optional[str] = flag(None, "ddim, ddpm or dpmpp2m")
+    solver_steps: Optional[int] = flag(None, "dpmpp2m: model calls from the start (0 = one per respaced step)")
+    classifier: Optional[str] = flag(None, "nucleus-type classifier folder (scripts/export_classifier.py) for the report's label fidelity; '' = none")
     s: float = flag(1.5, "classifier-free guidance scale")
     max_synthesis_maps: Optional[int] = flag(None, "label maps to synthesise for (0 = all)")
     sample_batch_size: Optional[int] = flag(None, "patches per sampling batch")
@@ -155,9 +167,10 @@ class DemoConfig:
         if problems:
             raise DiffMixError("; ".join(problems))
         # Sampling flags by the synthesis stage's own rules (--s, --ddim_percent, --precision);
-        # the two paths only satisfy its required-path checks.
-        SampleConfig(data_dir=".", results_path=".", s=self.s, ddim_percent=self.ddim_percent,
-                     precision=self.precision, seed=self.seed).validate()
+        # the paths only satisfy its required-path checks.
+        SampleConfig(data_dir=".", results_path=".", label_dir=".", s=self.s, ddim_percent=self.ddim_percent, start=self.start,
+                     sampler=self.sampler, solver_steps=self.solver_steps, precision=self.precision,
+                     seed=self.seed).validate()
 
 
 def _model_config(cfg: DemoConfig, num_classes: int):
@@ -183,7 +196,8 @@ def _check_model_settings(model_cfg) -> None:
 
 @dataclass
 class _Stage:
-    """One training stage (pre-training, or classifier-free fine-tuning from the previous stage)."""
+    """One training stage (pre-training, or classifier-free fine-tuning from the previous stage, or a
+    further stage continuing it)."""
 
     name: str
     folder: str
@@ -192,28 +206,40 @@ class _Stage:
     max_steps: int  # total steps at the end of the stage, counting earlier stages
     batch_size: int
     ema_rate: str
+    options: Dict[str, float] = dataclasses.field(default_factory=dict)  # pretrained.RECIPE_OPTIONS set
+
+
+_STAGE_NAMES = (("train", "SDM training"), ("finetune", "classifier-free fine-tuning"))
+
+
+def _stage_folder_and_name(out: str, k: int) -> tuple:
+    folder, name = _STAGE_NAMES[k] if k < len(_STAGE_NAMES) else (f"stage{k + 1}", f"training stage {k + 1}")
+    return fileio.join(out, folder), name
 
 
 def _training_plan(cfg: DemoConfig, out: str, num_classes: int):
     """(model config, stages): from the preset's fields, or -- with ``--retrain`` of a shipped model --
-    from the model's own ``config.json`` and ``training.json``, so a retrain repeats its recipe."""
-    folders = (fileio.join(out, "train"), fileio.join(out, "finetune"))
-    names = ("SDM training", "classifier-free fine-tuning")
+    from the model's own ``config.json`` and ``training.json``, so a retrain repeats its recipe
+    (every stage, with its recipe options)."""
     if cfg.model_path:
         config, record = load_config_for_checkpoint(cfg.model_path), describe(cfg.model_path)
         if config is None or record is None:
             raise DiffMixError(f"{cfg.model_path}: --retrain needs config.json and training.json beside the model")
         model_cfg = ModelConfig.from_dict(config, source=cfg.model_path)
-        stages = [
-            _Stage(name, folder, float(st["settings"]["lr"]), float(st["settings"]["drop_rate"]),
-                   int(st["final_step"]), int(st["settings"]["batch_size"]), str(st["settings"]["ema_rate"]))
-            for name, folder, st in zip(names, folders, record["stages"])
-        ]
+        stages = []
+        for k, st in enumerate(record["stages"]):
+            s = st["settings"]
+            folder, name = _stage_folder_and_name(out, k)
+            stages.append(_Stage(
+                name, folder, float(s["lr"]),
+                float(s["drop_rate"]), int(st["final_step"]), int(s["batch_size"]), str(s["ema_rate"]),
+                {o: s[o] for o in RECIPE_OPTIONS if s.get(o)}))
         return model_cfg, stages
     total = cfg.train_steps + cfg.finetune_steps
+    (f0, n0), (f1, n1) = _stage_folder_and_name(out, 0), _stage_folder_and_name(out, 1)
     return _model_config(cfg, num_classes), [
-        _Stage(names[0], folders[0], cfg.lr, 0.0, cfg.train_steps, cfg.batch_size, cfg.ema_rate),
-        _Stage(names[1], folders[1], cfg.finetune_lr, cfg.drop_rate, total, cfg.batch_size, cfg.ema_rate),
+        _Stage(n0, f0, cfg.lr, 0.0, cfg.train_steps, cfg.batch_size, cfg.ema_rate),
+        _Stage(n1, f1, cfg.finetune_lr, cfg.drop_rate, total, cfg.batch_size, cfg.ema_rate),
     ]
 
 
@@ -231,7 +257,7 @@ def _train_stages(stages: List[_Stage], model_cfg, cfg: DemoConfig, data_dir: st
             data_dir=data_dir, dataset_mode=cfg.dataset_mode, batch_size=stage.batch_size, ema_rate=stage.ema_rate,
             log_interval=cfg.log_interval, seed=cfg.seed, progress=cfg.progress, keep_checkpoints=1,
             precision=precision, lr=stage.lr, drop_rate=stage.drop_rate, max_steps=stage.max_steps,
-            save_interval=stage.max_steps, log_dir=stage.folder, resume_checkpoint=resume,
+            save_interval=stage.max_steps, log_dir=stage.folder, resume_checkpoint=resume, **stage.options,
         ))
         previous = _final_file(stage.folder, "model", stage.max_steps)
     last = stages[-1]
@@ -240,16 +266,17 @@ def _train_stages(stages: List[_Stage], model_cfg, cfg: DemoConfig, data_dir: st
     return _final_file(last.folder, prefix, last.max_steps)
 
 
-def _pick_maps(gradmix_dir: str, limit: int) -> List[str]:
+def _pick_maps(gradmix_dir: str, limit: int, kinds: Sequence[str] = ("balance", "enlarge")) -> List[str]:
     """GradMix maps to synthesise for: the balancing maps that placed the most rare nuclei and the
-    enlarging maps that moved the most, alternating (all maps when ``limit`` is 0)."""
+    enlarging maps that moved the most, alternating (all maps of ``kinds`` when ``limit`` is 0)."""
     rec_dir = GradMixLayout(gradmix_dir).folder(GradMixLayout.RECORDS)
-    ranked: Dict[str, List[tuple]] = {"balance": [], "enlarge": []}
+    ranked: Dict[str, List[tuple]] = {kind: [] for kind in kinds}
     for name in sorted(fileio.listdir(rec_dir)):
         if name.endswith(".json"):
             rec = fileio.read_json(fileio.join(rec_dir, name))
-            summary = rec.get("summary", {})
-            ranked[rec["kind"]].append((-summary.get("replaced", summary.get("moved", 0)), rec["name"]))
+            if rec["kind"] in ranked:
+                summary = rec.get("summary", {})
+                ranked[rec["kind"]].append((-summary.get("replaced", summary.get("moved", 0)), rec["name"]))
     queues = [[n for _, n in sorted(v)] for v in ranked.values()]
     if not limit:
         return [n for q in queues for n in q]
@@ -279,8 +306,10 @@ class _Stages:
 
 def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
     """Run the whole pipeline; returns the run record (also saved as ``<out_dir>/demo.json``)."""
-    # lazy: data.toy and gradmix.pipeline import scipy, which demo.py --help skips
+    # lazy: data.toy and gradmix.pipeline import scipy, the evidence torch and MONAI; demo.py --help skips them
     from .data.toy import ToyConfig, make_toy_dataset
+    from .downstream.nuclei.classifier import check_classifier_folder
+    from .downstream.nuclei.evidence import run_fidelity
     from .gradmix.pipeline import run_gradmix
 
     cfg = cfg.resolved()
@@ -300,6 +329,8 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
             raise DiffMixError(f"{cfg.model_path}: no config.json beside the model")
         check_model_kind(saved, cfg.model_path, "sdm", "--model_path")
     table = resolve_class_table(cfg.dataset_mode, None, cfg.num_classes or None)
+    if cfg.classifier:
+        check_classifier_folder(cfg.classifier, table.num_classes - 1, "--classifier")
     # The fixed CoNSeP/GLySAC tables are looked up by mode; only custom data passes its table on.
     table_arg = table if cfg.dataset_mode == "custom" else None
     if cfg.model_path:
@@ -356,7 +387,7 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
         "GradMix", run_gradmix, GradMixConfig(
             data_dir=data_dir, dataset_mode=cfg.dataset_mode, out_dir=gradmix_dir, num_classes=cfg.num_classes or None,
             num_balance=cfg.num_balance, num_enlarge=cfg.num_enlarge, margin=cfg.margin, seed=cfg.seed,
-            progress=cfg.progress),
+            write_images=cfg.start == "gradmix", progress=cfg.progress),
     )
     stages.outputs["gradmix"] = gradmix_dir
 
@@ -372,21 +403,30 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
     stages.outputs["checkpoint"] = checkpoint
 
     # 5. Synthesis from the virtual maps.
-    map_names = _pick_maps(gradmix_dir, cfg.max_synthesis_maps)
+    # GradMix composes images for its balancing maps only: a GradMix start synthesises those.
+    map_names = _pick_maps(gradmix_dir, cfg.max_synthesis_maps, ("balance",) if cfg.start == "gradmix" else
+                           ("balance", "enlarge"))
     synth_cfg = SampleConfig(
         data_dir=data_dir, dataset_mode=cfg.dataset_mode, label_dir=fileio.join(gradmix_dir, "Labels"),
         model_path=checkpoint, results_path=out, run_name="synthesis", s=cfg.s, ddim_percent=cfg.ddim_percent,
-        batch_size=cfg.sample_batch_size, seed=cfg.seed, progress=cfg.progress, figure_rows=6, precision=precision,
+        start=cfg.start, sampler=cfg.sampler, solver_steps=cfg.solver_steps, batch_size=cfg.sample_batch_size, seed=cfg.seed, progress=cfg.progress, figure_rows=6, precision=precision,
         idx_img=",".join(map_names), class_table="",
     )
     model_dict = model_cfg.to_dict()
     model_dict["timestep_respacing"] = cfg.timestep_respacing
-    summary = stages.run("DDIM synthesis", run_synthesis, synth_cfg, model_dict,
+    summary = stages.run("synthesis", run_synthesis, synth_cfg, model_dict,
                          model_config_source=checkpoint if pretrained else "demo settings")
     stages.outputs["synthesis"] = summary.out_dir
     stages.outputs["hovernet_patches"] = SynthesisLayout(summary.out_dir).folder(SynthesisLayout.PATCHES)
 
-    # 6. Report.
+    # 6. Do the synthesised nuclei read as their class? (label fidelity with the shipped classifier)
+    fidelity = None
+    if cfg.classifier:
+        fidelity = stages.run("label fidelity", run_fidelity, summary.out_dir, cfg.classifier, table, n_boot=200,
+                              seed=cfg.seed)
+        stages.outputs["classifier"] = cfg.classifier
+
+    # 7. Report.
     record = {
         "settings": dataclasses.asdict(cfg),
         "seed": cfg.seed,
@@ -402,6 +442,7 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
             "counts": {k: np.asarray(v).tolist() if k in ("before", "after") else v for k, v in gm.get("counts", {}).items()},
         },
         "class_names": list(table.names),
+        **({"fidelity": fidelity} if fidelity is not None else {}),
     }
     report = stages.run("report", write_report, out, record, summary, cfg.figure_dir)
     record["outputs"]["report"] = report
