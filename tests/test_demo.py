@@ -25,7 +25,7 @@ def test_quick_demo_writes_every_output(tmp_path):
     assert saved["seed"] == 0 and saved["settings"]["preset"] == "quick"
     # Every stage timed, nothing else, and the stages fit in the run's total.
     assert set(saved["timings_s"]) == {"toy dataset", "data check", "class statistics", "GradMix", "SDM training",
-                                       "classifier-free fine-tuning", "DDIM synthesis", "report"}
+                                       "classifier-free fine-tuning", "synthesis", "label fidelity", "report"}
     assert sum(saved["timings_s"].values()) <= saved["total_s"] + 0.1
     for path in saved["outputs"].values():
         assert Path(path).exists(), path
@@ -36,6 +36,7 @@ def test_quick_demo_writes_every_output(tmp_path):
     assert counts["after"][1] > counts["before"][1]  # the rare class gains nuclei
     maps = sorted((out / "gradmix" / "Labels").glob("*.mat"))
     assert {m.stem.split("__")[1][:7] for m in maps} == {"balance", "enlarge"}
+    assert sorted(p.stem for p in (out / "gradmix" / "Images").glob("*.png")) == [m.stem for m in maps if "__balance" in m.stem]
     mat = fileio.read_mat(str(maps[0]))
     assert {"inst_map", "type_map", "inst_type", "inst_centroid"} <= set(mat)
 
@@ -66,8 +67,20 @@ def test_quick_demo_writes_every_output(tmp_path):
         crop_types = virtual["type_map"][c["y0"] : c["y0"] + size, c["x0"] : c["x0"] + size]
         np.testing.assert_array_equal(patch[..., 4], crop_types)
 
+    # Synthesis started from GradMix's composed images (the recommended start), with the fast sampler.
+    run = json.loads((synth / "run.json").read_text())
+    assert run["start_image"] == "gradmix" and run["sampler"] == "dpmpp2m" and run["model_calls"] == 3
+
+    # Label fidelity with the shipped classifier: every synthetic nucleus of the records is scored.
+    fid = saved["fidelity"]
+    n_nuclei = sum(len(np.unique(np.load(synth / "npy_patch" / f"{json.loads(r.read_text())['name']}.npy")[..., 3])) - 1
+                   for r in records)
+    assert sum(fid["nuclei"]["synthetic"]) == n_nuclei > 0
+    assert fid["fidelity"]["1"]["real"]["n"] == 114  # the classifier's held-out "other" nuclei (heldout.json)
+
     # Report: every image it links exists; the README figures were refreshed.
     report = (out / "report.md").read_text()
+    assert "### Label fidelity" in report
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     assert len(links) >= 4
     for link in links:

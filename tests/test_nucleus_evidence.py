@@ -190,6 +190,46 @@ def test_fidelity_of_synthetic_patches_equal_to_the_real_images_is_one(toy, tmp_
         result["nuclei"]["real_test"])  # real test + synthetic + control (= synthetic)
 
 
+def test_an_exported_classifier_scores_a_run_as_the_evidence_does(toy, tmp_path):
+    """export_classifier.py keeps the held-out predictions (heldout.json); run_fidelity (the demo's
+    label fidelity) over a run of the real held-out images then finds synthetic == real, ratio 1.
+    A folder without heldout.json, or for another number of classes, is refused in one line."""
+    import shutil
+
+    from guided_diffusion.data.classes import identity_table
+    from guided_diffusion.downstream.nuclei.classifier import HELDOUT, check_classifier_folder, load_classifier
+    from guided_diffusion.downstream.nuclei.evidence import run_fidelity
+
+    train_set = C.read_source(toy, CONSEP, 16, split="Train", progress=False)
+    run_dir = str(tmp_path / "clf")
+    train_classifier(ClassifierConfig(**TINY), train_set.crops, train_set.labels - 1, 4, out_dir=run_dir,
+                     meta={"counts": train_set.counts(5)}, progress=False)
+    out = str(tmp_path / "exported")
+    record = load_script("export_classifier").main(["--run_dir", run_dir, "--data_dir", toy, "--dataset_mode", "consep",
+                                                    "--out_dir", out])
+    test = read_dataset(toy, CONSEP, "Test", progress=False)
+    test_set = C.from_samples(test, 16)
+    model, _ = load_classifier(out)
+    assert record["n"] == len(test_set) and record["true"] == test_set.labels.tolist()
+    assert record["pred"] == (predict(model, test_set.crops)[0].argmax(1) + 1).tolist()
+
+    result = run_fidelity(fake_run(tmp_path / "synth", test), out, CONSEP, n_boot=20)
+    assert sum(result["nuclei"]["synthetic"]) == len(test_set)
+    for c, e in result["fidelity"].items():
+        assert e["synthetic"] == e["real"]
+        if e["real"]["recall"]:
+            assert e["recall_ratio"]["value"] == pytest.approx(1.0)
+
+    with pytest.raises(DiffMixError, match="the classifier predicts 4 classes, --classifier's data has 3"):
+        check_classifier_folder(out, 3, "--classifier")
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    os.remove(broken / HELDOUT)
+    with pytest.raises(DiffMixError, match=f"{broken}: label fidelity needs an exported classifier folder "
+                                           f"\\({HELDOUT} missing"):
+        run_fidelity(str(tmp_path / "synth"), str(broken), identity_table(5, CONSEP.names))
+
+
 def test_changed_nuclei_of_gradmix_maps_are_flagged_and_the_control_keeps_the_real_pixels(toy, tmp_path):
     from guided_diffusion.gradmix import GradMixConfig, changed_ids, read_map_record, run_gradmix
 

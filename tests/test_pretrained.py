@@ -112,6 +112,55 @@ def test_export_writes_a_model_folder_that_sampling_loads(tmp_path):
     assert model.output_blocks[0][0].in_norm.mlp_shared[0].out_channels == 16
 
 
+def test_export_of_a_continued_model_keeps_the_earlier_stages_and_retrain_repeats_them(tmp_path):
+    """A run started from an exported model folder's weights (a copy named with its step, its
+    training.json beside it, as consep256_cpu_continue.sh makes) exports with the earlier stages
+    first and ``continued_from`` naming the weights; a record whose SHA-256 is another file's is
+    refused. ``demo --retrain`` plans every stage of such a record with its recipe options."""
+    import shutil
+
+    import pytest
+
+    from guided_diffusion.data import make_toy_dataset
+    from guided_diffusion.app.demo import DemoConfig, _training_plan
+    from guided_diffusion.infra.errors import DiffMixError
+    from guided_diffusion.train_util import TrainConfig, train
+
+    data = tmp_path / "toy"
+    make_toy_dataset(str(data), num_train=2, num_test=0, size=64, seed=0, progress=False)
+    model_cfg = ModelConfig(image_size=32, num_classes=5, num_channels=32, num_res_blocks=1, channel_mult="1,2",
+                            attention_resolutions="16", num_head_channels=16, class_cond=True, learn_sigma=True,
+                            spade_hidden=16, diffusion_steps=50)
+    common = dict(data_dir=str(data), dataset_mode="consep", batch_size=2, ema_rate="0.9", log_interval=1,
+                  progress=False, seed=0)
+    first = tmp_path / "first"
+    train(model_cfg, TrainConfig(lr=1e-4, max_steps=1, save_interval=1, log_dir=str(first), **common))
+    shipped = tmp_path / "shipped"
+    earlier = export_model([str(first)], str(shipped), recipe="first.sh")
+    init = tmp_path / "cont.init"
+    init.mkdir()
+    shutil.copy(shipped / "model.safetensors", init / "model000001.safetensors")
+    shutil.copy(shipped / "training.json", init)
+    cont = tmp_path / "cont"
+    train(model_cfg, TrainConfig(lr=5e-5, drop_rate=0.2, snr_gamma=5.0, max_steps=2, save_interval=2, log_dir=str(cont),
+                                 resume_checkpoint=str(init / "model000001.safetensors"), **common))
+    record = export_model([str(cont)], str(tmp_path / "model"), recipe="continue.sh")
+    assert [s["final_step"] for s in record["stages"]] == [1, 2]
+    assert record["stages"][0] == earlier["stages"][0]
+    assert record["stages"][1]["settings"]["snr_gamma"] == 5.0 and record["stages"][0]["settings"]["snr_gamma"] == 0.0
+    assert record["continued_from"]["sha256"] == earlier["sha256"] and record["continued_from"]["recipe"] == "first.sh"
+    assert record["total_wall_time_s"] == pytest.approx(sum(s["wall_time_s"] for s in record["stages"]), abs=0.2)
+
+    _, stages = _training_plan(DemoConfig(model_path=str(tmp_path / "model" / "model.safetensors")),
+                               str(tmp_path / "retrain"), 5)
+    assert [(st.max_steps, st.drop_rate, st.options) for st in stages] == [(1, 0.0, {}), (2, 0.2, {"snr_gamma": 5.0})]
+    assert len({st.folder for st in stages}) == 2
+
+    (init / "training.json").write_text(json.dumps({**earlier, "sha256": "0" * 64}))
+    with pytest.raises(DiffMixError, match="records weights with SHA-256 0+, but .*model000001.safetensors"):
+        export_model([str(cont)], str(tmp_path / "model2"))
+
+
 def test_stage_order_follows_the_log_and_paths_recorded_elsewhere(tmp_path):
     """A restarted stage records resume_checkpoint "latest"; its log.txt still names the checkpoint of
     the stage before. Paths recorded relative to another working directory match by the recorded

@@ -24,7 +24,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
@@ -41,7 +41,7 @@ from ..synthesis import SampleConfig, run_synthesis
 from ..train_util import TrainConfig, find_latest_checkpoint, train
 from .demo_report import write_report
 from .demo_settings import DemoConfig
-from .pretrained import describe
+from .pretrained import RECIPE_OPTIONS, describe
 
 def _model_config(cfg: DemoConfig, num_classes: int):
 
@@ -66,7 +66,8 @@ def _check_model_settings(model_cfg) -> None:
 
 @dataclass
 class _Stage:
-    """One training stage (pre-training, or classifier-free fine-tuning from the previous stage)."""
+    """One training stage (pre-training, or classifier-free fine-tuning from the previous stage, or a
+    further stage continuing it)."""
 
     name: str
     folder: str
@@ -75,28 +76,40 @@ class _Stage:
     max_steps: int  # total steps at the end of the stage, counting earlier stages
     batch_size: int
     ema_rate: str
+    options: Dict[str, float] = dataclasses.field(default_factory=dict)  # pretrained.RECIPE_OPTIONS set
+
+
+_STAGE_NAMES = (("train", "SDM training"), ("finetune", "classifier-free fine-tuning"))
+
+
+def _stage_folder_and_name(out: str, k: int) -> tuple:
+    folder, name = _STAGE_NAMES[k] if k < len(_STAGE_NAMES) else (f"stage{k + 1}", f"training stage {k + 1}")
+    return fileio.join(out, folder), name
 
 
 def _training_plan(cfg: DemoConfig, out: str, num_classes: int):
     """(model config, stages): from the preset's fields, or -- with ``--retrain`` of a shipped model --
-    from the model's own ``config.json`` and ``training.json``, so a retrain repeats its recipe."""
-    folders = (fileio.join(out, "train"), fileio.join(out, "finetune"))
-    names = ("SDM training", "classifier-free fine-tuning")
+    from the model's own ``config.json`` and ``training.json``, so a retrain repeats its recipe
+    (every stage, with its recipe options)."""
     if cfg.model_path:
         config, record = load_config_for_checkpoint(cfg.model_path), describe(cfg.model_path)
         if config is None or record is None:
             raise DiffMixError(f"{cfg.model_path}: --retrain needs config.json and training.json beside the model")
         model_cfg = ModelConfig.from_dict(config, source=cfg.model_path)
-        stages = [
-            _Stage(name, folder, float(st["settings"]["lr"]), float(st["settings"]["drop_rate"]),
-                   int(st["final_step"]), int(st["settings"]["batch_size"]), str(st["settings"]["ema_rate"]))
-            for name, folder, st in zip(names, folders, record["stages"])
-        ]
+        stages = []
+        for k, st in enumerate(record["stages"]):
+            s = st["settings"]
+            folder, name = _stage_folder_and_name(out, k)
+            stages.append(_Stage(
+                name, folder, float(s["lr"]),
+                float(s["drop_rate"]), int(st["final_step"]), int(s["batch_size"]), str(s["ema_rate"]),
+                {o: s[o] for o in RECIPE_OPTIONS if s.get(o)}))
         return model_cfg, stages
     total = cfg.train_steps + cfg.finetune_steps
+    (f0, n0), (f1, n1) = _stage_folder_and_name(out, 0), _stage_folder_and_name(out, 1)
     return _model_config(cfg, num_classes), [
-        _Stage(names[0], folders[0], cfg.lr, 0.0, cfg.train_steps, cfg.batch_size, cfg.ema_rate),
-        _Stage(names[1], folders[1], cfg.finetune_lr, cfg.drop_rate, total, cfg.batch_size, cfg.ema_rate),
+        _Stage(n0, f0, cfg.lr, 0.0, cfg.train_steps, cfg.batch_size, cfg.ema_rate),
+        _Stage(n1, f1, cfg.finetune_lr, cfg.drop_rate, total, cfg.batch_size, cfg.ema_rate),
     ]
 
 
@@ -114,7 +127,7 @@ def _train_stages(stages: List[_Stage], model_cfg, cfg: DemoConfig, data_dir: st
             data_dir=data_dir, dataset_mode=cfg.dataset_mode, batch_size=stage.batch_size, ema_rate=stage.ema_rate,
             log_interval=cfg.log_interval, seed=cfg.seed, progress=cfg.progress, keep_checkpoints=1,
             precision=precision, lr=stage.lr, drop_rate=stage.drop_rate, max_steps=stage.max_steps,
-            save_interval=stage.max_steps, log_dir=stage.folder, resume_checkpoint=resume,
+            save_interval=stage.max_steps, log_dir=stage.folder, resume_checkpoint=resume, **stage.options,
         ))
         previous = _final_file(stage.folder, "model", stage.max_steps)
     last = stages[-1]
@@ -123,16 +136,17 @@ def _train_stages(stages: List[_Stage], model_cfg, cfg: DemoConfig, data_dir: st
     return _final_file(last.folder, prefix, last.max_steps)
 
 
-def _pick_maps(gradmix_dir: str, limit: int) -> List[str]:
+def _pick_maps(gradmix_dir: str, limit: int, kinds: Sequence[str] = ("balance", "enlarge")) -> List[str]:
     """GradMix maps to synthesise for: the balancing maps that placed the most rare nuclei and the
-    enlarging maps that moved the most, alternating (all maps when ``limit`` is 0)."""
+    enlarging maps that moved the most, alternating (all maps of ``kinds`` when ``limit`` is 0)."""
     rec_dir = GradMixLayout(gradmix_dir).folder(GradMixLayout.RECORDS)
-    ranked: Dict[str, List[tuple]] = {"balance": [], "enlarge": []}
+    ranked: Dict[str, List[tuple]] = {kind: [] for kind in kinds}
     for name in sorted(fileio.listdir(rec_dir)):
         if name.endswith(".json"):
             rec = fileio.read_json(fileio.join(rec_dir, name))
-            summary = rec.get("summary", {})
-            ranked[rec["kind"]].append((-summary.get("replaced", summary.get("moved", 0)), rec["name"]))
+            if rec["kind"] in ranked:
+                summary = rec.get("summary", {})
+                ranked[rec["kind"]].append((-summary.get("replaced", summary.get("moved", 0)), rec["name"]))
     queues = [[n for _, n in sorted(v)] for v in ranked.values()]
     if not limit:
         return [n for q in queues for n in q]
@@ -162,8 +176,10 @@ class _Stages:
 
 def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
     """Run the whole pipeline; returns the run record (also saved as ``<out_dir>/demo.json``)."""
-    # lazy: data.toy and gradmix.pipeline import scipy, which demo.py --help skips
+    # lazy: data.toy and gradmix.pipeline import scipy, the evidence torch and MONAI; demo.py --help skips them
     from ..data.toy import ToyConfig, make_toy_dataset
+    from ..downstream.nuclei.classifier import check_classifier_folder
+    from ..downstream.nuclei.evidence import run_fidelity
     from ..gradmix.pipeline import run_gradmix
 
     cfg = cfg.resolved()
@@ -183,6 +199,8 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
             raise DiffMixError(f"{cfg.model_path}: no config.json beside the model")
         check_model_kind(saved, cfg.model_path, "sdm", "--model_path")
     table = resolve_class_table(cfg.dataset_mode, None, cfg.num_classes or None)
+    if cfg.classifier:
+        check_classifier_folder(cfg.classifier, table.num_classes - 1, "--classifier")
     # The fixed CoNSeP/GLySAC tables are looked up by mode; only custom data passes its table on.
     table_arg = table if cfg.dataset_mode == "custom" else None
     if cfg.model_path:
@@ -239,7 +257,7 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
         "GradMix", run_gradmix, GradMixConfig(
             data_dir=data_dir, dataset_mode=cfg.dataset_mode, out_dir=gradmix_dir, num_classes=cfg.num_classes or None,
             num_balance=cfg.num_balance, num_enlarge=cfg.num_enlarge, margin=cfg.margin, seed=cfg.seed,
-            progress=cfg.progress),
+            write_images=cfg.start == "gradmix", progress=cfg.progress),
     )
     stages.outputs["gradmix"] = gradmix_dir
 
@@ -255,21 +273,30 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
     stages.outputs["checkpoint"] = checkpoint
 
     # 5. Synthesis from the virtual maps.
-    map_names = _pick_maps(gradmix_dir, cfg.max_synthesis_maps)
+    # GradMix composes images for its balancing maps only: a GradMix start synthesises those.
+    map_names = _pick_maps(gradmix_dir, cfg.max_synthesis_maps, ("balance",) if cfg.start == "gradmix" else
+                           ("balance", "enlarge"))
     synth_cfg = SampleConfig(
         data_dir=data_dir, dataset_mode=cfg.dataset_mode, label_dir=fileio.join(gradmix_dir, "Labels"),
         model_path=checkpoint, results_path=out, run_name="synthesis", s=cfg.s, ddim_percent=cfg.ddim_percent,
-        batch_size=cfg.sample_batch_size, seed=cfg.seed, progress=cfg.progress, figure_rows=6, precision=precision,
+        start=cfg.start, sampler=cfg.sampler, solver_steps=cfg.solver_steps, batch_size=cfg.sample_batch_size, seed=cfg.seed, progress=cfg.progress, figure_rows=6, precision=precision,
         idx_img=",".join(map_names), class_table="",
     )
     model_dict = model_cfg.to_dict()
     model_dict["timestep_respacing"] = cfg.timestep_respacing
-    summary = stages.run("DDIM synthesis", run_synthesis, synth_cfg, model_dict,
+    summary = stages.run("synthesis", run_synthesis, synth_cfg, model_dict,
                          model_config_source=checkpoint if pretrained else "demo settings")
     stages.outputs["synthesis"] = summary.out_dir
     stages.outputs["hovernet_patches"] = SynthesisLayout(summary.out_dir).folder(SynthesisLayout.PATCHES)
 
-    # 6. Report.
+    # 6. Do the synthesised nuclei read as their class? (label fidelity with the shipped classifier)
+    fidelity = None
+    if cfg.classifier:
+        fidelity = stages.run("label fidelity", run_fidelity, summary.out_dir, cfg.classifier, table, n_boot=200,
+                              seed=cfg.seed)
+        stages.outputs["classifier"] = cfg.classifier
+
+    # 7. Report.
     record = {
         "settings": dataclasses.asdict(cfg),
         "seed": cfg.seed,
@@ -285,6 +312,7 @@ def run_demo(cfg: DemoConfig) -> Dict[str, Any]:
             "counts": {k: np.asarray(v).tolist() if k in ("before", "after") else v for k, v in gm.get("counts", {}).items()},
         },
         "class_names": list(table.names),
+        **({"fidelity": fidelity} if fidelity is not None else {}),
     }
     report = stages.run("report", write_report, out, record, summary, cfg.figure_dir)
     record["outputs"]["report"] = report

@@ -13,9 +13,14 @@ from typing import Any, Dict, Optional
 
 from ..infra.config import SettingsCheck, flag
 from ..infra.errors import DiffMixError
-from .pretrained import DEFAULT_MODEL, REPO_ROOT
+from .pretrained import DEFAULT_CLASSIFIER, DEFAULT_MODEL, REPO_ROOT
 
 SAMPLE_DATA = os.path.join(REPO_ROOT, "datasets", "sample")
+
+# The recommended synthesis for rare-class work (docs/REAL_DATA.md, sections 0c-0d): SDEdit from GradMix's
+# composed image, DPM-Solver++(2M) with 10 model calls. The paper's start (the real patch, DDIM) is the
+# paper preset, and one flag away (--start real --sampler ddim) in the others.
+RECOMMENDED_PERCENT = 55.0
 
 PRESETS: Dict[str, Dict[str, Any]] = {
     "quick": dict(
@@ -23,19 +28,20 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         toy_train=2, toy_test=1, toy_size=96, toy_rare_share=0.25, image_size=32, channel_mult="1,2,2", num_channels=32, num_res_blocks=1,
         attention_resolutions="8", num_head_channels=16, spade_hidden=128, train_steps=3, finetune_steps=2, batch_size=2,
         lr=2e-4, finetune_lr=2e-5, ema_rate="0.9999", margin=8, timestep_respacing="ddim10", ddim_percent=55.0,
+        start="gradmix", sampler="dpmpp2m", solver_steps=3, classifier=DEFAULT_CLASSIFIER,
         max_synthesis_maps=2, sample_batch_size=4, log_interval=1,
     ),
     "demo": dict(
         data_dir=SAMPLE_DATA, dataset_mode="consep", num_classes=0, model_path=DEFAULT_MODEL,
-        margin=16, timestep_respacing="ddim50", ddim_percent=55.0, max_synthesis_maps=4, sample_batch_size=8,
-        log_interval=10,
+        margin=16, timestep_respacing="ddim100", ddim_percent=RECOMMENDED_PERCENT, start="gradmix", sampler="dpmpp2m",
+        solver_steps=10, classifier=DEFAULT_CLASSIFIER, max_synthesis_maps=4, sample_batch_size=8, log_interval=10,
     ),
     "paper": dict(
         data_dir="", dataset_mode="consep", num_classes=0, model_path="",
         toy_train=16, toy_test=4, toy_size=1000, toy_rare_share=0.0, image_size=256, channel_mult="", num_channels=256, num_res_blocks=2,
         attention_resolutions="32,16,8", num_head_channels=64, spade_hidden=128, train_steps=5900, finetune_steps=4100,
         batch_size=16, lr=1e-4, finetune_lr=2e-5, ema_rate="0.9999", margin=30, timestep_respacing="ddim100", ddim_percent=55.0,
-        max_synthesis_maps=0, sample_batch_size=4, log_interval=100,
+        start="real", sampler="ddim", solver_steps=0, classifier="", max_synthesis_maps=0, sample_batch_size=4, log_interval=100,
     ),
 }
 
@@ -74,7 +80,13 @@ class DemoConfig:
     num_balance: int = flag(1, "GradMix balancing maps per image")
     num_enlarge: int = flag(1, "GradMix enlarging maps per image")
     timestep_respacing: Optional[str] = flag(None, "sampling steps, e.g. ddim50")
-    ddim_percent: Optional[float] = flag(None, "percent of the steps run from the noised real patch")
+    ddim_percent: Optional[float] = flag(None, "percent of the steps run from the noised start image")
+    start: Optional[str] = flag(None, "what SDEdit noises: gradmix (GradMix's composed image of the map; balancing maps "
+                                      "only, as GradMix composes no image for enlarging maps) or real (the real patch, "
+                                      "the paper's; balancing and enlarging maps)")
+    sampler: Optional[str] = flag(None, "ddim, ddpm or dpmpp2m")
+    solver_steps: Optional[int] = flag(None, "dpmpp2m: model calls from the start (0 = one per respaced step)")
+    classifier: Optional[str] = flag(None, "nucleus-type classifier folder (scripts/export_classifier.py) for the report's label fidelity; '' = none")
     s: float = flag(1.5, "classifier-free guidance scale")
     max_synthesis_maps: Optional[int] = flag(None, "label maps to synthesise for (0 = all)")
     sample_batch_size: Optional[int] = flag(None, "patches per sampling batch")
@@ -117,9 +129,10 @@ class DemoConfig:
         check.need("finetune_lr", lambda v: v > 0, "> 0")
         check.need("drop_rate", lambda v: 0 <= v <= 1, "in [0, 1]")
         # Sampling flags by the synthesis stage's own rules (--s, --ddim_percent, --precision);
-        # the two paths only satisfy its required-path checks. Imported here: synthesis loads torch.
+        # the paths only satisfy its required-path checks. Imported here: synthesis loads torch.
         from ..synthesis.settings import SampleConfig
 
-        check.rule(SampleConfig(data_dir=".", results_path=".", s=self.s, ddim_percent=self.ddim_percent,
+        check.rule(SampleConfig(data_dir=".", results_path=".", label_dir=".", s=self.s, ddim_percent=self.ddim_percent,
+                                start=self.start, sampler=self.sampler, solver_steps=self.solver_steps,
                                 precision=self.precision, seed=self.seed).validate)
         check.done()

@@ -6,7 +6,10 @@ A model folder (e.g. ``models/consep256_cpu/``) holds
 * ``config.json`` -- the run's resolved settings (model + training), read back by sampling exactly
   as for a training run folder (:func:`guided_diffusion.infra.config.load_config_for_checkpoint`);
 * ``training.json`` -- how it was trained: data, every stage's settings, steps, wall time, seed,
-  final losses, the recipe, the machine and the SHA-256 of the weights;
+  final losses, the recipe, the machine and the SHA-256 of the weights. A run that started from a
+  model folder's weights (a copy with that folder's ``training.json`` beside it, as
+  ``scripts/scripts_train/consep256_cpu_continue.sh`` makes) continues its record: the earlier
+  stages come first and ``continued_from`` names the weights (SHA-256 checked);
 * ``loss.png`` -- the loss curve of all stages.
 
 The weights are safetensors, so loading a shipped model never unpickles anything.
@@ -32,6 +35,12 @@ RECORD_NAME = "training.json"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The small real-data SDM shipped with the project (trained by scripts/scripts_train/consep256_cpu.sh).
 DEFAULT_MODEL = os.path.join(REPO_ROOT, "models", "consep256_cpu", WEIGHTS_NAME)
+# The nucleus-type classifier shipped with it (scripts/export_classifier.py): the demo's label fidelity.
+DEFAULT_CLASSIFIER = os.path.join(REPO_ROOT, "models", "consep256_nuclei")
+
+
+# Training options beyond the paper's recipe (0 = off), recorded per stage so a retrain repeats them.
+RECIPE_OPTIONS = ("t_max", "snr_gamma", "rare_crop_share")
 
 
 def _stage_record(run_dir: str, steps: Sequence[int]) -> Dict[str, Any]:
@@ -56,7 +65,7 @@ def _stage_record(run_dir: str, steps: Sequence[int]) -> Dict[str, Any]:
         "final_mse": last.get("mse"),
         "settings": {k: config.get(k) for k in (
             "lr", "batch_size", "drop_rate", "ema_rate", "max_steps", "seed", "precision_resolved",
-            "world_size", "resume_checkpoint", "data_dir", "dataset_mode")},
+            "world_size", "resume_checkpoint", "data_dir", "dataset_mode", *RECIPE_OPTIONS)},
     }
 
 
@@ -97,6 +106,23 @@ def check_stage_order(run_dirs: Sequence[str], configs: Sequence[Mapping[str, An
             how = f"resumed from {sources[0]}" if sources else "started fresh"
             raise DiffMixError(f"--run_dirs: {cur} does not continue {prev} ({cur} {how}); list the training "
                                "stages in the order they ran, first stage first")
+
+
+def _earlier_record(run_dir: str, config: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    """The training record of the model a first stage started from: the ``training.json`` beside the
+    weights file it resumed from, whose SHA-256 must be that file's (else the record is another
+    model's). None when the stage started fresh or from a plain checkpoint."""
+    for path in _resumed_from(run_dir, config):
+        record_path = fileio.join(os.path.dirname(path), RECORD_NAME)
+        if not os.path.splitext(path)[1] or not fileio.exists(record_path):
+            continue
+        earlier = fileio.read_json(record_path)
+        actual = hashlib.sha256(fileio.read_bytes(path)).hexdigest()
+        if earlier.get("sha256") != actual:
+            raise DiffMixError(f"{record_path}: records weights with SHA-256 {earlier.get('sha256')}, but {path} "
+                               f"(where {run_dir} started) has {actual}")
+        return {**earlier, "path": path}
+    return None
 
 
 def export_model(run_dirs: Sequence[str], out_dir: str, recipe: str = "", command: str = "") -> Dict[str, Any]:
@@ -146,6 +172,9 @@ def export_model(run_dirs: Sequence[str], out_dir: str, recipe: str = "", comman
     fileio.write_json(fileio.join(out_dir, CONFIG_NAME), config)
     plot_loss_curve([(os.path.basename(d.rstrip("/")), d) for d in run_dirs], fileio.join(out_dir, "loss.png"))
     stages = [_stage_record(d, list_complete_checkpoints(d)) for d in run_dirs]
+    earlier = _earlier_record(run_dirs[0], configs[0])
+    if earlier is not None:
+        stages = earlier["stages"] + stages
     record = {
         "weights": WEIGHTS_NAME,
         "sha256": hashlib.sha256(fileio.read_bytes(weights)).hexdigest(),
@@ -160,6 +189,9 @@ def export_model(run_dirs: Sequence[str], out_dir: str, recipe: str = "", comman
         "total_wall_time_s": round(sum(s["wall_time_s"] for s in stages), 1),
         "recipe": recipe,
         "command": command,
+        **({} if earlier is None else {"continued_from": {
+            "weights": earlier["path"], "sha256": earlier["sha256"], "step": earlier["step"],
+            "recipe": earlier.get("recipe", ""), "command": earlier.get("command", "")}}),
         "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
     }

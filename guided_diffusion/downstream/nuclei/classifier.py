@@ -39,6 +39,8 @@ from ...infra.errors import DiffMixError
 from ...infra.train_state import derive_seed
 
 CONFIG, STATE, MODEL, RECORD = "config.json", "train_state.pt", "model.safetensors", "train.json"
+# An exported classifier folder also holds its held-out predictions (what fidelity compares with).
+HELDOUT = "heldout.json"
 _TAG_BATCH = 31
 
 
@@ -271,6 +273,55 @@ def load_classifier(run_dir: str, device: str = "cpu") -> Tuple[ImageClassifier,
         raise DiffMixError(mismatch)
     model.load_state_dict(weights)
     return model.to(device).eval(), config
+
+
+def check_classifier(path: str, config: dict, num_outputs: int, crop_size: Optional[int], what: str) -> None:
+    """Refuse a classifier (``config.json`` read from ``path``) that predicts another number of
+    classes than ``what`` has, or was trained on another crop size (None: any)."""
+    if int(config.get("num_outputs", -1)) != num_outputs:
+        raise DiffMixError(f"{path}: the classifier predicts {config.get('num_outputs')} classes, {what} has {num_outputs}")
+    if crop_size is not None and int(config.get("crop_size", -1)) != crop_size:
+        raise DiffMixError(f"{path}: the classifier was trained on {config.get('crop_size')} px crops, not {crop_size} px")
+
+
+def check_classifier_folder(path: str, num_outputs: int, flag: str) -> dict:
+    """Refuse ``path`` unless it is an exported classifier folder (:func:`export_classifier`) for
+    ``num_outputs`` classes; returns its ``config.json``. Cheap: reads no weights."""
+    for name in (CONFIG, MODEL, RECORD, HELDOUT):
+        if not fileio.exists(fileio.join(path, name)):
+            raise DiffMixError(f"{path}: {flag} needs an exported classifier folder ({name} missing; "
+                               "scripts/export_classifier.py writes one)")
+    config = fileio.read_json(fileio.join(path, CONFIG))
+    check_classifier(path, config, num_outputs, None, f"{flag}'s data")
+    return config
+
+
+def export_classifier(run_dir: str, test_crops: np.ndarray, test_labels: np.ndarray, out_dir: str,
+                      source: str, command: str = "") -> Dict[str, Any]:
+    """Copy a finished classifier run into a model folder (``config.json``, ``model.safetensors``,
+    ``train.json``) with its predictions on real held-out nuclei (``heldout.json``: ``true`` and
+    ``pred`` class ids 1..C-1, per nucleus, and where they came from), so that label fidelity can
+    be computed later without the held-out data. Returns the held-out record.
+
+    Args:
+        test_crops: uint8 [N, S, S, 3] held-out nucleus crops; test_labels: int [N] their classes 1..C-1.
+        source: what the held-out nuclei are (recorded), e.g. ``consep256 (Test)``.
+    """
+    model, config = load_classifier(run_dir)
+    if uses_masks(config):
+        raise DiffMixError(f"{run_dir}: a mask-channel classifier reads the label's shape; export an RGB-only one")
+    check_classifier(run_dir, config, int(config.get("num_outputs", -1)), int(test_crops.shape[1]), "the held-out crops")
+    probs, _ = predict(model, test_crops)
+    true = np.asarray(test_labels, np.int64)
+    pred = probs.argmax(1) + 1
+    record = {"source": source, "classifier_run": run_dir, "command": command, "n": int(true.size),
+              "accuracy": float(np.mean(pred == true)) if true.size else None,
+              "true": true.tolist(), "pred": pred.tolist()}
+    fileio.makedirs(out_dir)
+    for name in (CONFIG, MODEL, RECORD):
+        fileio.write_bytes(fileio.join(out_dir, name), fileio.read_bytes(fileio.join(run_dir, name)))
+    fileio.write_json(fileio.join(out_dir, HELDOUT), record)
+    return record
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import re
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -36,7 +36,8 @@ from ...metrics.classification import binomial_ci, bootstrap_ci, class_scores, k
 from ..data import RealSplits, refuse_listed_twice, split_list
 from ..study import command_line, machine
 from . import crops as C
-from .classifier import ClassifierConfig, load_classifier, predict, train_classifier, uses_masks
+from .classifier import (HELDOUT, ClassifierConfig, check_classifier, check_classifier_folder, load_classifier, predict,
+                         train_classifier, uses_masks)
 
 RESULT_JSON, RESULT_MD, GRID, PREDICTIONS = "evidence.json", "evidence.md", "fidelity_grid.png", "predictions.csv"
 
@@ -281,12 +282,7 @@ def run_evidence(cfg: EvidenceConfig, ccfg: ClassifierConfig, argv: Optional[Seq
     fileio.makedirs(cfg.out_dir)
     if cfg.classifier:
         model, model_config = load_classifier(cfg.classifier)
-        if int(model_config.get("num_outputs", -1)) != len(classes):
-            raise DiffMixError(f"{cfg.classifier}: the classifier predicts {model_config.get('num_outputs')} classes, "
-                               f"the data has {len(classes)} ({table.name})")
-        if int(model_config.get("crop_size", -1)) != size:
-            raise DiffMixError(f"{cfg.classifier}: the classifier was trained on {model_config.get('crop_size')} px "
-                               f"crops, not --crop_size {size}")
+        check_classifier(cfg.classifier, model_config, len(classes), size, f"the data ({table.name})")
         classifier_dir, masks_used = cfg.classifier, uses_masks(model_config)
     else:
         classifier_dir, masks_used = fileio.join(cfg.out_dir, "classifier"), ccfg.mask_channel
@@ -340,6 +336,41 @@ def run_evidence(cfg: EvidenceConfig, ccfg: ClassifierConfig, argv: Optional[Seq
     return result
 
 
+def run_fidelity(run_dir: str, classifier_dir: str, table, n_boot: int = 1000, seed: int = 0,
+                 progress: bool = False) -> Dict[str, Any]:
+    """Label fidelity of one synthesis run with an exported classifier folder (``export_classifier``:
+    its held-out predictions stand in for the real held-out data): per class, recall and F1 of the
+    synthetic nuclei over the real held-out ones with bootstrap intervals, the nuclei GradMix placed
+    or moved apart, and the control (the real source crop under the same map).
+
+    Returns ``{"classifier", "rare_class", "classes", "nuclei", "fidelity", "control"}`` in the form of
+    :func:`run_evidence`'s result (class ids as strings).
+    """
+    classes = list(range(1, table.num_classes))
+    check_classifier_folder(classifier_dir, len(classes), "label fidelity")
+    model, config = load_classifier(classifier_dir)
+    heldout = fileio.read_json(fileio.join(classifier_dir, HELDOUT))
+    size = int(config["crop_size"])
+    run = C.read_run(run_dir, table, progress)
+    synthetic, control = C.run_nuclei(run, size), C.control_nuclei(run, size)
+    masks = uses_masks(config)
+    p_syn = _labels(predict(model, synthetic.crops, synthetic.masks if masks else None)[0])
+    p_ctl = _labels(predict(model, control.crops, control.masks if masks else None)[0])
+    true, pred = np.asarray(heldout["true"]), np.asarray(heldout["pred"])
+    counts = config.get("counts") or []
+    rare = min(classes, key=lambda c: counts[c]) if len(counts) == table.num_classes else classes[0]
+    return {
+        "classifier": classifier_dir, "rare_class": rare, "classes": {c: str(table.names[c]) for c in classes},
+        "heldout": heldout.get("source", ""),
+        "nuclei": {"synthetic": synthetic.counts(table.num_classes), "synthetic_changed": int(synthetic.changed.sum()),
+                   "synthetic_patches": len(run.samples)},
+        "fidelity": {str(c): v for c, v in fidelity_scores(true, pred, synthetic.labels, p_syn, classes,
+                                                              synthetic.changed, n_boot, seed).items()},
+        "control": {str(c): v for c, v in fidelity_scores(true, pred, control.labels, p_ctl, classes,
+                                                             control.changed, n_boot, seed).items()},
+    }
+
+
 def _f(v: Optional[float], digits: int = 3) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
 
@@ -350,17 +381,13 @@ def _ci(ci: Dict[str, Any]) -> str:
     return _f(ci["value"], 2) + ("" if ci["low"] is None else f" [{ci['low']:.2f}, {ci['high']:.2f}]")
 
 
-def render(result: Dict[str, Any]) -> str:
-    """The evidence as Markdown tables."""
-    names = result["classes"]
-    lines = ["# Nucleus-type evidence", "",
-             f"Classifier: `{result['classifier']}` ({'RGB + mask' if result['mask_channel'] else 'RGB only'}); "
-             f"nuclei: real held-out {sum(result['nuclei']['real_test'])}, synthetic {sum(result['nuclei']['synthetic'])} "
-             f"({result['nuclei']['synthetic_changed']} changed by GradMix) in {result['nuclei']['synthetic_patches']} patches.",
-             "", "## Label fidelity (synthetic / real held-out, bootstrap 95% intervals)", "",
+def fidelity_lines(result: Dict[str, Any]) -> List[str]:
+    """The label-fidelity table of a :func:`run_evidence` or :func:`run_fidelity` result (Markdown lines)."""
+    lines = ["## Label fidelity (synthetic / real held-out, bootstrap 95% intervals)", "",
              "| class | n real | recall real | n synthetic | recall synthetic | recall ratio | F1 real | F1 synthetic | "
              "F1 ratio | recall changed (n) | recall unchanged (n) | control recall | control recall ratio |",
              "|" + "---|" * 13]
+    names = result["classes"]
     for c, name in names.items():
         e, k = result["fidelity"][str(c)], result["control"][str(c)]
         ch, un = e.get("changed", {}), e.get("unchanged", {})
@@ -369,8 +396,18 @@ def render(result: Dict[str, Any]) -> str:
             f"{_f(e['synthetic']['recall'])} | {_ci(e['recall_ratio'])} | {_f(e['real']['f1'])} | "
             f"{_f(e['synthetic']['f1'])} | {_ci(e['f1_ratio'])} | {_f(ch.get('recall'))} ({ch.get('n', 0)}) | "
             f"{_f(un.get('recall'))} ({un.get('n', 0)}) | {_f(k['synthetic']['recall'])} | {_ci(k['recall_ratio'])} |")
-    lines += ["", "Control: the real source crop under the same (virtual) map, no diffusion.", "",
-              "## KID on the classifier's penultimate features (real held-out vs synthetic; domain features, "
+    return lines + ["", "Control: the real source crop under the same (virtual) map, no diffusion."]
+
+
+def render(result: Dict[str, Any]) -> str:
+    """The evidence as Markdown tables."""
+    names = result["classes"]
+    lines = ["# Nucleus-type evidence", "",
+             f"Classifier: `{result['classifier']}` ({'RGB + mask' if result['mask_channel'] else 'RGB only'}); "
+             f"nuclei: real held-out {sum(result['nuclei']['real_test'])}, synthetic {sum(result['nuclei']['synthetic'])} "
+             f"({result['nuclei']['synthetic_changed']} changed by GradMix) in {result['nuclei']['synthetic_patches']} patches.",
+             ""] + fidelity_lines(result)
+    lines += ["", "## KID on the classifier's penultimate features (real held-out vs synthetic; domain features, "
               "not Inception)", "", "| class | KID | sd over subsets | n real | n synthetic |", "|---|---|---|---|---|"]
     for c, v in result["kid"].items():
         label = names.get(c, names.get(int(c), c)) if c != "all" else "all nuclei"
