@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from ..data.classes import DEFAULT_DATASET_MODE, resolve_class_table
-from ..data.labels import instance_table, write_label_mat
+from ..data.labels import instance_table
 from ..data.readers import LabeledImage, find_folder, read_dataset, resolve_split_dir
 from ..infra import fileio
 from ..infra.errors import DiffMixError
@@ -31,7 +31,7 @@ from ..metrics import evaluate_folders, evaluate_labels, labels_from_maps
 from ..synthesis.outputs import _PALETTE, label_overlay
 from . import data as ddata
 from .nets import check_image_sizes, check_net_classes
-from .predict import default_tile, predict_arrays, write_predictions
+from .predict import default_tile, predict_arrays, write_prediction, write_predictions
 from .train import load_segmenter
 
 METRICS = ("dice", "aji", "pq", "f1_detection")
@@ -135,16 +135,15 @@ def measure_fidelity(model, net, table, synthetic_dirs: Sequence[str], real_dir:
     real_folder, layout = resolve_split_dir(real_dir, split)
     real_labels = real_folder if layout == "npy" else find_folder(real_folder, "Labels")
 
-    merged = dict(classes_merged=np.array(1), num_classes=np.array(table.num_classes))
     intended_dir, pred_syn = fileio.join(out_dir, "intended"), fileio.join(out_dir, "pred_synthetic")
     pred_real = fileio.join(out_dir, "pred_real")
     predictions = {}
     images = ((s.files.stem, s.image) for s in synthetic)
     for stem, inst, types in predict_arrays(model, net, images, tile, device, dtype, progress, len(synthetic)):
         predictions[stem] = (inst, types)
-        write_label_mat(fileio.join(pred_syn, stem + ".mat"), inst, types, **merged)
-    for s in synthetic:
-        write_label_mat(fileio.join(intended_dir, s.files.stem + ".mat"), s.inst_map, s.type_map, **merged)
+        write_prediction(pred_syn, stem, inst, types, table.num_classes)
+    for s in synthetic:  # the intended maps in the same merged form, so both sides are read alike
+        write_prediction(intended_dir, s.files.stem, s.inst_map, s.type_map, table.num_classes)
     write_predictions(model, net, real_dir, pred_real, split, tile, device, dtype, progress)
 
     ev_syn = evaluate_folders(intended_dir, pred_syn, class_table=table, out_dir=fileio.join(out_dir, "eval_synthetic"),
