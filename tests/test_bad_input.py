@@ -540,6 +540,11 @@ CASES += [
          ["--s 0.5", ">= 1"]),
     Case("demo-bad-channel-mult", "demo",
          lambda e, out, t: ["--preset", "quick", "--out_dir", out, "--channel_mult", "1,x"], ["channel_mult '1,x'"]),
+    Case("demo-classifier-not-exported", "demo",  # a folder without heldout.json cannot give label fidelity
+         lambda e, out, t: ["--preset", "quick", "--out_dir", out, "--classifier", e["empty_run"]],
+         ["{empty_run}", "--classifier", "exported classifier folder (config.json missing"]),
+    Case("demo-unknown-start", "demo", lambda e, out, t: ["--preset", "quick", "--out_dir", out, "--start", "noise"],
+         ["--start 'noise'"]),
 ]
 
 
