@@ -1,19 +1,22 @@
 """DiffMix end to end: real (or toy) data -> statistics -> GradMix -> an SDM (the shipped pretrained one,
-or trained here) -> DDIM synthesis -> HoVer-Net patches -> a report.
+or trained here) -> synthesis -> HoVer-Net patches -> label fidelity -> a report.
 
 This is the README's main command (``make demo`` runs ``scripts/demo.py``). Every stage calls the
 same package functions as the individual scripts. Presets:
 
 * ``demo`` (default): the 8 real CoNSeP patches shipped in ``datasets/sample/`` and the small SDM
-  trained by us on real CoNSeP (``models/consep256_cpu/``, 128 px); a few minutes on 2 CPU cores.
+  trained by us on real CoNSeP (``models/consep256_cpu/``, 128 px), synthesising with the recommended
+  settings for rare nuclei (SDEdit from GradMix's composed images of the balancing maps at 55 %,
+  DPM-Solver++ with 10 model calls), and the label fidelity of the result with the shipped nucleus
+  classifier (``models/consep256_nuclei/``); about a minute on 2 CPU cores.
   ``--retrain True`` trains that SDM from scratch instead, exactly as its ``training.json`` records
-  (about 1.5 h on one CPU core; pass ``--data_dir`` to train on more than the sample).
+  (every stage, about 3 h on one CPU core; pass ``--data_dir`` to train on more than the sample).
 * ``quick``: procedural toy tiles, a tiny SDM trained for a handful of steps (the end-to-end test).
 * ``paper``: the DiffMix settings (256 px, 256 channels, batch 16, lr 1e-4 then 2e-5 with drop
   rate 0.2, DDIM 100 with ddim_percent 55 and s 1.5) for a GPU and real CoNSeP/GLySAC paths.
 
 Outputs (all inside ``out_dir``): ``toy_data/`` (quick preset), ``stats/``, ``gradmix/``, ``train/`` +
-``finetune/`` (when training), ``synthesis/``, ``report.md`` + ``report/*.png`` and ``demo.json``
+``finetune/`` (+ ``stage3/``...) (when training), ``synthesis/``, ``report.md`` + ``report/*.png`` and ``demo.json``
 (settings, seed, timings, output paths). Re-running resumes: finished stages are kept.
 """
 

@@ -179,11 +179,13 @@ def write_report(out_dir: str, record: Dict[str, Any], summary, figure_dir: str 
                 fileio.write_bytes(fileio.join(figure_dir, name), fileio.read_bytes(png))
 
     s = settings
+    calls = f" ({s['solver_steps']} model calls)" if s.get("solver_steps") else ""
     lines = [
         "# DiffMix run report",
         "",
         f"Preset `{s['preset']}`, dataset `{record['outputs']['dataset']}` ({s['dataset_mode']}), seed {record['seed']}; "
-        f"synthesis {s['timestep_respacing']}, ddim_percent {s['ddim_percent']}, guidance s = {s['s']}.",
+        f"synthesis from the {s.get('start') or 'real'} start at ddim_percent {s['ddim_percent']} of {s['timestep_respacing']}, "
+        f"sampler {s.get('sampler') or 'ddim'}{calls}, guidance s = {s['s']}.",
         "",
         *model_lines,
         "",
@@ -202,11 +204,12 @@ def write_report(out_dir: str, record: Dict[str, Any], summary, figure_dir: str 
     if counts_png:
         lines += [f"![class counts]({_rel(counts_png, out_dir)})", ""]
     if changed_png:
+        start = "GradMix image (its donors pasted in)" if s.get("start") == "gradmix" else "real patch"
         lines += [
             "## Where GradMix placed rare nuclei: real | virtual label map | synthetic",
             "",
             "Each row: the real patch, the GradMix virtual label map over it (nuclei tinted by class), and the "
-            "patch the SDM synthesised from the noised real patch under that map. Nuclei that GradMix placed "
+            f"patch the SDM synthesised from the noised {start} under that map. Nuclei that GradMix placed "
             "(balancing) or moved (enlarging) are outlined in yellow.",
             "",
             f"![changed nuclei]({_rel(changed_png, out_dir)})",
