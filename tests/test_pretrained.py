@@ -30,11 +30,15 @@ def test_shipped_model_loads_strictly_with_its_config():
     record = describe(DEFAULT_MODEL)
     assert record["parameters"] == weights
     assert os.path.getsize(DEFAULT_MODEL) < 25 * 2**20
-    # The record says how it was trained: two stages, the second classifier-free.
-    first, second = record["stages"]
-    assert first["settings"]["drop_rate"] == 0.0 and second["settings"]["drop_rate"] == 0.2
-    assert second["final_step"] > first["final_step"] > 0 and record["total_wall_time_s"] > 0
-    assert record["recipe"].endswith("consep256_cpu.sh")
+    # The record says how it was trained: pre-training, then classifier-free stages (a continued model
+    # keeps the earlier stages and names the weights it continued).
+    stages = record["stages"]
+    assert stages[0]["settings"]["drop_rate"] == 0.0 and all(s["settings"]["drop_rate"] == 0.2 for s in stages[1:])
+    ends = [s["final_step"] for s in stages]
+    assert len(stages) >= 2 and ends == sorted(set(ends)) and ends[0] > 0 and ends[-1] == record["step"]
+    assert record["total_wall_time_s"] > 0 and os.path.basename(record["recipe"]).startswith("consep256_cpu")
+    if len(stages) > 2:
+        assert record["continued_from"]["step"] == ends[-2]
     import hashlib
 
     assert hashlib.sha256(fileio.read_bytes(DEFAULT_MODEL)).hexdigest() == record["sha256"]
@@ -80,12 +84,9 @@ def test_demo_synthesis_path_with_the_shipped_model_on_one_shipped_patch(tmp_pat
     assert synth[nuclei].mean() < synth[~nuclei].mean()  # nuclei (haematoxylin) are darker
 
 
-def test_export_writes_a_model_folder_that_sampling_loads(tmp_path):
-    """export_model on a tiny two-stage run: safetensors EMA weights equal the run's EMA file, the
-    config and the record sit beside them, and sampling loads the folder strictly."""
-    from guided_diffusion.infra.checkpoints import load_state_dict
+def _tiny_training(tmp_path):
+    """(model config, common TrainConfig settings) of a tiny SDM trained on a 2-tile toy dataset."""
     from guided_diffusion.data import make_toy_dataset
-    from guided_diffusion.train_util import TrainConfig, train
 
     data = tmp_path / "toy"
     make_toy_dataset(str(data), num_train=2, num_test=0, size=64, seed=0, progress=False)
@@ -94,6 +95,16 @@ def test_export_writes_a_model_folder_that_sampling_loads(tmp_path):
                             spade_hidden=16, diffusion_steps=50)
     common = dict(data_dir=str(data), dataset_mode="consep", batch_size=2, ema_rate="0.9", log_interval=1,
                   progress=False, seed=0)
+    return model_cfg, common
+
+
+def test_export_writes_a_model_folder_that_sampling_loads(tmp_path):
+    """export_model on a tiny two-stage run: safetensors EMA weights equal the run's EMA file, the
+    config and the record sit beside them, and sampling loads the folder strictly."""
+    from guided_diffusion.infra.checkpoints import load_state_dict
+    from guided_diffusion.train_util import TrainConfig, train
+
+    model_cfg, common = _tiny_training(tmp_path)
     pre, fine = tmp_path / "pre", tmp_path / "fine"
     train(model_cfg, TrainConfig(lr=1e-4, max_steps=2, save_interval=2, log_dir=str(pre), **common))
     train(model_cfg, TrainConfig(lr=1e-4, drop_rate=0.2, max_steps=3, save_interval=3, log_dir=str(fine),
@@ -121,18 +132,11 @@ def test_export_of_a_continued_model_keeps_the_earlier_stages_and_retrain_repeat
 
     import pytest
 
-    from guided_diffusion.data import make_toy_dataset
-    from guided_diffusion.app.demo import DemoConfig, _training_plan
+    from guided_diffusion.app.demo import DemoConfig, _Stages, _train_stages, _training_plan
     from guided_diffusion.infra.errors import DiffMixError
     from guided_diffusion.train_util import TrainConfig, train
 
-    data = tmp_path / "toy"
-    make_toy_dataset(str(data), num_train=2, num_test=0, size=64, seed=0, progress=False)
-    model_cfg = ModelConfig(image_size=32, num_classes=5, num_channels=32, num_res_blocks=1, channel_mult="1,2",
-                            attention_resolutions="16", num_head_channels=16, class_cond=True, learn_sigma=True,
-                            spade_hidden=16, diffusion_steps=50)
-    common = dict(data_dir=str(data), dataset_mode="consep", batch_size=2, ema_rate="0.9", log_interval=1,
-                  progress=False, seed=0)
+    model_cfg, common = _tiny_training(tmp_path)
     first = tmp_path / "first"
     train(model_cfg, TrainConfig(lr=1e-4, max_steps=1, save_interval=1, log_dir=str(first), **common))
     shipped = tmp_path / "shipped"
@@ -153,8 +157,17 @@ def test_export_of_a_continued_model_keeps_the_earlier_stages_and_retrain_repeat
 
     _, stages = _training_plan(DemoConfig(model_path=str(tmp_path / "model" / "model.safetensors")),
                                str(tmp_path / "retrain"), 5)
-    assert [(st.max_steps, st.drop_rate, st.options) for st in stages] == [(1, 0.0, {}), (2, 0.2, {"snr_gamma": 5.0})]
+    assert [(st.max_steps, st.drop_rate, st.options, st.from_weights) for st in stages] == [
+        (1, 0.0, {}, False), (2, 0.2, {"snr_gamma": 5.0}, True)]  # stage 2 starts from stage 1's EMA weights
     assert len({st.folder for st in stages}) == 2
+    # The retrain runs them so: stage 2 from stage 1's EMA file (weights only), min-SNR on.
+    runner = _Stages()
+    demo_cfg = DemoConfig(dataset_mode="consep", log_interval=1, progress=False)
+    final = _train_stages(stages, model_cfg, demo_cfg, common["data_dir"], runner, "fp32")
+    assert final.endswith("finetune/model000002.pt") and list(runner.timings) == [st.name for st in stages]
+    log = open(os.path.join(stages[1].folder, "log.txt")).read()
+    assert f"resumed from {stages[0].folder}/ema_0.9_000001.pt at step 1" in log
+    assert json.loads(open(os.path.join(stages[1].folder, "config.json")).read())["snr_gamma"] == 5.0
 
     (init / "training.json").write_text(json.dumps({**earlier, "sha256": "0" * 64}))
     with pytest.raises(DiffMixError, match="records weights with SHA-256 0+, but .*model000001.safetensors"):

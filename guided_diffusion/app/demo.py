@@ -27,7 +27,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -80,6 +80,9 @@ class _Stage:
     batch_size: int
     ema_rate: str
     options: Dict[str, float] = dataclasses.field(default_factory=dict)  # pretrained.RECIPE_OPTIONS set
+    # Start from the previous stage's EMA weights with a fresh optimizer (a stage that continued an
+    # exported model, training.json "continued_from"), not from its checkpoint.
+    from_weights: bool = False
 
 
 _STAGE_NAMES = (("train", "SDM training"), ("finetune", "classifier-free fine-tuning"))
@@ -99,14 +102,15 @@ def _training_plan(cfg: DemoConfig, out: str, num_classes: int):
         if config is None or record is None:
             raise DiffMixError(f"{cfg.model_path}: --retrain needs config.json and training.json beside the model")
         model_cfg = ModelConfig.from_dict(config, source=cfg.model_path)
-        stages = []
+        continued_at = record.get("continued_from", {}).get("step")
+        stages: List[_Stage] = []
         for k, st in enumerate(record["stages"]):
             s = st["settings"]
             folder, name = _stage_folder_and_name(out, k)
             stages.append(_Stage(
-                name, folder, float(s["lr"]),
-                float(s["drop_rate"]), int(st["final_step"]), int(s["batch_size"]), str(s["ema_rate"]),
-                {o: s[o] for o in RECIPE_OPTIONS if s.get(o)}))
+                name, folder, float(s["lr"]), float(s["drop_rate"]), int(st["final_step"]), int(s["batch_size"]),
+                str(s["ema_rate"]), {o: s[o] for o in RECIPE_OPTIONS if s.get(o)},
+                from_weights=bool(stages) and stages[-1].max_steps == continued_at))
         return model_cfg, stages
     total = cfg.train_steps + cfg.finetune_steps
     (f0, n0), (f1, n1) = _stage_folder_and_name(out, 0), _stage_folder_and_name(out, 1)
@@ -123,20 +127,29 @@ def _train_stages(stages: List[_Stage], model_cfg, cfg: DemoConfig, data_dir: st
     An EMA shorter-lived than its run (horizon 1 / (1 - rate) at most half the steps) is sampled from;
     otherwise the EMA still mostly holds the initial weights and the raw weights are used.
     """
-    previous = ""
+    previous: Optional[_Stage] = None
     for stage in stages:
-        resume = "latest" if (not previous or find_latest_checkpoint(stage.folder)) else previous
+        start = ""
+        if previous is not None:
+            prefix = _ema_prefix(previous.ema_rate) if stage.from_weights else "model"
+            start = _final_file(previous.folder, prefix, previous.max_steps)
+        resume = "latest" if (not start or find_latest_checkpoint(stage.folder)) else start
         runner.run(stage.name, train, model_cfg, TrainConfig(
             data_dir=data_dir, dataset_mode=cfg.dataset_mode, batch_size=stage.batch_size, ema_rate=stage.ema_rate,
             log_interval=cfg.log_interval, seed=cfg.seed, progress=cfg.progress, keep_checkpoints=1,
             precision=precision, lr=stage.lr, drop_rate=stage.drop_rate, max_steps=stage.max_steps,
             save_interval=stage.max_steps, log_dir=stage.folder, resume_checkpoint=resume, **stage.options,
         ))
-        previous = _final_file(stage.folder, "model", stage.max_steps)
+        previous = stage
     last = stages[-1]
     rate = float(last.ema_rate.split(",")[0])
-    prefix = f"ema_{rate}_" if 2.0 / (1.0 - rate) <= last.max_steps else "model"
+    prefix = _ema_prefix(last.ema_rate) if 2.0 / (1.0 - rate) <= last.max_steps else "model"
     return _final_file(last.folder, prefix, last.max_steps)
+
+
+def _ema_prefix(ema_rate: str) -> str:
+    """The file-name prefix of a run's first EMA (``ema_0.995_``)."""
+    return f"ema_{float(ema_rate.split(',')[0])}_"
 
 
 def _pick_maps(gradmix_dir: str, limit: int, kinds: Sequence[str] = ("balance", "enlarge")) -> List[str]:

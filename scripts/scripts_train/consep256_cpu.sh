@@ -19,9 +19,7 @@
 set -euo pipefail
 
 DATASET=consep
-DATASET_MODE=custom          # consep256 carries the 4 merged classes already
-NUM_CLASSES=5
-DATA_DIR=${DATA_DIR:-../shared/data/consep256}
+source "$(dirname "${BASH_SOURCE[0]}")/consep256_cpu_model.sh"   # DATA_DIR, DATASET_MODE, NUM_CLASSES, MODEL_FLAGS
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-1400}
 FINETUNE_STEPS=${FINETUNE_STEPS:-1700}
 SAVE_INTERVAL=${SAVE_INTERVAL:-200}
@@ -32,11 +30,4 @@ EMA_RATE=0.995
 RUN_NAME=consep256-cpu
 KEEP=2
 PRECISION=fp32
-MODEL_FLAGS=(
-  --image_size 128 --num_channels 32 --channel_mult 1,2,2,2 --num_res_blocks 1
-  --attention_resolutions 16 --num_head_channels 32 --spade_hidden 32
-  --diffusion_steps 1000 --learn_sigma True --noise_schedule linear
-  --resblock_updown True --use_scale_shift_norm True
-  --num_classes "$NUM_CLASSES" --class_cond True --no_instance False
-)
 source "$(dirname "${BASH_SOURCE[0]}")/two_stage.sh"

@@ -16,14 +16,10 @@ set -euo pipefail
 
 NAME=${1:?usage: consep256_cpu_ablation.sh NAME [image_train.py flags...]}
 shift
-DATA_DIR=${DATA_DIR:-../shared/data/consep256}
+source "$(dirname "${BASH_SOURCE[0]}")/consep256_cpu_model.sh"   # DATA_DIR, DATASET_MODE, MODEL_FLAGS
 OUT=${OUT:-runs/sdm}
 
-"${PYTHON:-python}" scripts/image_train.py --data_dir "$DATA_DIR" --dataset_mode custom \
-  --image_size 128 --num_channels 32 --channel_mult 1,2,2,2 --num_res_blocks 1 \
-  --attention_resolutions 16 --num_head_channels 32 --spade_hidden 32 \
-  --diffusion_steps 1000 --learn_sigma True --noise_schedule linear \
-  --resblock_updown True --use_scale_shift_norm True --num_classes 5 --class_cond True --no_instance False \
+"${PYTHON:-python}" scripts/image_train.py --data_dir "$DATA_DIR" --dataset_mode "$DATASET_MODE" "${MODEL_FLAGS[@]}" \
   --batch_size 4 --lr 2e-4 --drop_rate 0.0 --ema_rate 0.995 --save_interval "${SAVE_INTERVAL:-200}" \
   --log_interval 10 --precision fp32 --seed 0 --max_steps "${STEPS:-600}" --progress False \
   --log_dir "$OUT/$NAME" --resume_checkpoint latest "$@"  # latest: the newest complete checkpoint, if any
