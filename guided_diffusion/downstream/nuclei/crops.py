@@ -69,6 +69,12 @@ class NucleusSet:
         return np.bincount(self.labels, minlength=num_classes)[:num_classes].tolist()
 
 
+def rarest(counts: Sequence[int], classes: Sequence[int]) -> int:
+    """The rare class of a study: the one of ``classes`` with the fewest nuclei (``counts`` indexed by
+    class id)."""
+    return min(classes, key=lambda c: counts[c])
+
+
 def empty_set(size: int, source: str = "") -> NucleusSet:
     return NucleusSet(np.zeros((0, size, size, 3), np.uint8), np.zeros((0, size, size), bool), np.zeros(0, np.int64),
                       np.zeros(0, bool), np.zeros(0, np.int64), [], source)

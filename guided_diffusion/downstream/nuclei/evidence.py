@@ -301,7 +301,7 @@ def run_evidence(cfg: EvidenceConfig, ccfg: ClassifierConfig, argv: Optional[Seq
                    num_subsets=cfg.kid_subsets, seed=ccfg.seed + c) for c in classes}
     kids["all"] = kid(f_real, f_syn, subset_size=1000, num_subsets=cfg.kid_subsets, seed=ccfg.seed)
     counts = real_train.counts(table.num_classes)
-    rare = min(classes, key=lambda c: counts[c])
+    rare = C.rarest(counts, classes)
     grid = plot_grid(synthetic, control, p_syn, rare, names, cfg.grid_items, fileio.join(cfg.out_dir, GRID))
 
     result: Dict[str, Any] = {
@@ -357,8 +357,9 @@ def run_fidelity(run_dir: str, classifier_dir: str, table, n_boot: int = 1000, s
     p_syn = _labels(predict(model, synthetic.crops, synthetic.masks if masks else None)[0])
     p_ctl = _labels(predict(model, control.crops, control.masks if masks else None)[0])
     true, pred = np.asarray(heldout["true"]), np.asarray(heldout["pred"])
-    counts = config.get("counts") or []
-    rare = min(classes, key=lambda c: counts[c]) if len(counts) == table.num_classes else classes[0]
+    # The classifier's training counts (a study's or the evidence's run records them), else the held-out ones.
+    counts = config.get("counts") or config.get("train_counts") or np.bincount(true, minlength=table.num_classes)
+    rare = C.rarest(counts, classes)
     return {
         "classifier": classifier_dir, "rare_class": rare, "classes": {c: str(table.names[c]) for c in classes},
         "heldout": heldout.get("source", ""),

@@ -218,7 +218,7 @@ def run_study(cfg: NucleusStudyConfig, ccfg: ClassifierConfig, argv: Optional[Se
     fileio.write_json(fileio.join(cfg.out_dir, "study.json"), {"identity": identity, "command": command})
 
     counts = real.counts(table.num_classes)
-    rare = min(classes, key=lambda c: counts[c])
+    rare = C.rarest(counts, classes)
     data = {"real": counts, "test": test.counts(table.num_classes),
             **{g: s.counts(table.num_classes) for g, s in synthetic.items()}}
     t0 = time.perf_counter()
