@@ -11,7 +11,7 @@ from guided_diffusion.data.classes import CONSEP
 from guided_diffusion.data.condition import instance_edges
 from guided_diffusion.data.labels import instance_table
 from guided_diffusion.data.readers import read_dataset
-from guided_diffusion.data.toy import ToyConfig, class_shares, make_toy_dataset, make_toy_tile
+from guided_diffusion.data.toy import ToyConfig, make_toy_dataset, make_toy_tile
 from guided_diffusion.infra.errors import DiffMixError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "datasets"))
@@ -21,6 +21,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "datasets"))
 def tile():
     return make_toy_tile(400, seed=11)
 
+
+
+def class_shares(type_maps, inst_maps) -> np.ndarray:
+    """Share of nuclei per merged toy class (other, inflammatory, epithelial, spindle) -> float [4]."""
+    counts = np.zeros(5, np.int64)
+    for t, i in zip(type_maps, inst_maps):
+        _, raw, _ = instance_table(i, t)
+        counts += np.bincount(np.asarray(CONSEP.lut)[raw], minlength=5)
+    return counts[1:] / max(1, counts[1:].sum())
 
 def test_same_seed_same_arrays_different_seed_differs(tile):
     again = make_toy_tile(400, seed=11)

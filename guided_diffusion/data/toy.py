@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -33,8 +33,7 @@ from tqdm.auto import tqdm
 from ..infra import fileio
 from ..infra.config import SettingsCheck
 from ..infra.errors import DiffMixError
-from .classes import CONSEP
-from .labels import instance_table, write_label_mat
+from .labels import write_label_mat
 from .readers import is_dir
 
 # Optical density of one unit of stain in R, G, B (Ruifrok & Johnston 2001), decadic.
@@ -328,12 +327,3 @@ def make_toy_dataset(
         write_label_mat(label_path, inst, types)
     fileio.write_json(fileio.join(root, "toy_dataset.json"), record)  # last: marks the dataset complete
     return record
-
-
-def class_shares(type_maps: Sequence[np.ndarray], inst_maps: Sequence[np.ndarray]) -> np.ndarray:
-    """Share of nuclei per merged toy class (other, inflammatory, epithelial, spindle) -> float [4]."""
-    counts = np.zeros(5, np.int64)
-    for t, i in zip(type_maps, inst_maps):
-        _, raw, _ = instance_table(i, t)
-        counts += np.bincount(np.asarray(CONSEP.lut)[raw], minlength=5)
-    return counts[1:] / max(1, counts[1:].sum())

@@ -518,7 +518,7 @@ def render_report(cfg: StudyConfig, result: Dict[str, Any], table: str) -> str:
         f"- real data: `{cfg.data_dir}` (train `{cfg.train_split}`, {tested}), "
         f"dataset mode `{cfg.dataset_mode}`" + (f", {cfg.num_classes} classes" if cfg.num_classes else ""),
         "- loss: MONAI `HoVerNetLoss` (default weights); post-processing: MONAI HoVer-Net instance-map and "
-        "nuclear-type post-processing (default thresholds); metrics: `guided_diffusion/metrics.py` "
+        "nuclear-type post-processing (default thresholds); metrics: `guided_diffusion/metrics/` "
         "(HoVer-Net definitions, 12 px centroid radius)", "",
         "## Training data", "",
         "| pool | images | " + " | ".join(f"{n} nuclei" for n in names) + " |",
