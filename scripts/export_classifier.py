@@ -39,7 +39,7 @@ def main(argv=None) -> dict:
     real = C.read_real_nuclei(cfg, int(config.get("crop_size", 32)), progress=True)
     command = " ".join(shlex.quote(a) for a in ["python", "scripts/export_classifier.py",
                                                 *(sys.argv[1:] if argv is None else argv)])
-    record = export_classifier(args.run_dir, real.test.crops, real.test.labels, args.out_dir,
+    record = export_classifier(args.run_dir, real.test.crops, real.test.labels, len(real.classes), args.out_dir,
                                f"{cfg.data_dir} ({cfg.test_split})", command)
     print(f"exported {args.run_dir} to {args.out_dir}: {record['n']} held-out nuclei, accuracy {record['accuracy']:.3f}")
     return record

@@ -10,7 +10,7 @@ A model folder (e.g. ``models/consep256_cpu/``) holds
   model folder's weights (a copy with that folder's ``training.json`` beside it, as
   ``scripts/scripts_train/consep256_cpu_continue.sh`` makes) continues its record: the earlier
   stages come first and ``continued_from`` names the weights (SHA-256 checked);
-* ``loss.png`` -- the loss curve of all stages.
+* ``loss.png`` -- the loss curve of the exported runs' stages (a continued model: its new stages).
 
 The weights are safetensors, so loading a shipped model never unpickles anything.
 """
@@ -33,7 +33,7 @@ WEIGHTS_NAME = "model.safetensors"
 RECORD_NAME = "training.json"
 # guided_diffusion/app/pretrained.py -> the repository root, three levels up.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# The small real-data SDM shipped with the project (trained by scripts/scripts_train/consep256_cpu.sh).
+# The small real-data SDM shipped with the project (consep256_cpu.sh, then consep256_cpu_continue.sh: its card).
 DEFAULT_MODEL = os.path.join(REPO_ROOT, "models", "consep256_cpu", WEIGHTS_NAME)
 # The nucleus-type classifier shipped with it (scripts/export_classifier.py): the demo's label fidelity.
 DEFAULT_CLASSIFIER = os.path.join(REPO_ROOT, "models", "consep256_nuclei")

@@ -296,7 +296,7 @@ def check_classifier_folder(path: str, num_outputs: int, flag: str) -> dict:
     return config
 
 
-def export_classifier(run_dir: str, test_crops: np.ndarray, test_labels: np.ndarray, out_dir: str,
+def export_classifier(run_dir: str, test_crops: np.ndarray, test_labels: np.ndarray, num_classes: int, out_dir: str,
                       source: str, command: str = "") -> Dict[str, Any]:
     """Copy a finished classifier run into a model folder (``config.json``, ``model.safetensors``,
     ``train.json``) with its predictions on real held-out nuclei (``heldout.json``: ``true`` and
@@ -305,12 +305,14 @@ def export_classifier(run_dir: str, test_crops: np.ndarray, test_labels: np.ndar
 
     Args:
         test_crops: uint8 [N, S, S, 3] held-out nucleus crops; test_labels: int [N] their classes 1..C-1.
+        num_classes: the classes of the held-out data (1..C-1: C - 1 of them); a classifier predicting
+            another number is refused.
         source: what the held-out nuclei are (recorded), e.g. ``consep256 (Test)``.
     """
     model, config = load_classifier(run_dir)
     if uses_masks(config):
         raise DiffMixError(f"{run_dir}: a mask-channel classifier reads the label's shape; export an RGB-only one")
-    check_classifier(run_dir, config, int(config.get("num_outputs", -1)), int(test_crops.shape[1]), "the held-out crops")
+    check_classifier(run_dir, config, num_classes, int(test_crops.shape[1]), "the held-out data")
     probs, _ = predict(model, test_crops)
     true = np.asarray(test_labels, np.int64)
     pred = probs.argmax(1) + 1
