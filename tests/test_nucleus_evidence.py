@@ -16,7 +16,8 @@ from guided_diffusion.data.classes import CONSEP  # noqa: E402
 from guided_diffusion.data.readers import LabeledImage, SampleFiles, read_dataset, read_label_file  # noqa: E402
 from guided_diffusion.data.toy import ToyConfig, make_toy_dataset  # noqa: E402
 from guided_diffusion.downstream.nuclei import crops as C  # noqa: E402
-from guided_diffusion.downstream.nuclei.classifier import ClassifierConfig, predict, train_classifier  # noqa: E402
+from guided_diffusion.downstream.nuclei.classifier import (  # noqa: E402
+    ClassifierConfig, balanced_indices, predict, train_classifier)
 from guided_diffusion.downstream.nuclei.evidence import c2st, fidelity_scores, tile_of  # noqa: E402
 from guided_diffusion.infra import fileio  # noqa: E402
 from guided_diffusion.infra.errors import DiffMixError, run_cli  # noqa: E402
@@ -105,6 +106,21 @@ def test_classifier_separates_two_distinguishable_classes():
     assert record["final_loss_mean_last_10pct"] < record["first_loss"]
 
 
+def test_synthetic_share_caps_synthetic_draws_per_class_and_one_gives_the_plain_draw():
+    # class 0: 10 real + 90 synthetic; class 1: 50 real only; class 2: 40 real + 10 synthetic (20 %)
+    labels = np.repeat([0, 0, 1, 2, 2], [10, 90, 50, 40, 10])
+    synthetic = np.repeat([False, True, False, False, True], [10, 90, 50, 40, 10])
+    plain = balanced_indices(labels, 30000, np.random.default_rng(5))
+    assert np.array_equal(plain, balanced_indices(labels, 30000, np.random.default_rng(5), synthetic, 1.0))
+    idx = balanced_indices(labels, 30000, np.random.default_rng(5), synthetic, 0.3)
+    share = {c: synthetic[idx][labels[idx] == c].mean() for c in (0, 2)}
+    assert abs(share[0] - 0.3) < 0.015  # capped: 0.9 uncapped
+    assert abs(share[2] - 0.2) < 0.015  # under the cap: drawn as without it
+    assert not synthetic[idx][labels[idx] == 1].any()
+    assert np.allclose(np.bincount(labels[idx]) / idx.size, 1 / 3, atol=0.015)  # still class-balanced
+    assert abs(synthetic[plain][labels[plain] == 0].mean() - 0.9) < 0.015
+
+
 def test_an_interrupted_classifier_run_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
     from guided_diffusion.downstream.nuclei import classifier as K
 
@@ -113,10 +129,10 @@ def test_an_interrupted_classifier_run_resumes_to_the_uninterrupted_weights(tmp_
     straight, _ = train_classifier(cfg, crops, labels - 1, 2, out_dir=str(tmp_path / "a"), progress=False)
     real_batch = K.batch_at
 
-    def failing(cfg_, c, m, y, step):
+    def failing(cfg_, c, m, y, step, *rest):
         if step == 15:
             raise KeyboardInterrupt
-        return real_batch(cfg_, c, m, y, step)
+        return real_batch(cfg_, c, m, y, step, *rest)
 
     monkeypatch.setattr(K, "batch_at", failing)
     with pytest.raises(KeyboardInterrupt):
@@ -283,6 +299,21 @@ def test_study_quick_preset_runs_end_to_end_and_resumes_without_recomputing(toy,
     assert again["runs"] == result["runs"]
     with pytest.raises(DiffMixError, match="other settings"):
         script.main(argv[:-4] + ["--crop_size", "24"] + argv[-4:])
+    with pytest.raises(DiffMixError, match="synthetic_share"):
+        script.main(argv + ["--synthetic_share", "0.5"])
+    monkeypatch.undo()
+
+    # Capping the synthetic share changes the synthetic arms only: real-only runs are the same runs.
+    capped = str(tmp_path / "capped")
+    argv_capped = [a if a != out else capped for a in argv] + ["--arms", "real,balance", "--synthetic_share", "0.5"]
+    third = script.main(argv_capped)
+    def real_scores(res):
+        return [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in res["runs"] if r["arm"] == "real"]
+
+    assert real_scores(third) == real_scores(result)
+    record = json.load(open(os.path.join(capped, "runs", "balance", "seed0", "config.json")))
+    assert record["synthetic_share"] == 0.5
+    assert "synthetic nuclei at most 0.5" in open(os.path.join(capped, "report.md")).read()
 
 
 def test_bad_sources_give_one_line_errors_and_write_nothing(toy, tmp_path, capsys):

@@ -9,7 +9,7 @@ patches 4x first. The penultimate features (``8w`` after global average pooling)
 
 Training (:func:`train_classifier`): Adam, cross-entropy, ``steps`` batches of ``batch_size``;
 every batch is *class-balanced* (a class drawn uniformly among the classes present, then an item
-uniformly within it), rotated by a multiple of 90 degrees, flipped, and colour-jittered (each RGB
+uniformly within it; optionally with synthetic items capped at a share of their class's draws), rotated by a multiple of 90 degrees, flipped, and colour-jittered (each RGB
 channel scaled by a factor in ``[1 - j, 1 + j]`` and shifted by ``[-j, j]`` on the [-1, 1] scale).
 A batch is a pure function of (seed, step), so a run resumed from its saved state sees the batches
 the uninterrupted run would have seen. With ``out_dir`` the run folder holds ``config.json``
@@ -107,13 +107,29 @@ def to_input(crops: np.ndarray, masks: Optional[np.ndarray] = None) -> torch.Ten
     return x
 
 
-def balanced_indices(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+def balanced_indices(labels: np.ndarray, n: int, rng: np.random.Generator,
+                     synthetic: Optional[np.ndarray] = None, synthetic_share: float = 1.0) -> np.ndarray:
     """``n`` indices into ``labels`` (int [N]): each draws a class uniformly among the classes
-    present, then an item of that class uniformly."""
+    present, then an item of that class uniformly.
+
+    With ``synthetic`` (bool [N], the item is synthetic) and ``synthetic_share`` s < 1, a class whose
+    synthetic items are more than s of its items is drawn from them with probability s and from its
+    real items otherwise (each uniformly), so synthetic items cannot outweigh real ones beyond s;
+    other classes draw as above. s = 1 gives the plain draw, the same indices for the same ``rng``."""
     classes = np.unique(labels)
     members = [np.flatnonzero(labels == c) for c in classes]
     picks = rng.integers(0, classes.size, n)
-    return np.array([members[p][rng.integers(0, members[p].size)] for p in picks], np.int64)
+    if synthetic is None or synthetic_share >= 1:
+        return np.array([members[p][rng.integers(0, members[p].size)] for p in picks], np.int64)
+    split = [(m[~synthetic[m]], m[synthetic[m]]) for m in members]
+    out = np.empty(n, np.int64)
+    for i, p in enumerate(picks):
+        real, synth = split[p]
+        pool = members[p]
+        if real.size and synth.size > synthetic_share * pool.size:
+            pool = synth if rng.random() < synthetic_share else real
+        out[i] = pool[rng.integers(0, pool.size)]
+    return out
 
 
 def augment(x: torch.Tensor, rng: np.random.Generator, jitter: float) -> torch.Tensor:
@@ -131,11 +147,13 @@ def augment(x: torch.Tensor, rng: np.random.Generator, jitter: float) -> torch.T
 
 
 def batch_at(cfg: ClassifierConfig, crops: np.ndarray, masks: Optional[np.ndarray], labels: np.ndarray,
-             step: int) -> Tuple[torch.Tensor, torch.Tensor]:
+             step: int, synthetic: Optional[np.ndarray] = None,
+             synthetic_share: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Batch ``step`` of a run: ``(x float32 [B, C_in, S, S], target int64 [B] = class index)``;
-    a pure function of (cfg.seed, step) and the data. ``labels`` are output indices 0..K-1."""
+    a pure function of (cfg.seed, step) and the data. ``labels`` are output indices 0..K-1;
+    ``synthetic`` / ``synthetic_share``: see :func:`balanced_indices`."""
     rng = np.random.default_rng(derive_seed(cfg.seed, _TAG_BATCH, step))
-    idx = balanced_indices(labels, cfg.batch_size, rng)
+    idx = balanced_indices(labels, cfg.batch_size, rng, synthetic, synthetic_share)
     x = to_input(crops[idx], None if masks is None else masks[idx])
     return augment(x, rng, cfg.jitter), torch.from_numpy(labels[idx])
 
@@ -171,13 +189,16 @@ def _finished(out_dir: str, identity: Dict[str, Any]) -> Optional[dict]:
 
 
 def train_classifier(cfg: ClassifierConfig, crops: np.ndarray, labels: np.ndarray, num_outputs: int, *,
-                     masks: Optional[np.ndarray] = None, out_dir: str = "", meta: Optional[Dict[str, Any]] = None,
+                     masks: Optional[np.ndarray] = None, synthetic: Optional[np.ndarray] = None,
+                     synthetic_share: float = 1.0, out_dir: str = "", meta: Optional[Dict[str, Any]] = None,
                      device: str = "cpu", progress: bool = True, desc: str = "classifier"):
     """Train (or resume, or load finished) a classifier; returns ``(model in eval mode, record)``.
 
     Args:
         crops: uint8 [N, S, S, 3]; labels: int [N] output indices in ``0..num_outputs-1``.
         masks: bool [N, S, S] when ``cfg.mask_channel``.
+        synthetic, synthetic_share: bool [N] which items are synthetic, and the largest share of a
+            class's draws they may take (:func:`balanced_indices`; recorded when it applies).
         out_dir: run folder ('' = in memory only, nothing written).
         meta: JSON-able description of the data (classes, sources, counts): part of the run's
             identity, so a rerun on other data into the same folder is refused.
@@ -196,8 +217,17 @@ def train_classifier(cfg: ClassifierConfig, crops: np.ndarray, labels: np.ndarra
     if cfg.mask_channel and (masks is None or masks.shape != crops.shape[:3]):
         raise DiffMixError(f"{desc}: mask_channel needs masks [N, S, S]")
     use_masks = masks if cfg.mask_channel else None
-    identity = _identity(cfg, {**(meta or {}), "num_outputs": int(num_outputs), "crop_size": int(crops.shape[1]),
-                               "train_items": int(labels.size)})
+    meta = {**(meta or {}), "num_outputs": int(num_outputs), "crop_size": int(crops.shape[1]),
+            "train_items": int(labels.size)}
+    if not 0 < synthetic_share <= 1:
+        raise DiffMixError(f"{desc}: synthetic_share must lie in (0, 1], got {synthetic_share}")
+    if synthetic is not None:
+        synthetic = np.asarray(synthetic, bool)
+        if synthetic.shape != labels.shape:
+            raise DiffMixError(f"{desc}: synthetic must be bool [N] like labels, got {synthetic.shape}")
+        if synthetic_share < 1 and synthetic.any():  # the plain draw keeps the identity of earlier runs
+            meta["synthetic_share"] = float(synthetic_share)
+    identity = _identity(cfg, meta)
     torch.manual_seed(cfg.seed)
     model = ImageClassifier(3 + int(cfg.mask_channel), num_outputs, cfg.width, cfg.stem_stride).to(device)
     lock = None
@@ -224,7 +254,7 @@ def train_classifier(cfg: ClassifierConfig, crops: np.ndarray, labels: np.ndarra
         while step < cfg.steps:
             for group in opt.param_groups:
                 group["lr"] = _lr_at(cfg, step)
-            x, y = batch_at(cfg, crops, use_masks, labels, step)
+            x, y = batch_at(cfg, crops, use_masks, labels, step, synthetic, synthetic_share)
             loss = nn.functional.cross_entropy(model(x.to(device)), y.to(device))
             if not torch.isfinite(loss):
                 raise DiffMixError(f"{desc}: the loss became {loss.item()} at step {step} (try a lower --lr)")

@@ -53,6 +53,9 @@ class NucleusStudyConfig(RealSplits):
     arms: str = flag("", f"arms, comma-separated from {', '.join(ARMS)} (default: every arm whose sources are given)")
     seeds: Optional[str] = flag(None, "comma-separated seeds, the same for every arm (preset: quick 0,1; cpu 0..4)")
     preset: str = flag("cpu", f"{' or '.join(PRESETS)}: quick = 20 steps of 16 crops, width 8 (seconds)")
+    synthetic_share: float = flag(1.0, "largest share of a class's training draws taken by synthetic nuclei "
+                                  "(1: drawn uniformly with the real ones of their class, so 6000 synthetic "
+                                  "beside 300 real nuclei make up 95 % of that class's draws)")
     crop_size: int = flag(32, "nucleus crop size in px")
     n_boot: int = flag(1000, "bootstrap replicates over held-out nuclei")
     out_dir: str = flag("", "study folder (runs/, tables, figure, report.md); rerun it to resume")
@@ -72,6 +75,7 @@ def resolve(cfg: NucleusStudyConfig, ccfg: ClassifierConfig):
     check = SettingsCheck(cfg)
     check.add(not cfg.out_dir or not cfg.data_dir, "--out_dir and --data_dir are required")
     check.add(cfg.n_boot < 1 or cfg.crop_size < 4, "--n_boot must be >= 1 and --crop_size >= 4")
+    check.need("synthetic_share", lambda v: 0 < v <= 1, "in (0, 1]")
     preset = dict(PRESETS[cfg.preset])
     seeds_text = cfg.seeds if cfg.seeds is not None else preset.pop("seeds")
     preset.pop("seeds", None)
@@ -105,6 +109,8 @@ def _check_folder(cfg: NucleusStudyConfig, ccfg: ClassifierConfig) -> Dict[str, 
     """The study's identity; a folder holding a study with other settings is refused (arms, seeds and
     the sources of arms not run before may be added)."""
     identity = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RUNTIME_FIELDS}
+    if cfg.synthetic_share == 1:  # the plain draw: folders of studies made before the option stay valid
+        del identity["synthetic_share"]
     identity["classifier"] = {k: v for k, v in dataclasses.asdict(ccfg).items() if k not in ("seed", "save_interval")}
     path = fileio.join(cfg.out_dir, "study.json")
     if fileio.exists(path):
@@ -120,8 +126,10 @@ def _check_folder(cfg: NucleusStudyConfig, ccfg: ClassifierConfig) -> Dict[str, 
 
 
 def run_arm_seed(cfg: NucleusStudyConfig, ccfg: ClassifierConfig, arm: str, seed: int, train_set: C.NucleusSet,
-                 test_set: C.NucleusSet, classes: Sequence[int], meta: Dict[str, Any]) -> Dict[str, Any]:
-    """Train (or resume, or read the finished result of) one arm x seed and score it."""
+                 synthetic: np.ndarray, test_set: C.NucleusSet, classes: Sequence[int],
+                 meta: Dict[str, Any]) -> Dict[str, Any]:
+    """Train (or resume, or read the finished result of) one arm x seed and score it; ``synthetic``
+    (bool [N]) marks the nuclei of ``train_set`` that are not real."""
     run_dir = _run_dir(cfg, arm, seed)
     result_path = fileio.join(run_dir, RESULT)
     if fileio.exists(result_path):
@@ -129,7 +137,8 @@ def run_arm_seed(cfg: NucleusStudyConfig, ccfg: ClassifierConfig, arm: str, seed
     run_cfg = dataclasses.replace(ccfg, seed=seed)
     t0 = time.perf_counter()
     model, record = train_classifier(run_cfg, train_set.crops, train_set.labels - 1, len(classes),
-                                     masks=train_set.masks if ccfg.mask_channel else None, out_dir=run_dir,
+                                     masks=train_set.masks if ccfg.mask_channel else None, synthetic=synthetic,
+                                     synthetic_share=cfg.synthetic_share, out_dir=run_dir,
                                      meta={**meta, "arm": arm}, progress=cfg.progress, desc=f"{arm} seed {seed}")
     probs, _ = predict(model, test_set.crops, test_set.masks if ccfg.mask_channel else None)
     pred = (probs.argmax(1) + 1).astype(np.int8)
@@ -226,10 +235,11 @@ def run_study(cfg: NucleusStudyConfig, ccfg: ClassifierConfig, argv: Optional[Se
     for arm in arms:
         parts = [real] + [synthetic[g] for g in ARMS[arm][1]]
         train_set = C.concat(parts) if len(parts) > 1 else real
+        is_synthetic = np.arange(len(train_set)) >= len(real)
         meta = {"class_table": table.to_json(), "sources": [p.source for p in parts],
                 "counts": train_set.counts(table.num_classes)}
         for seed in seeds:
-            rows.append(run_arm_seed(cfg, ccfg, arm, seed, train_set, test, classes, meta))
+            rows.append(run_arm_seed(cfg, ccfg, arm, seed, train_set, is_synthetic, test, classes, meta))
     result = {"arms": arms, "seeds": seeds, "classes": names, "rare_class": rare, "data": data,
               "classifier": dataclasses.asdict(ccfg), "summary": summarise(rows, arms, classes),
               "comparison": compare_to_real(cfg, rows, arms, rare, test.labels), "runs": rows,
@@ -300,6 +310,8 @@ def write_outputs(cfg: NucleusStudyConfig, result: Dict[str, Any]) -> None:
              f"Classifier: MONAI ResNet trunk (width {c['width']}, {'RGB + mask' if c['mask_channel'] else 'RGB'} "
              f"crops of {cfg.crop_size} px), {c['steps']} steps of {c['batch_size']} class-balanced crops, Adam lr "
              f"{c['lr']:g} (x0.1 after {c['lr_drop_at']:g}), seeds {', '.join(map(str, result['seeds']))}; "
+             + (f"synthetic nuclei at most {cfg.synthetic_share:g} of their class's draws; "
+                if cfg.synthetic_share < 1 else "") +
              f"tested on every nucleus of `{cfg.data_dir}` split `{cfg.test_split}`.", "",
              "Nuclei per class (" + ", ".join(names.values()) + "): " +
              "; ".join(f"{k} {v[1:]}" for k, v in result["data"].items()), "",
