@@ -5,7 +5,9 @@ study's, :data:`guided_diffusion.downstream.study.ARMS`): ``real``, ``balance`` 
 patches from balancing maps), ``balance_enlarge`` (+ balancing and enlarging patches) and
 ``gradmix`` (+ nuclei of GradMix's composed images: the paper's comparator). Every arm x seed trains
 the same classifier (:mod:`.classifier`: same steps, batch, class-balanced sampling over the union of
-its real and synthetic nuclei) and predicts every nucleus of the real held-out split.
+its real and synthetic nuclei; ``synthetic_share`` < 1 caps the synthetic nuclei's share of each
+class's draws, since 6000 synthetic beside 300 real rare nuclei would otherwise define the class) and
+predicts every nucleus of the real held-out split.
 
 A run's folder ``runs/<arm>/seed<k>/`` holds the classifier run, ``test_pred.npy`` (int8 [N]
 predicted class per held-out nucleus) and ``result.json`` (written last: a rerun skips the run).
