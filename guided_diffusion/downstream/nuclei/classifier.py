@@ -9,8 +9,9 @@ patches 4x first. The penultimate features (``8w`` after global average pooling)
 
 Training (:func:`train_classifier`): Adam, cross-entropy, ``steps`` batches of ``batch_size``;
 every batch is *class-balanced* (a class drawn uniformly among the classes present, then an item
-uniformly within it; optionally with synthetic items capped at a share of their class's draws), rotated by a multiple of 90 degrees, flipped, and colour-jittered (each RGB
-channel scaled by a factor in ``[1 - j, 1 + j]`` and shifted by ``[-j, j]`` on the [-1, 1] scale).
+uniformly within it; optionally with synthetic items capped at a share of their class's draws),
+rotated by a multiple of 90 degrees, flipped, and colour-jittered (each RGB channel scaled by a
+factor in ``[1 - j, 1 + j]`` and shifted by ``[-j, j]`` on the [-1, 1] scale).
 A batch is a pure function of (seed, step), so a run resumed from its saved state sees the batches
 the uninterrupted run would have seen. With ``out_dir`` the run folder holds ``config.json``
 (written first; a rerun with other settings is refused), ``train_state.pt`` (every
