@@ -307,6 +307,7 @@ def test_study_quick_preset_runs_end_to_end_and_resumes_without_recomputing(toy,
     capped = str(tmp_path / "capped")
     argv_capped = [a if a != out else capped for a in argv] + ["--arms", "real,balance", "--synthetic_share", "0.5"]
     third = script.main(argv_capped)
+
     def real_scores(res):
         return [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in res["runs"] if r["arm"] == "real"]
 
