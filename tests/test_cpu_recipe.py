@@ -275,9 +275,14 @@ def test_sdm_validate_scores_checkpoints_on_the_same_patches(setup, tmp_path, ca
     again = load_script("sdm_validate").main(argv + ["--model_paths", setup["ckpt"]])
     assert [r["eps_mse"] for r in again] == [r["eps_mse"] for r in rows[:2]]  # same patches, same noise
     assert json.load(open(out))["rows"] == rows
+    larger = load_script("sdm_validate").main(argv + ["--model_paths", setup["ckpt"], "--patch_size", "64"])
+    assert [r["n"] for r in larger] == [1, 1] and larger[0]["eps_mse"] != rows[0]["eps_mse"]  # one 64 px patch
     with pytest.raises(SystemExit) as exc:
         run_cli_main = load_script("sdm_validate")
         from guided_diffusion.infra.errors import run_cli
 
         run_cli(lambda: run_cli_main.main(["--data_dir", setup["data"], "--model_paths", setup["ckpt"], "--timesteps", "a"]))
     assert exc.value.code == 2 and "--timesteps 'a'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        run_cli(lambda: run_cli_main.main(argv + ["--model_paths", setup["ckpt"], "--patch_size", "33"]))
+    assert exc.value.code == 2 and "--patch_size 33 is not a multiple of" in capsys.readouterr().err

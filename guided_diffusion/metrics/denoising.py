@@ -36,6 +36,8 @@ class DenoisingConfig:
     timesteps: str = flag("10,50,200,340,540", "trained timesteps, comma-separated (ddim_percent 55 starts at 540; "
                                                         "the low ones are the last steps of every synthesis)")
     num_patches: int = flag(0, "use the first N grid patches (0: all)")
+    patch_size: int = flag(0, "patch size in px (0: each model's own --image_size); the U-Net is convolutional, so "
+                              "a model trained on smaller crops can be scored on the same patches as the others")
     seed: int = flag(0, "seed of the per-patch noise")
     batch_size: int = flag(8, "patches per model call")
     out_json: str = flag("", "also write the scores here (JSON)")
@@ -53,12 +55,11 @@ class DenoisingConfig:
         check.add(not self.data_dir, "--data_dir is required")
         check.add(timesteps == [], "--timesteps is empty")
         check.add(self.num_patches < 0, "--num_patches must be >= 0")
+        check.add(self.patch_size < 0, "--patch_size must be >= 0")
         check.add(self.seed < 0, "--seed must be >= 0")
         check.add(self.batch_size < 1, "--batch_size must be >= 1")
         check.done()
         return paths, timesteps
-
-
 
 
 def noise_for(seed: int, index: int, t: int, shape: Sequence[int]) -> torch.Tensor:
