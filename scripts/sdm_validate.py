@@ -21,7 +21,7 @@ import dataclasses
 import sys
 
 from guided_diffusion.infra.config import add_dataclass_args, dataclass_from_args
-from guided_diffusion.infra.errors import DiffMixError, run_cli
+from guided_diffusion.infra.errors import run_cli
 
 
 def main(argv=None) -> list:
@@ -42,18 +42,14 @@ def main(argv=None) -> list:
     from guided_diffusion.data.condition import image_to_tensor
     from guided_diffusion.data.patches import sampling_patches
     from guided_diffusion.metrics.denoising import denoising_scores
-    from guided_diffusion.script_util import parse_channel_mult
-    from guided_diffusion.synthesis import load_model_and_diffusion, resolve_model_config, resolve_model_path
+    from guided_diffusion.synthesis import load_model_and_diffusion, resolve_model_config, resolve_model_path, run_size
 
     defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
     rows, patches = [], None
     for path in paths:
         ckpt = resolve_model_path(path)
         model_cfg, _ = resolve_model_config(ckpt, {"timestep_respacing": ""}, defaults)
-        size = cfg.patch_size or model_cfg["image_size"]
-        levels = 2 ** (len(parse_channel_mult(model_cfg["channel_mult"], model_cfg["image_size"])) - 1)
-        if size % levels:
-            raise DiffMixError(f"{ckpt}: --patch_size {size} is not a multiple of {levels}, the U-Net's total downsampling")
+        size = run_size(model_cfg, cfg.patch_size, ckpt)
         if patches is None or patches[0].image.shape[0] != size:
             patches = sampling_patches(data_dir=cfg.data_dir, dataset_mode=cfg.dataset_mode,
                                        image_size=size, split=cfg.split,

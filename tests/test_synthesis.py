@@ -347,6 +347,21 @@ def test_resume_skips_finished_patches(setup, tmp_path, capsys):
     _expect_error([*argv, "--seed", "1"], capsys, "run.json", "seed: 0 -> 1")
 
 
+def test_patch_size_synthesises_larger_patches_than_the_model_was_trained_on(setup, tmp_path, capsys):
+    # the 32 px model is convolutional: --patch_size 64 makes one patch of the whole 64 px tile
+    argv = base_argv(setup, tmp_path, "--patch_size", "64", "--figure_rows", "0")
+    run_main(argv)
+    run_dir = tmp_path / "s1.5_ddim10_p50"
+    assert sorted(os.listdir(run_dir / "records")) == [f"{setup['stem']}_000.json"]
+    png, npy, rec = load_outputs(run_dir, f"{setup['stem']}_000")
+    inst_full, type_full = read_label_file(os.path.join(setup["data"], "Train", "Labels", setup["stem"] + ".mat"), CONSEP)
+    assert png.shape == (64, 64, 3) and rec["patch_size"] == 64
+    np.testing.assert_array_equal(npy[..., 3], relabel_contiguous(inst_full))
+    np.testing.assert_array_equal(npy[..., 4], type_full)
+    _expect_error([*argv[:-4], "--figure_rows", "0"], capsys, "run.json", "patch_size: 64 -> 32")
+    _expect_error([*argv, "--patch_size", "63"], capsys, setup["ckpt"], "--patch_size 63 is not a multiple of 2")
+
+
 def test_pure_noise_and_ddpm(setup, tmp_path):
     run_main(base_argv(setup, tmp_path, "--ddim_percent", "100", "--sampler", "ddpm", "--num_samples", "1",
                        "--timestep_respacing", "ddim4", "--figure_rows", "0", "--idx_img", "0"))

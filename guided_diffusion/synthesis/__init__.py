@@ -69,6 +69,7 @@ from .settings import (  # noqa: F401
     default_run_name,
     load_model_and_diffusion,
     resolve_model_config,
-    sampling_precision,
     resolve_model_path,
+    run_size,
+    sampling_precision,
 )

@@ -41,6 +41,7 @@ from .settings import (
     SampleConfig,
     default_run_name,
     load_model_and_diffusion,
+    run_size,
     sampling_precision,
 )
 
@@ -188,7 +189,7 @@ _TAG_KEEP = 7
 # Settings that change what a finished output contains: resuming into a folder made with other
 # values would mix two runs, so it is refused. (batch_size, num_samples, fast, devices do not.)
 _IDENTITY_KEYS = ("seed", "sampler", "solver_steps", "eta", "guidance_scale", "timestep_respacing", "ddim_percent",
-                  "clip_denoised", "checkpoint", "precision", "data_dir", "label_dir", "stride", "changed_only", "start_image", "keep_donors", "model_config",
+                  "clip_denoised", "patch_size", "checkpoint", "precision", "data_dir", "label_dir", "stride", "changed_only", "start_image", "keep_donors", "model_config",
                   "dataset_mode", "class_table", "split")
 
 
@@ -223,7 +224,8 @@ def _check_trained_range(model_path: str, start_timestep: int) -> None:
 def _check_patches(patches: Sequence[Any], image_size: int, num_classes: int) -> None:
     for p in patches:
         if p.image.shape[:2] != (image_size, image_size):
-            raise DiffMixError(f"{p.label_source}: patch {p.image.shape[:2]} does not match the model's image_size {image_size}")
+            raise DiffMixError(f"{p.label_source}: patch {p.image.shape[:2]} does not match the patch size {image_size} "
+                               "(the model's image_size, or --patch_size)")
         if p.type_map.size and int(p.type_map.max()) >= num_classes:
             raise DiffMixError(
                 f"{p.label_source}: type values up to {int(p.type_map.max())} do not fit the model's "
@@ -294,7 +296,7 @@ def run_synthesis(
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     num_classes, no_instance = int(model_cfg["num_classes"]), bool(model_cfg["no_instance"])
-    image_size = int(model_cfg["image_size"])
+    image_size = run_size(model_cfg, cfg.patch_size, cfg.model_path)
 
     if patches is None:
         stems, keep = _selection(cfg)
@@ -338,6 +340,7 @@ def run_synthesis(
         "start_timestep": int(sched.timestep_map[steps - 1]),
         "keep_donors": int(cfg.keep_donors),
         "clip_denoised": bool(cfg.clip_denoised),
+        "patch_size": image_size,
         "checkpoint": cfg.model_path,
         "model_config_source": model_config_source,
         "precision": precision,

@@ -19,7 +19,7 @@ from ..infra.config import (CONFIG_NAME, ModelConfig, SettingsCheck, check_model
                             flag, load_config_for_checkpoint)
 from ..infra.errors import DiffMixError
 from ..infra.precision import check_precision, resolve_precision, sdm_half
-from ..script_util import create_model_and_diffusion
+from ..script_util import create_model_and_diffusion, parse_channel_mult
 
 SAMPLERS = ("ddim", "ddpm", "dpmpp2m")
 STARTS = ("real", "gradmix")
@@ -50,7 +50,8 @@ class SampleConfig:
     start: str = flag("real", "what SDEdit noises: real (the real patch, the paper's) or gradmix (GradMix's composed image of the same map, <label_dir>/Images/, gradmix.py --write_images true)")
     changed_only: bool = flag(False, "with --label_dir: only the patches that hold a nucleus GradMix placed (balancing) or moved (enlarging), as its Records/ say")
     keep_donors: int = flag(-1, "with --label_dir: keep GradMix's image inside each placed nucleus grown by this many pixels, noised to every step (RePaint-style), so the placed nucleus is a real one; -1 = off")
-    stride: int = flag(0, "patch grid stride in pixels (0 = image_size)")
+    patch_size: int = flag(0, "size in px of the patches to synthesise (0 = the model's image_size); the U-Net is convolutional, so a model trained on smaller crops can synthesise larger patches")
+    stride: int = flag(0, "patch grid stride in pixels (0 = the patch size)")
     model_path: str = flag("", "checkpoint (.pt / .safetensors); config.json beside it is read")
     results_path: str = flag("", "output root; a run folder s<s>_<respacing>_p<percent> is made inside")
     run_name: str = flag("", "run folder name ('' = official s<s>_<respacing>_p<percent>[_<sampler>])")
@@ -93,7 +94,7 @@ class SampleConfig:
         check.add(self.eta and self.sampler != "ddim", f"--eta applies to the ddim sampler only (got --sampler {self.sampler})")
         for name in ("batch_size", "samples_per_map"):
             check.need(name, lambda v: v >= 1, ">= 1")
-        for name in ("num_samples", "stride", "figure_rows"):
+        for name in ("num_samples", "patch_size", "stride", "figure_rows"):
             check.need(name, lambda v: v >= 0, ">= 0")
         check.add(not self.data_dir, "--data_dir is required (the real reference images)")
         check.add(self.source_format and self.dataset_mode.lower() not in ARRAY_FORMATS,
@@ -172,6 +173,20 @@ def resolve_model_config(model_path: str, explicit: Dict[str, Any], defaults: Di
             "scripts/scripts_ddim_sample/consep.sh does (--image_size, --num_channels, --num_classes, --class_cond True, ...)"
         )
     return ModelConfig.from_dict(values, source=source).to_dict(), source
+
+
+def run_size(model_cfg: Dict[str, Any], patch_size: int, model_path: str) -> int:
+    """The patch size in px a model runs at: ``patch_size``, or its own ``image_size`` when 0.
+
+    The U-Net is convolutional (SPADE resizes the label map to each block, attention is placed by
+    down-sampling factor), so any multiple of its total down-sampling works; a size the encoder cannot
+    halve evenly raises :class:`DiffMixError` naming ``model_path``.
+    """
+    size = int(patch_size or model_cfg["image_size"])
+    levels = 2 ** (len(parse_channel_mult(model_cfg["channel_mult"], int(model_cfg["image_size"]))) - 1)
+    if size % levels:
+        raise DiffMixError(f"{model_path}: --patch_size {size} is not a multiple of {levels}, the U-Net's total down-sampling")
+    return size
 
 
 def load_model_and_diffusion(model_path: str, model_cfg: Dict[str, Any], device: torch.device):
