@@ -9,7 +9,9 @@
 #   OMP_NUM_THREADS=1 bash scripts/scripts_train/consep256_cpu_ablation.sh rare600 --rare_crop_share 0.3
 #   OMP_NUM_THREADS=1 bash scripts/scripts_train/consep256_cpu_ablation.sh snr600 --snr_gamma 5
 #   OMP_NUM_THREADS=1 bash scripts/scripts_train/consep256_cpu_ablation.sh crop64x16 --image_size 64 --batch_size 16 \
-#       --attention_resolutions 8   # the same pixels per step; attention at the same depth (64/8 = 128/16)
+#       --attention_resolutions 8   # the same pixels per step; attention at the same depth (64/8 = 128/16);
+#                                   # validate and sample it at 128 px: sdm_validate.py / image_sample.py --patch_size 128
+#   OMP_NUM_THREADS=1 bash scripts/scripts_train/consep256_cpu_ablation.sh lr4e4 --lr 4e-4
 # Environment: DATA_DIR (default ../shared/data/consep256), OUT (default runs/sdm), STEPS (600),
 # SAVE_INTERVAL (200). Later flags override earlier ones (argparse), so an argument may replace a
 # setting of the base recipe (e.g. --image_size, --batch_size).
