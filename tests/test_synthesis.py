@@ -362,6 +362,17 @@ def test_patch_size_synthesises_larger_patches_than_the_model_was_trained_on(set
     _expect_error([*argv, "--patch_size", "63"], capsys, setup["ckpt"], "--patch_size 63 is not a multiple of 2")
 
 
+def test_guidance_on_a_model_trained_without_label_dropout_warns(setup, tmp_path, capsys):
+    ckpt = tmp_path / "run" / "ema.pt"
+    save_state_dict(str(ckpt), tiny_model()[0].state_dict())
+    save_config(str(tmp_path / "run" / "config.json"), dict(TINY, timestep_respacing="", drop_rate=0.0))
+    argv = base_argv(setup, tmp_path / "out", "--model_path", str(ckpt), "--num_samples", "1", "--figure_rows", "0")
+    run_main(argv)
+    assert "trained with --drop_rate 0" in capsys.readouterr().err
+    run_main([*argv, "--s", "1", "--run_name", "s1"])  # no guidance, no unconditional branch: no warning
+    assert "drop_rate" not in capsys.readouterr().err
+
+
 def test_pure_noise_and_ddpm(setup, tmp_path):
     run_main(base_argv(setup, tmp_path, "--ddim_percent", "100", "--sampler", "ddpm", "--num_samples", "1",
                        "--timestep_respacing", "ddim4", "--figure_rows", "0", "--idx_img", "0"))

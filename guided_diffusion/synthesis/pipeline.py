@@ -221,6 +221,19 @@ def _check_trained_range(model_path: str, start_timestep: int) -> None:
             f"would start at t = {start_timestep}; lower --ddim_percent (pure noise is out of its range)")
 
 
+def _warn_untrained_guidance(model_path: str, s: float) -> None:
+    """Warn when guidance (s > 1) runs on a checkpoint whose ``config.json`` says it was trained with
+    ``drop_rate`` 0: its branch for the all-zero null map was never trained, so guidance pushes away
+    from an untrained prediction (docs/REAL_DATA.md section 0g: more rare-class fidelity, much less
+    realism than ``--s 1`` with such a model)."""
+    saved = load_config_for_checkpoint(model_path) if model_path and fileio.exists(model_path) else None
+    if smp.guidance_active(s) and saved is not None and saved.get("drop_rate") == 0:
+        print(f"warning: {model_path}: trained with --drop_rate 0 (its config.json), so the unconditional branch that "
+              f"guidance --s {s} uses never saw the null label map (docs/REAL_DATA.md 0g: less realistic patches than --s 1); "
+              "fine-tune it with label dropout (stage 2 of scripts/scripts_train/consep256_cpu.sh) or sample with --s 1",
+              file=sys.stderr)
+
+
 def _check_patches(patches: Sequence[Any], image_size: int, num_classes: int) -> None:
     for p in patches:
         if p.image.shape[:2] != (image_size, image_size):
@@ -348,6 +361,8 @@ def run_synthesis(
         "version": __version__,
     }
     _check_trained_range(cfg.model_path, settings["start_timestep"])
+    if rank == 0:
+        _warn_untrained_guidance(cfg.model_path, cfg.s)
     layout = OutputLayout(fileio.join(cfg.results_path, cfg.run_name or default_run_name(cfg, respacing)))
     identity = {**settings, "seed": int(cfg.seed), "data_dir": cfg.data_dir, "label_dir": cfg.label_dir,
                 "stride": int(cfg.stride), "changed_only": bool(cfg.changed_only), "model_config": model_cfg, "dataset_mode": cfg.dataset_mode,
