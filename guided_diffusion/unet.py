@@ -452,6 +452,11 @@ class AttentionBlock(nn.Module):
         return (x + self.proj_out(h)).reshape(b, c, *spatial)
 
 
+def downsampling_factor(channel_mult: Sequence[float]) -> int:
+    """The U-Net's total down-sampling: image sides must be multiples of it (one halving per level after the first)."""
+    return 2 ** (len(channel_mult) - 1)
+
+
 # --------------------------------------------------------------------------------------------
 # The U-Net
 # --------------------------------------------------------------------------------------------
@@ -602,7 +607,7 @@ class UNetModel(nn.Module):
         return [m for m in self.modules() if isinstance(m, SDMResBlock)]
 
     def _check_size(self, height: int, width: int) -> None:
-        factor = 2 ** (len(self.channel_mult) - 1)
+        factor = downsampling_factor(self.channel_mult)
         if height % factor or width % factor:
             raise DiffMixError(
                 f"image size {height}x{width} is not divisible by {factor}, which this U-Net "

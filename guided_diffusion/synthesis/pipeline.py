@@ -211,9 +211,9 @@ def _check_resume(layout: OutputLayout, identity: Dict[str, Any]) -> None:
         )
 
 
-def _check_trained_range(model_path: str, start_timestep: int) -> None:
-    """Refuse a start above the ``t_max`` the model was trained to (``image_train.py --t_max``)."""
-    saved = load_config_for_checkpoint(model_path) if model_path and fileio.exists(model_path) else None
+def _check_trained_range(saved: Optional[Dict[str, Any]], model_path: str, start_timestep: int) -> None:
+    """Refuse a start above the ``t_max`` the model was trained to (``image_train.py --t_max``);
+    ``saved``: the checkpoint's ``config.json`` (None when absent)."""
     t_max = int((saved or {}).get("t_max") or 0)
     if t_max and start_timestep > t_max:
         raise DiffMixError(
@@ -221,13 +221,12 @@ def _check_trained_range(model_path: str, start_timestep: int) -> None:
             f"would start at t = {start_timestep}; lower --ddim_percent (pure noise is out of its range)")
 
 
-def _warn_untrained_guidance(model_path: str, s: float) -> None:
+def _warn_untrained_guidance(saved: Optional[Dict[str, Any]], model_path: str, s: float) -> None:
     """Warn when guidance (s > 1) runs on a checkpoint whose ``config.json`` says it was trained with
     ``drop_rate`` 0: its branch for the all-zero null map was never trained, so guidance pushes away
     from an untrained prediction (docs/REAL_DATA.md section 0g: more rare-class fidelity, much less
     realism than ``--s 1`` with such a model)."""
-    saved = load_config_for_checkpoint(model_path) if model_path and fileio.exists(model_path) else None
-    if smp.guidance_active(s) and saved is not None and saved.get("drop_rate") == 0:
+    if smp.guidance_active(s) and (saved or {}).get("drop_rate") == 0:
         print(f"warning: {model_path}: trained with --drop_rate 0 (its config.json), so the unconditional branch that "
               f"guidance --s {s} uses never saw the null label map (docs/REAL_DATA.md 0g: less realistic patches than --s 1); "
               "fine-tune it with label dropout (stage 2 of scripts/scripts_train/consep256_cpu.sh) or sample with --s 1",
@@ -360,9 +359,10 @@ def run_synthesis(
         "fast": bool(cfg.fast),
         "version": __version__,
     }
-    _check_trained_range(cfg.model_path, settings["start_timestep"])
+    saved = load_config_for_checkpoint(cfg.model_path) if cfg.model_path and fileio.exists(cfg.model_path) else None
+    _check_trained_range(saved, cfg.model_path, settings["start_timestep"])
     if rank == 0:
-        _warn_untrained_guidance(cfg.model_path, cfg.s)
+        _warn_untrained_guidance(saved, cfg.model_path, cfg.s)
     layout = OutputLayout(fileio.join(cfg.results_path, cfg.run_name or default_run_name(cfg, respacing)))
     identity = {**settings, "seed": int(cfg.seed), "data_dir": cfg.data_dir, "label_dir": cfg.label_dir,
                 "stride": int(cfg.stride), "changed_only": bool(cfg.changed_only), "model_config": model_cfg, "dataset_mode": cfg.dataset_mode,

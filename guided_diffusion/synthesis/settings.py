@@ -20,6 +20,7 @@ from ..infra.config import (CONFIG_NAME, ModelConfig, SettingsCheck, check_model
 from ..infra.errors import DiffMixError
 from ..infra.precision import check_precision, resolve_precision, sdm_half
 from ..script_util import create_model_and_diffusion, parse_channel_mult
+from ..unet import downsampling_factor
 
 SAMPLERS = ("ddim", "ddpm", "dpmpp2m")
 STARTS = ("real", "gradmix")
@@ -183,7 +184,7 @@ def run_size(model_cfg: Dict[str, Any], patch_size: int, model_path: str) -> int
     halve evenly raises :class:`DiffMixError` naming ``model_path``.
     """
     size = int(patch_size or model_cfg["image_size"])
-    levels = 2 ** (len(parse_channel_mult(model_cfg["channel_mult"], int(model_cfg["image_size"]))) - 1)
+    levels = downsampling_factor(parse_channel_mult(model_cfg["channel_mult"], int(model_cfg["image_size"])))
     if size % levels:
         raise DiffMixError(f"{model_path}: --patch_size {size} is not a multiple of {levels}, the U-Net's total down-sampling")
     return size
