@@ -88,6 +88,11 @@ def train(model_cfg: Any, train_cfg: TrainConfig, data: Optional[Iterator] = Non
     torch.manual_seed(train_cfg.seed)
     model, diffusion = create_model_and_diffusion(**model_cfg.to_dict())
     model.to(dist_util.dev())
+    if train_cfg.crop_size:
+        try:
+            model.check_size(train_cfg.crop_size, train_cfg.crop_size)
+        except DiffMixError as e:
+            raise DiffMixError(f"--crop_size {train_cfg.crop_size}: {e}") from None
     # Built here, not in from_config, so a sampler setting that cannot work fails before the data is read.
     sampler = create_named_schedule_sampler(train_cfg.schedule_sampler, diffusion, train_cfg.t_max)
     if data is None:

@@ -606,7 +606,9 @@ class UNetModel(nn.Module):
         """The SPADE residual blocks in cache order (middle block, then decoder)."""
         return [m for m in self.modules() if isinstance(m, SDMResBlock)]
 
-    def _check_size(self, height: int, width: int) -> None:
+    def check_size(self, height: int, width: int) -> None:
+        """Raise :class:`DiffMixError` unless a ``height`` x ``width`` input fits: both multiples of
+        the U-Net's total down-sampling (any such size works; ``image_size`` is not required)."""
         factor = downsampling_factor(self.channel_mult)
         if height % factor or width % factor:
             raise DiffMixError(
@@ -644,7 +646,7 @@ class UNetModel(nn.Module):
             (h, hs, emb): the deepest features, the list of every encoder block's output (skips,
             in order) and the time embedding float [N, 4 * model_channels].
         """
-        self._check_size(x.shape[-2], x.shape[-1])
+        self.check_size(x.shape[-2], x.shape[-1])
         timesteps = torch.as_tensor(timesteps, device=x.device)
         if timesteps.dim() == 0:
             timesteps = timesteps.expand(x.shape[0])
@@ -685,7 +687,7 @@ class UNetModel(nn.Module):
         batch-1 cache broadcasts over any batch. ``dtype`` optionally stores the cache in a
         smaller type (e.g. float16 halves its memory, at fp16 rounding of gamma/beta).
         """
-        self._check_size(y.shape[-2], y.shape[-1])
+        self.check_size(y.shape[-2], y.shape[-1])
         if y.dim() != 4 or y.shape[1] != self.num_classes:
             raise DiffMixError(f"condition y has shape {tuple(y.shape)}, expected [N, {self.num_classes}, H, W]")
         y = y.to(self.dtype)

@@ -1,5 +1,7 @@
 """Training pipeline: crop/augmentation consistency, determinism, resume, sharding, batch layout."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -188,3 +190,7 @@ def test_data_settings_of_a_training_run(tiny_root):
         assert torch.equal(xa, xb) and torch.equal(ca["y"], cb["y"])
     with pytest.raises(TypeError):
         load_data(data_dir=tiny_root, batch_size=2, image_size=16, dataset_mode="consep", bogus=1)
+    # --crop_size: smaller training crops than the model's image_size
+    cropped = DataSettings.from_config(dataclasses.replace(train_cfg, crop_size=8), model_cfg, progress=False)
+    x, cond = next(iter(open_batches(cropped)))
+    assert cropped.image_size == 8 and x.shape == (2, 3, 8, 8) and cond["y"].shape == (2, 5, 8, 8)

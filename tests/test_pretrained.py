@@ -4,6 +4,7 @@ into a synthetic patch with the right labels. Also the export that made the mode
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -138,7 +139,10 @@ def test_export_of_a_continued_model_keeps_the_earlier_stages_and_retrain_repeat
 
     model_cfg, common = _tiny_training(tmp_path)
     first = tmp_path / "first"
-    train(model_cfg, TrainConfig(lr=1e-4, max_steps=1, save_interval=1, log_dir=str(first), **common))
+    # Stage 1 sets its 16 px crops through the model's size (attention at the same depth: the same
+    # U-Net); the record calls that crop_size 16, so the retrain at 32 px repeats the crops.
+    small = dataclasses.replace(model_cfg, image_size=16, attention_resolutions="8")
+    train(small, TrainConfig(lr=1e-4, max_steps=1, save_interval=1, log_dir=str(first), **common))
     shipped = tmp_path / "shipped"
     earlier = export_model([str(first)], str(shipped), recipe="first.sh")
     init = tmp_path / "cont.init"
@@ -146,7 +150,7 @@ def test_export_of_a_continued_model_keeps_the_earlier_stages_and_retrain_repeat
     shutil.copy(shipped / "model.safetensors", init / "model000001.safetensors")
     shutil.copy(shipped / "training.json", init)
     cont = tmp_path / "cont"
-    train(model_cfg, TrainConfig(lr=5e-5, drop_rate=0.2, snr_gamma=5.0, max_steps=2, save_interval=2, log_dir=str(cont),
+    train(model_cfg, TrainConfig(lr=5e-5, drop_rate=0.2, snr_gamma=5.0, crop_size=16, max_steps=2, save_interval=2, log_dir=str(cont),
                                  resume_checkpoint=str(init / "model000001.safetensors"), **common))
     record = export_model([str(cont)], str(tmp_path / "model"), recipe="continue.sh")
     assert [s["final_step"] for s in record["stages"]] == [1, 2]
@@ -158,7 +162,8 @@ def test_export_of_a_continued_model_keeps_the_earlier_stages_and_retrain_repeat
     _, stages = _training_plan(DemoConfig(model_path=str(tmp_path / "model" / "model.safetensors")),
                                str(tmp_path / "retrain"), 5)
     assert [(st.max_steps, st.drop_rate, st.options, st.from_weights) for st in stages] == [
-        (1, 0.0, {}, False), (2, 0.2, {"snr_gamma": 5.0}, True)]  # stage 2 starts from stage 1's EMA weights
+        (1, 0.0, {"crop_size": 16}, False),
+        (2, 0.2, {"crop_size": 16, "snr_gamma": 5.0}, True)]  # stage 2 starts from stage 1's EMA weights
     assert len({st.folder for st in stages}) == 2
     # The retrain runs them so: stage 2 from stage 1's EMA file (weights only), min-SNR on.
     runner = _Stages()
@@ -167,7 +172,9 @@ def test_export_of_a_continued_model_keeps_the_earlier_stages_and_retrain_repeat
     assert final.endswith("finetune/model000002.pt") and list(runner.timings) == [st.name for st in stages]
     log = open(os.path.join(stages[1].folder, "log.txt")).read()
     assert f"resumed from {stages[0].folder}/ema_0.9_000001.pt at step 1" in log
-    assert json.loads(open(os.path.join(stages[1].folder, "config.json")).read())["snr_gamma"] == 5.0
+    retrained = [json.loads(open(os.path.join(st.folder, "config.json")).read()) for st in stages]
+    assert retrained[1]["snr_gamma"] == 5.0
+    assert [(c["image_size"], c["crop_size"]) for c in retrained] == [(32, 16), (32, 16)]
 
     (init / "training.json").write_text(json.dumps({**earlier, "sha256": "0" * 64}))
     with pytest.raises(DiffMixError, match="records weights with SHA-256 0+, but .*model000001.safetensors"):

@@ -181,7 +181,7 @@ def _fake_checkpoint(folder):
 
 
 @pytest.mark.parametrize("case", ["dataset_mode", "class_cond", "text_resume", "missing_resume", "class_count",
-                                  "corrupt_label", "small_image", "has_checkpoints"])
+                                  "corrupt_label", "small_image", "crop_size", "has_checkpoints"])
 def test_bad_input_leaves_no_run_folder(toy_root, tmp_path, case):
     import shutil
 
@@ -206,6 +206,8 @@ def test_bad_input_leaves_no_run_folder(toy_root, tmp_path, case):
         match = "toy_train_001"
     elif case == "small_image":
         model_kw["image_size"], match = 64, "smaller|64"
+    elif case == "crop_size":  # the tiny U-Net halves once: an odd crop cannot pass its encoder
+        kw["crop_size"], match = 13, r"--crop_size 13: .*not divisible by 2"
     else:
         # Reported before the dataset is read: the bad --dataset_mode would fail later.
         before = _fake_checkpoint(run)

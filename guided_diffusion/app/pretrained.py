@@ -40,7 +40,7 @@ DEFAULT_CLASSIFIER = os.path.join(REPO_ROOT, "models", "consep256_nuclei")
 
 
 # Training options beyond the paper's recipe (0 = off), recorded per stage so a retrain repeats them.
-RECIPE_OPTIONS = ("t_max", "snr_gamma", "rare_crop_share")
+RECIPE_OPTIONS = ("crop_size", "t_max", "snr_gamma", "rare_crop_share")
 
 
 def _stage_record(run_dir: str, steps: Sequence[int]) -> Dict[str, Any]:
@@ -63,9 +63,13 @@ def _stage_record(run_dir: str, steps: Sequence[int]) -> Dict[str, Any]:
         "wall_time_s": round(wall, 1),
         "final_loss": last.get("loss"),
         "final_mse": last.get("mse"),
-        "settings": {k: config.get(k) for k in (
+        "settings": {**{k: config.get(k) for k in (
             "lr", "batch_size", "drop_rate", "ema_rate", "max_steps", "seed", "precision_resolved",
             "world_size", "resume_checkpoint", "data_dir", "dataset_mode", *RECIPE_OPTIONS)},
+            # The crop side the stage trained on, also where it came from --image_size: stages chain by
+            # strict loading of each other's weights, so e.g. 64 px with attention at 8 px is the final
+            # 128 px U-Net with attention at 16 px, and a retrain at the final image_size repeats the crops.
+            "crop_size": config.get("crop_size") or config.get("image_size")},
     }
 
 
@@ -210,9 +214,10 @@ def stage_lines(record: Dict[str, Any]) -> List[str]:
     lines = []
     for s in record.get("stages", []):
         st = s["settings"]
+        crop = f" of {st['crop_size']} px" if st.get("crop_size") else ""
         lines.append(
             f"- `{os.path.basename(str(s['run_dir']).rstrip('/'))}`: to step {s['final_step']}, lr {st['lr']}, "
-            f"batch {st['batch_size']}, drop rate {st['drop_rate']}, EMA {st['ema_rate']}, "
+            f"batch {st['batch_size']}{crop}, drop rate {st['drop_rate']}, EMA {st['ema_rate']}, "
             f"{s['wall_time_s'] / 60:.0f} min, final loss {s['final_loss']:.4f}"
         )
     return lines

@@ -356,12 +356,13 @@ class DataSettings:
     @classmethod
     def from_config(cls, train_cfg, model_cfg, progress: bool = True) -> "DataSettings":
         """The data of a training run: a :class:`~guided_diffusion.infra.train_config.TrainConfig` and a
-        :class:`~guided_diffusion.infra.config.ModelConfig` (crop size, classes, instance channel)."""
+        :class:`~guided_diffusion.infra.config.ModelConfig` (classes, instance channel; the crop size is
+        ``--crop_size``, else the model's ``image_size``)."""
         return cls(
             data_dir=train_cfg.data_dir,
             dataset_mode=train_cfg.dataset_mode,
             batch_size=train_cfg.batch_size,
-            image_size=model_cfg.image_size,
+            image_size=train_cfg.crop_size or model_cfg.image_size,
             num_classes=model_cfg.num_classes,
             no_instance=model_cfg.no_instance,
             seed=train_cfg.seed,

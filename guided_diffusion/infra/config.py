@@ -116,7 +116,7 @@ class ModelConfig:
     or 4 (GLySAC).
     """
 
-    image_size: int = flag(64, "training image size (pixels)")
+    image_size: int = flag(64, "the model's patch size in px: sampling size, and training crop size unless --crop_size")
     num_classes: int = flag(151, "classes incl. background; the condition adds 1 instance-edge channel")
     num_channels: int = flag(128, "base width of the U-Net")
     num_res_blocks: int = flag(2, "residual blocks per level")

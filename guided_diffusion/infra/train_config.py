@@ -48,6 +48,8 @@ class TrainConfig:
     deterministic: bool = flag(False, "deterministic kernels (bitwise-reproducible resume; slower on GPU)")
     progress: bool = flag(True, "show a progress bar on the terminal")
     # DiffMix's CPU recipe options (docs/REAL_DATA.md); the defaults keep the official objective.
+    crop_size: int = flag(0, "side in px of the training crops (0: the model's --image_size); the U-Net is "
+                             "convolutional, so a model trained on smaller crops still samples at --image_size")
     t_max: int = flag(0, "draw training timesteps only from [0, t_max] (0: all); such a model cannot "
                          "sample from pure noise, and synthesis refuses a start above t_max")
     snr_gamma: float = flag(0.0, "min-SNR-gamma weighting of the MSE term, e.g. 5 (0: off)")
@@ -81,7 +83,7 @@ def validate_train_config(cfg: TrainConfig) -> None:
         check.need(name, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
     for name in ("lr", "fp16_scale_growth"):
         check.need(name, lambda v: v > 0, "> 0")
-    for name in ("lr_anneal_steps", "max_steps", "keep_checkpoints", "num_workers", "t_max", "snr_gamma", "grad_clip"):
+    for name in ("lr_anneal_steps", "max_steps", "keep_checkpoints", "num_workers", "crop_size", "t_max", "snr_gamma", "grad_clip"):
         check.need(name, lambda v: v >= 0, ">= 0")
     check.rule(check_precision, cfg.precision)
     check.need("labels_merged", lambda v: v in LABELS_MERGED, f"one of {', '.join(LABELS_MERGED)}")
