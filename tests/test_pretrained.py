@@ -110,9 +110,13 @@ def test_export_writes_a_model_folder_that_sampling_loads(tmp_path):
     train(model_cfg, TrainConfig(lr=1e-4, max_steps=2, save_interval=2, log_dir=str(pre), **common))
     train(model_cfg, TrainConfig(lr=1e-4, drop_rate=0.2, max_steps=3, save_interval=3, log_dir=str(fine),
                                  resume_checkpoint=str(pre / "model000002.pt"), **common))
+    # Stage 1 trains on after stage 2 left it at step 2: those steps are not the model's.
+    train(model_cfg, TrainConfig(lr=1e-4, max_steps=4, save_interval=2, log_dir=str(pre), resume_checkpoint="latest",
+                                 **common))
     out = tmp_path / "model"
     record = export_model([str(pre), str(fine)], str(out), recipe="recipe.sh", command="cmd")
     assert record["step"] == 3 and [s["final_step"] for s in record["stages"]] == [2, 3]
+    assert record["stages"][0]["first_logged_step"] == 1 and record["stages"][1]["first_logged_step"] == 3
     assert [s["settings"]["drop_rate"] for s in record["stages"]] == [0.0, 0.2]
     assert (out / "loss.png").exists() and json.loads((out / "training.json").read_text()) == record
     exported = load_state_dict(str(out / "model.safetensors"))
@@ -194,7 +198,7 @@ def test_stage_order_follows_the_log_and_paths_recorded_elsewhere(tmp_path):
     os.makedirs(fine)
     with open(os.path.join(fine, "log.txt"), "w") as f:
         f.write(f"resumed from {pre}/model000002.pt at step 2\nresumed from {fine}/model000003.pt at step 3\n")
-    check_stage_order([pre, fine], [{"resume_checkpoint": ""}, {"resume_checkpoint": "latest"}])
+    assert check_stage_order([pre, fine], [{"resume_checkpoint": ""}, {"resume_checkpoint": "latest"}]) == [2]
     check_stage_order([pre, fine], [{"resume_checkpoint": "", "log_dir": "runs/sdm/pre"},
                                     {"resume_checkpoint": "runs/sdm/pre/model000002.pt"}])
     check_stage_order([pre, fine], [{}, {"resume_checkpoint": pre}])  # a folder: its newest checkpoint

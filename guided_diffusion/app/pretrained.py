@@ -22,7 +22,7 @@ import hashlib
 import os
 import platform
 import re
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..infra import fileio
 from ..infra.config import CONFIG_NAME, check_model_kind, load_config_for_checkpoint
@@ -43,11 +43,12 @@ DEFAULT_CLASSIFIER = os.path.join(REPO_ROOT, "models", "consep256_nuclei")
 RECIPE_OPTIONS = ("crop_size", "t_max", "snr_gamma", "rare_crop_share")
 
 
-def _stage_record(run_dir: str, steps: Sequence[int]) -> Dict[str, Any]:
+def _stage_record(run_dir: str, steps: Sequence[int], until: Optional[int] = None) -> Dict[str, Any]:
     """One training stage: its settings, step range (``steps``: its complete checkpoints), wall time
-    and last logged losses."""
+    and last logged losses, up to step ``until`` where the next stage left it (None: to its end)."""
     config = fileio.read_json(fileio.join(run_dir, CONFIG_NAME))
-    rows = [r for r in read_progress(run_dir) if "step" in r]
+    rows = [r for r in read_progress(run_dir) if "step" in r and (until is None or r["step"] <= until)]
+    steps = [s for s in steps if until is None or s <= until]
     # Wall time from the logged throughput: each row covers the steps since the previous row.
     wall, prev = 0.0, None
     for r in rows:
@@ -73,19 +74,20 @@ def _stage_record(run_dir: str, steps: Sequence[int]) -> Dict[str, Any]:
     }
 
 
-_RESUMED = re.compile(r"^resumed from (.+) at step \d+$")
+_RESUMED = re.compile(r"^resumed from (.+) at step (\d+)$")
 
 
-def _resumed_from(run_dir: str, config: Mapping[str, Any]) -> List[str]:
-    """Every checkpoint (or checkpoint folder) the run in ``run_dir`` started or resumed from: its
-    ``config.json`` ``resume_checkpoint`` and each ``resumed from PATH at step N`` line of its
-    ``log.txt`` (a restart rewrites config.json, often with ``latest``; the log is appended)."""
-    found = [str(config.get("resume_checkpoint") or "")]
+def _resumed_from(run_dir: str, config: Mapping[str, Any]) -> List[Tuple[str, Optional[int]]]:
+    """Every checkpoint (or checkpoint folder) the run in ``run_dir`` started or resumed from, with
+    the step it started at: its ``config.json`` ``resume_checkpoint`` (step None) and each ``resumed
+    from PATH at step N`` line of its ``log.txt`` (a restart rewrites config.json, often with
+    ``latest``; the log is appended)."""
+    found: List[Tuple[str, Optional[int]]] = [(str(config.get("resume_checkpoint") or ""), None)]
     log = fileio.join(run_dir, "log.txt")
     if fileio.exists(log):
-        found += [m.group(1) for line in fileio.read_bytes(log).decode(errors="replace").splitlines()
+        found += [(m.group(1), int(m.group(2))) for line in fileio.read_bytes(log).decode(errors="replace").splitlines()
                   if (m := _RESUMED.match(line.strip()))]
-    return [p for p in found if p and p != "latest"]
+    return [(p, step) for p, step in found if p and p != "latest"]
 
 
 def _in_folder(path: str, folders: Sequence[str]) -> bool:
@@ -97,26 +99,36 @@ def _in_folder(path: str, folders: Sequence[str]) -> bool:
                for f in folders)
 
 
-def check_stage_order(run_dirs: Sequence[str], configs: Sequence[Mapping[str, Any]]) -> None:
+def check_stage_order(run_dirs: Sequence[str], configs: Sequence[Mapping[str, Any]]) -> List[Optional[int]]:
     """Refuse training stages that do not chain: each stage after the first must have started (or
     resumed) from a checkpoint of the stage before it. Else the export would take the wrong
-    stage's weights (``--run_dirs FINE,PRE`` exports the pre-training EMA) under a wrong record."""
+    stage's weights (``--run_dirs FINE,PRE`` exports the pre-training EMA) under a wrong record.
+
+    Returns, for each stage but the last, the step at which the next one left it (None where no log
+    says): a stage may have trained on after that, and those steps are not the model's.
+    """
     from ..downstream.data import refuse_listed_twice  # lazy: downstream imports MONAI, matplotlib, scipy
 
     refuse_listed_twice(run_dirs, "--run_dirs")
+    branches: List[Optional[int]] = []
     for (prev, prev_cfg), (cur, cur_cfg) in zip(zip(run_dirs, configs), zip(run_dirs[1:], configs[1:])):
-        sources = [p for p in _resumed_from(cur, cur_cfg) if not _in_folder(p, [cur, cur_cfg.get("log_dir", "")])]
-        if not any(_in_folder(p, [prev, prev_cfg.get("log_dir", "")]) for p in sources):
-            how = f"resumed from {sources[0]}" if sources else "started fresh"
+        sources = [(p, step) for p, step in _resumed_from(cur, cur_cfg)
+                   if not _in_folder(p, [cur, cur_cfg.get("log_dir", "")])]
+        steps = [step for p, step in sources if _in_folder(p, [prev, prev_cfg.get("log_dir", "")])]
+        if not steps:
+            how = f"resumed from {sources[0][0]}" if sources else "started fresh"
             raise DiffMixError(f"--run_dirs: {cur} does not continue {prev} ({cur} {how}); list the training "
                                "stages in the order they ran, first stage first")
+        known = [step for step in steps if step is not None]
+        branches.append(min(known) if known else None)
+    return branches
 
 
 def _earlier_record(run_dir: str, config: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
     """The training record of the model a first stage started from: the ``training.json`` beside the
     weights file it resumed from, whose SHA-256 must be that file's (else the record is another
     model's). None when the stage started fresh or from a plain checkpoint."""
-    for path in _resumed_from(run_dir, config):
+    for path, _ in _resumed_from(run_dir, config):
         record_path = fileio.join(os.path.dirname(path), RECORD_NAME)
         if not os.path.splitext(path)[1] or not fileio.exists(record_path):
             continue
@@ -156,7 +168,7 @@ def export_model(run_dirs: Sequence[str], out_dir: str, recipe: str = "", comman
             raise DiffMixError(f"{d}: not a training run folder (no {CONFIG_NAME})")
         check_model_kind(config, d, "sdm", "--run_dirs")
         configs.append(config)
-    check_stage_order(run_dirs, configs)
+    branches = check_stage_order(run_dirs, configs) + [None]
     last = run_dirs[-1]
     steps = list_complete_checkpoints(last)
     if not steps:
@@ -175,7 +187,7 @@ def export_model(run_dirs: Sequence[str], out_dir: str, recipe: str = "", comman
     save_state_dict(weights, state)
     fileio.write_json(fileio.join(out_dir, CONFIG_NAME), config)
     plot_loss_curve([(os.path.basename(d.rstrip("/")), d) for d in run_dirs], fileio.join(out_dir, "loss.png"))
-    stages = [_stage_record(d, list_complete_checkpoints(d)) for d in run_dirs]
+    stages = [_stage_record(d, list_complete_checkpoints(d), until) for d, until in zip(run_dirs, branches)]
     earlier = _earlier_record(run_dirs[0], configs[0])
     if earlier is not None:
         stages = earlier["stages"] + stages
