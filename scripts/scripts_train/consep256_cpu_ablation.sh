@@ -8,10 +8,14 @@
 #   OMP_NUM_THREADS=1 bash scripts/scripts_train/consep256_cpu_ablation.sh tmax600 --t_max 540
 #   OMP_NUM_THREADS=1 bash scripts/scripts_train/consep256_cpu_ablation.sh rare600 --rare_crop_share 0.3
 #   OMP_NUM_THREADS=1 bash scripts/scripts_train/consep256_cpu_ablation.sh snr600 --snr_gamma 5
-#   OMP_NUM_THREADS=1 bash scripts/scripts_train/consep256_cpu_ablation.sh crop64x16 --image_size 64 --batch_size 16 \
-#       --attention_resolutions 8   # the same pixels per step; attention at the same depth (64/8 = 128/16);
-#                                   # validate and sample it at 128 px: sdm_validate.py / image_sample.py --patch_size 128
+#   OMP_NUM_THREADS=1 bash scripts/scripts_train/consep256_cpu_ablation.sh crop64x16 --crop_size 64 --batch_size 16
+#       # the same pixels per step; the model stays 128 px (docs/REAL_DATA.md 0g ran this as --image_size 64
+#       # --attention_resolutions 8, the same U-Net, validated and sampled with --patch_size 128)
 #   OMP_NUM_THREADS=1 bash scripts/scripts_train/consep256_cpu_ablation.sh lr4e4 --lr 4e-4
+#   OMP_NUM_THREADS=1 STEPS=1700 bash scripts/scripts_train/consep256_cpu_ablation.sh c64_all --crop_size 64 \
+#       --batch_size 16 --lr 8e-4 --drop_rate 0.2 --snr_gamma 5 --rare_crop_share 0.3 \
+#       --resume_checkpoint runs/sdm/crop64x16_lr8e4/model000600.pt   # an arm branching from another (0h);
+#       # to resume it later, re-run without --resume_checkpoint
 # Environment: DATA_DIR (default ../shared/data/consep256), OUT (default runs/sdm), STEPS (600),
 # SAVE_INTERVAL (200). Later flags override earlier ones (argparse), so an argument may replace a
 # setting of the base recipe (e.g. --image_size, --batch_size).
