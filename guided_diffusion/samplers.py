@@ -1,4 +1,4 @@
-"""Pure sampling math over a denoiser: DDIM, DDPM ancestral and DPM-Solver++(2M), plus guidance.
+"""Pure sampling math over a denoiser: DDIM, DDPM ancestral and DPM-Solver++(2M) (ODE or SDE), plus guidance.
 
 This is the single implementation of the per-step formulas; :class:`~guided_diffusion.
 gaussian_diffusion.GaussianDiffusion` calls the same functions, so the fast path
@@ -354,14 +354,21 @@ def dpmpp_2m_update(
     abar_next: float,
     prev_xstart: Optional[torch.Tensor] = None,
     h_prev: Optional[float] = None,
+    eta: float = 0.0,
+    noise: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, float]:
-    """One DPM-Solver++(2M) step (Lu et al. 2022, data prediction, multistep order 2).
+    """One DPM-Solver++(2M) step (Lu et al. 2022, data prediction, multistep order 2), as an ODE
+    step (``eta = 0``) or as the SDE solver's step (``eta > 0``; ``eta = 1`` is SDE-DPM-Solver++(2M)).
 
-    With lambda = log(sqrt(abar) / sqrt(1 - abar)) and h = lambda_next - lambda_t:
-    x_next = (sigma_next / sigma_t) x - alpha_next * expm1(-h) * D, where D = x_0 (first order, used
-    for the first step or when ``prev_xstart`` is None) or
-    D = (1 + 1/(2r)) x_0 - 1/(2r) x_0_prev with r = h_prev / h. A step to ``abar_next == 1`` (clean
-    data) returns ``pred_xstart`` itself, as in DDIM's last step.
+    With lambda = log(sqrt(abar) / sqrt(1 - abar)), h = lambda_next - lambda_t, alpha = sqrt(abar)
+    and sigma = sqrt(1 - abar):
+    x_next = (sigma_next / sigma_t) e^(-eta h) x + alpha_next (1 - e^(-(1 + eta) h)) D
+    + sigma_next sqrt(1 - e^(-2 eta h)) noise, where D = x_0 (first order, used for the first step
+    or when ``prev_xstart`` is None) or D = (1 + 1/(2r)) x_0 - 1/(2r) x_0_prev with r = h_prev / h.
+    At eta = 0 this is the ODE solver; at eta = 1 its first-order step is DDIM's step with eta = 1
+    (the DDPM posterior variance). A step to ``abar_next == 1`` (clean data) returns ``pred_xstart``
+    itself, as in DDIM's last step.
+    :param noise: standard normal, shaped like ``x``; needed when ``eta > 0``.
     :return: ``(x_next, h)``; pass ``h`` as ``h_prev`` of the next step.
     """
     abar_t, abar_next = float(abar_t), float(abar_next)
@@ -372,9 +379,14 @@ def dpmpp_2m_update(
     if prev_xstart is not None and h_prev is not None and math.isfinite(h_prev):
         half_inv_r = 0.5 * h / h_prev
         data = (1 + half_inv_r) * pred_xstart - half_inv_r * prev_xstart
-    ratio = math.sqrt((1.0 - abar_next) / (1.0 - abar_t))
-    coef = math.sqrt(abar_next) * math.expm1(-h)
-    return ratio * x - coef * data, h
+    ratio = math.sqrt((1.0 - abar_next) / (1.0 - abar_t)) * math.exp(-eta * h)
+    coef = -math.sqrt(abar_next) * math.expm1(-(1.0 + eta) * h)
+    x_next = ratio * x + coef * data
+    if eta > 0:
+        if noise is None:
+            raise ValueError("a stochastic DPM-Solver++ step (eta > 0) needs noise")
+        x_next = x_next + math.sqrt((1.0 - abar_next) * -math.expm1(-2.0 * eta * h)) * noise
+    return x_next, h
 
 
 # ---------------------------------------------------------------------------------------------
@@ -644,16 +656,19 @@ def sample_dpmpp_2m(
     progress: bool = False,
     callback: Optional[Callable[[Dict[str, Any]], None]] = None,
     keep: Optional[Keep] = None,
+    eta: float = 0.0,
+    noise_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) over respaced ``indices`` (an int k means k, k-1, ..., 0).
 
     The state moves through the noise levels abar[indices[0]], ..., abar[indices[-1]] and finally to
-    clean data (the last step returns the x_0 prediction, as DDIM does). Deterministic: ``generator``
-    is accepted for interface symmetry and not used. Being second order it reaches DDIM's many-step
-    result with far fewer steps when the steps are roughly even in log-SNR; with few steps evenly
-    spaced in t, the uneven last gap can make it worse than DDIM. ``keep``: as in :func:`sample_ddim`.
+    clean data (the last step returns the x_0 prediction, as DDIM does). With ``eta = 0`` (default)
+    the solver is deterministic and draws nothing; with ``eta > 0`` it is the SDE solver
+    (:func:`dpmpp_2m_update`), drawing one noise per step except the last, from ``noise_fn`` or
+    ``generator`` as in :func:`sample_ddim`. Being second order it reaches DDIM's many-step result
+    with far fewer steps when the steps are roughly even in log-SNR; with few steps evenly spaced in
+    t, the uneven last gap can make it worse than DDIM. ``keep``: as in :func:`sample_ddim`.
     """
-    del generator  # deterministic solver
     sched = as_schedule(schedule)
     idx = _index_list(indices, sched.num_timesteps)
     x = x_start_state
@@ -665,7 +680,10 @@ def sample_dpmpp_2m(
             x = keep(x, abar)
         pred, _ = _split_output(denoiser(x, sched.model_timesteps(_timesteps(i, x))), x)
         pred_xstart = _pred_xstart(sched, x, pred, abar, clip)
-        x, h = dpmpp_2m_update(x, pred_xstart, abar, abar_next, prev_xstart, h_prev)
+        noise = None
+        if eta > 0 and abar_next < 1.0:
+            noise = noise_fn(x) if noise_fn is not None else randn_like(x, generator)
+        x, h = dpmpp_2m_update(x, pred_xstart, abar, abar_next, prev_xstart, h_prev, eta, noise)
         prev_xstart, h_prev = pred_xstart, h
         if callback is not None:
             callback({"i": i, "x": x, "pred_xstart": pred_xstart})

@@ -432,6 +432,8 @@ CASES = [
     Case("sample-eta-nan", "sample", sample_argv("--eta", "nan"), ["--eta nan", "finite"]),
     Case("sample-s-inf", "sample", sample_argv("--s", "inf"), ["--s inf", "finite"]),
     Case("sample-s-nan", "sample", sample_argv("--s", "nan"), ["--s nan", "finite"]),
+    Case("sample-eta-ddpm", "sample", sample_argv("--sampler", "ddpm", "--eta", "1"), ["--eta", "ddim and dpmpp2m"]),
+    Case("sample-eta-dpm-above-1", "sample", sample_argv("--sampler", "dpmpp2m", "--eta", "1.5"), ["--eta 1.5", "at most 1"]),
     # ---------------------------------------------------------------- an output folder over the inputs
     Case("hover-predict-into-labels", "hover_predict", predict_into("", "Train/Labels"),
          ["{tmp}/data/Train/Labels", "--out_dir is inside the input folder --data_dir"], out_kind="unchanged", extra=keep("data")),

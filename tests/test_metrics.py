@@ -489,3 +489,36 @@ def test_prediction_with_raw_ids_under_table_raises(tmp_path):
     with pytest.raises(DiffMixError, match="num_classes=4 does not match"):
         evaluate_folders(str(true_dir), str(pred_dir), num_classes=4, progress=False,
                          class_table=table)
+
+
+# ----------------------------------------------------------------------------- power spectrum
+
+
+def test_radial_power_finds_a_sinusoid_and_white_noise_is_flat():
+    from guided_diffusion.metrics.spectrum import radial_power
+
+    size = 64
+    xx = np.arange(size)[None, :].repeat(size, 0)
+    wave = np.sin(2 * np.pi * xx / 8.0)[None]  # 8 px wavelength -> radius 64 / 8 = 8
+    assert int(np.argmax(radial_power(wave))) == 8
+    noise = np.random.default_rng(0).normal(size=(16, size, size, 3))
+    p = radial_power(noise)
+    assert p.shape == (size // 2,)
+    assert 0.8 < p[4:8].mean() / p[16:32].mean() < 1.25
+
+
+def test_octave_power_ratio_is_one_for_the_same_set_and_low_at_fine_scales_after_a_blur():
+    from scipy.ndimage import gaussian_filter
+
+    from guided_diffusion.metrics.spectrum import octave_power_ratio
+
+    real = np.random.default_rng(1).integers(0, 256, size=(6, 64, 64, 3)).astype(np.uint8)
+    same = octave_power_ratio(real, real.copy())
+    assert same["ratio"] == pytest.approx([1.0] * 5) and same["period_px"][0] == [64, 32] and same["period_px"][-1] == [4, 2]
+    blurred = np.stack([gaussian_filter(x.astype(float), (1.0, 1.0, 0)) for x in real])
+    r = octave_power_ratio(real, blurred)["ratio"]
+    assert r[-1] < 0.05 and 0.8 < r[0] <= 1.0 and r == sorted(r, reverse=True)  # detail lost finest first
+    with pytest.raises(ValueError, match=r"differ in size"):
+        octave_power_ratio(real, real[:, :32, :32])
+    with pytest.raises(ValueError, match=r"synthetic: expected square images"):
+        octave_power_ratio(real, real[:, :, :40])

@@ -198,6 +198,7 @@ def test_fidelity_of_synthetic_patches_equal_to_the_real_images_is_one(toy, tmp_
         assert result["control"][c]["synthetic"] == e["real"]  # the control is the same real pixels
         # identical feature sets: the unbiased MMD estimate is <= 0 (the cross term holds the diagonal)
         assert result["kid"][c]["kid"] is None or result["kid"][c]["kid"] <= 1e-9
+    assert result["spectrum"]["ratio"] == pytest.approx([1.0] * len(result["spectrum"]["ratio"]))  # the same pixels
     for name in ("evidence.md", "evidence.json", "predictions.csv", "classifier/train.json", "cas_synthetic/train.json"):
         assert os.path.exists(os.path.join(out, name)), name
     assert result["cas"]["n_train"] > 0 and "nan" not in open(os.path.join(out, "evidence.md")).read().lower()

@@ -304,6 +304,47 @@ def test_dpmpp_first_step_equals_ddim():
     assert h == pytest.approx(0.5 * (math.log(0.5 / 0.5) - math.log(0.2 / 0.8)))
 
 
+def test_dpmpp_sde_first_step_equals_ddim_eta1():
+    # The SDE solver's first-order step is DDIM's step with eta = 1 (the DDPM posterior variance),
+    # noise included; eta = 0 is the ODE step.
+    x0, _ = _line_setup(9)
+    x, z = torch.randn_like(x0), torch.randn_like(x0)
+    pred = x0.clamp(-1, 1)
+    ddim = samplers.ddim_update(x, pred, 0.2, 0.5, 1.0, z)
+    sde, _ = samplers.dpmpp_2m_update(x, pred, 0.2, 0.5, eta=1.0, noise=z)
+    torch.testing.assert_close(sde, ddim, rtol=1e-5, atol=1e-5)
+    assert torch.equal(samplers.dpmpp_2m_update(x, pred, 0.2, 0.5, eta=0.0)[0], samplers.dpmpp_2m_update(x, pred, 0.2, 0.5)[0])
+    with pytest.raises(ValueError, match="needs noise"):
+        samplers.dpmpp_2m_update(x, pred, 0.2, 0.5, eta=0.5)
+
+
+@pytest.mark.parametrize("eta", [0.5, 1.0])
+def test_dpmpp_sde_samples_the_data_distribution(eta):
+    # Exact denoiser of Gaussian data N(mu, s^2): from pure noise the SDE solver must end with the
+    # data's mean and spread (a wrong noise or drift coefficient moves the spread by far more than 3 %).
+    mu, s = 0.2, 0.5
+    sched = create_gaussian_diffusion(steps=1000)
+    den = _gaussian_data_denoiser(sched.alphas_cumprod, mu, s)
+    g = torch.Generator().manual_seed(11)
+    x_T = torch.randn(8, 3, 32, 32, generator=g)
+    idx = samplers.lambda_spaced_indices(sched, 60, 990)
+    draws = []
+
+    def noise_fn(x):
+        draws.append(1)
+        return torch.randn(x.shape, generator=g)
+
+    out = samplers.sample_dpmpp_2m(den, x_T, sched, idx, clip=False, eta=eta, noise_fn=noise_fn).double()
+    assert len(draws) == len(idx) - 1  # one per step, none for the last (it returns the x_0 prediction)
+    assert abs(out.mean().item() - mu) < 0.02
+    assert out.std().item() == pytest.approx(s, rel=0.03)
+    ode = samplers.sample_dpmpp_2m(den, x_T, sched, idx, clip=False).double()
+    assert (out - ode).abs().mean() > 0.1  # the noise changes each sample, not only the set
+    again = samplers.sample_dpmpp_2m(den, x_T, sched, idx, clip=False, eta=eta, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(again, samplers.sample_dpmpp_2m(den, x_T, sched, idx, clip=False, eta=eta,
+                                                       generator=torch.Generator().manual_seed(3)))
+
+
 def test_schedule_from_betas_and_validation():
     d = create_gaussian_diffusion(steps=100, timestep_respacing="ddim20", rescale_timesteps=True)
     sched = samplers.Schedule.from_diffusion(d)

@@ -120,7 +120,8 @@ def test_noise_seeds_and_shards():
     assert sorted(sum(parts, [])) == jobs and parts[1] == [1, 4, 7]
 
 
-def test_per_sample_noise_does_not_depend_on_batching():
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp2m"])
+def test_per_sample_noise_does_not_depend_on_batching(sampler):
     model, diffusion = tiny_model()
     y = torch.zeros(2, 6, 32, 32)
     y[0, 1], y[1, 2] = 1, 1
@@ -130,7 +131,7 @@ def test_per_sample_noise_does_not_depend_on_batching():
     def run(idx):
         den = syn.FastGuidedDenoiser(model, y[idx], 1.5)
         noise = syn.PerSampleNoise([seeds[i] for i in idx])
-        return syn.sample_batch(den, diffusion, ref[idx], 3, noise, sampler="ddim", eta=1.0)
+        return syn.sample_batch(den, diffusion, ref[idx], 3, noise, sampler=sampler, eta=1.0)
 
     both, alone = run([0, 1]), run([1])
     torch.testing.assert_close(both[1:], alone, atol=1e-5, rtol=0)
@@ -243,14 +244,13 @@ def test_dpmpp_2m_approaches_many_step_ddim():
     assert err["dpmpp2m", 41] < 0.5 * err["ddim", 41] < 0.05
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpmpp2m"])
-def test_loop_matches_pure_samplers(sampler):
+@pytest.mark.parametrize("sampler,eta", [("ddim", 0.7), ("ddpm", 0.0), ("dpmpp2m", 0.0), ("dpmpp2m", 1.0)])
+def test_loop_matches_pure_samplers(sampler, eta):
     """For one sample the per-sample noise stream is one generator's stream, so the pipeline's loop
     must equal samplers.partial_start + sample_ddim / sample_ddpm / sample_dpmpp_2m exactly."""
     _, exact_eps, _ = _gaussian_problem()
     sched = _eps_schedule("ddim10")
     ref = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(4)) * 2 - 1
-    eta = 0.7 if sampler == "ddim" else 0.0
     ours = syn.sample_batch(exact_eps, sched, ref, 6, syn.PerSampleNoise([123]), sampler=sampler, eta=eta)
     gen = torch.Generator().manual_seed(123)
     x_t, start = smp.partial_start(sched, ref, smp.start_steps(sched.num_timesteps, 60), generator=gen)
@@ -260,7 +260,7 @@ def test_loop_matches_pure_samplers(sampler):
     elif sampler == "ddpm":
         theirs = smp.sample_ddpm(exact_eps, x_t, sched, start, generator=gen)
     else:
-        theirs = smp.sample_dpmpp_2m(exact_eps, x_t, sched, start)
+        theirs = smp.sample_dpmpp_2m(exact_eps, x_t, sched, start, eta=eta, generator=gen)
     assert start == 5
     torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
 

@@ -51,7 +51,7 @@ class SettingsCheck:
 
         check = SettingsCheck(cfg)
         check.need("lr", lambda v: v > 0, "> 0")              # --lr -1.0: must be > 0
-        check.add(cfg.eta and cfg.sampler != "ddim", "--eta applies to the ddim sampler only")
+        check.add(cfg.eta and cfg.sampler == "ddpm", "--eta applies to the ddim and dpmpp2m samplers")
         check.rule(check_precision, cfg.precision)             # a check that raises DiffMixError
         check.done()                                           # raises when anything was recorded
     """

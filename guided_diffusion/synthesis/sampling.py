@@ -125,7 +125,8 @@ def sample_batch(
             (DiffMix's partial start), or None to start from pure noise (then ``shape`` = [N, 3, H, W]).
         steps: respaced steps to run (``start_steps``); the start state sits at index ``steps - 1``.
         noise: per-sample noise; draws: the start noise, then one per step for DDPM and DDIM
-            (DDIM draws even at eta = 0, as the official loop does; DPM-Solver++ draws nothing).
+            (DDIM draws even at eta = 0, as the official loop does; DPM-Solver++ draws only with
+            eta > 0, one per step but the last).
         sampler: "ddim", "ddpm" or "dpmpp2m".
         device: where a pure-noise start lives (default: the reference's device, else the CPU).
         solver: dpmpp2m only: ``(schedule, indices)`` of :func:`solver_plan`: the solver runs over
@@ -160,9 +161,8 @@ def sample_batch(
     if sampler == "ddpm":
         return smp.sample_ddpm(denoiser, x, sched, start, noise_fn=draw, clip=clip, keep=keep)
     if sampler == "dpmpp2m":
-        if solver is not None:
-            return smp.sample_dpmpp_2m(denoiser, x, solver[0], solver[1], clip=clip, keep=keep)
-        return smp.sample_dpmpp_2m(denoiser, x, sched, start, clip=clip, keep=keep)
+        where, idx = solver if solver is not None else (sched, start)
+        return smp.sample_dpmpp_2m(denoiser, x, where, idx, clip=clip, keep=keep, eta=eta, noise_fn=draw)
     raise DiffMixError(f"unknown sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
 
 

@@ -60,7 +60,7 @@ class SampleConfig:
     ddim_percent: float = flag(100.0, "percent of the respaced steps to run from the noised real patch; 100 = from pure noise")
     sampler: str = flag("ddim", "ddim, ddpm or dpmpp2m")
     solver_steps: int = flag(0, "dpmpp2m only: model calls from the start, evenly spaced in log-SNR on the trained steps (fast preset: --sampler dpmpp2m --solver_steps 10, benchmarks/RESULTS.md); 0 = one per respaced step")
-    eta: float = flag(0.0, "DDIM eta (0 = deterministic)")
+    eta: float = flag(0.0, "noise per step: DDIM eta, or with dpmpp2m the SDE solver's (0 = deterministic ODE, 1 = SDE-DPM-Solver++(2M), at most 1)")
     clip_denoised: bool = flag(True, "clip the x0 prediction to [-1, 1]")
     batch_size: int = flag(1, "patches per model call")
     num_samples: int = flag(0, "cap on the number of outputs (0 = every patch x samples_per_map)")
@@ -92,7 +92,8 @@ class SampleConfig:
                   f"--solver_steps {self.solver_steps}: must be >= 0, and applies to --sampler dpmpp2m only "
                   f"(got --sampler {self.sampler})")
         check.need("eta", lambda v: v >= 0, ">= 0")
-        check.add(self.eta and self.sampler != "ddim", f"--eta applies to the ddim sampler only (got --sampler {self.sampler})")
+        check.add(self.eta and self.sampler == "ddpm", "--eta applies to the ddim and dpmpp2m samplers (ddpm draws its own noise)")
+        check.add(self.sampler == "dpmpp2m" and self.eta > 1, f"--eta {self.eta}: with --sampler dpmpp2m at most 1 (1 = the SDE solver)")
         for name in ("batch_size", "samples_per_map"):
             check.need(name, lambda v: v >= 1, ">= 1")
         for name in ("num_samples", "patch_size", "stride", "figure_rows"):

@@ -14,6 +14,9 @@
   real 128 px patches (the synthesis' own source crops) from the synthetic ones; its accuracy on
   patches of tiles it never saw, pooled over tile-grouped folds, with a Wilson interval. 0.5 means
   indistinguishable, 1.0 trivially separable.
+* **Fine detail**: the synthetic patches' power per octave of spatial frequency over their real
+  source crops' (:mod:`guided_diffusion.metrics.spectrum`); where C2ST says *that* patches differ,
+  this says at which scale.
 * **CAS** (Classification Accuracy Score, Ravuri & Vinyals, NeurIPS 2019): a classifier trained on
   synthetic nuclei only, tested on real held-out nuclei, beside one trained on the same number of
   real nuclei.
@@ -33,6 +36,7 @@ from ...infra.config import SettingsCheck, flag
 from ...infra.errors import DiffMixError
 from ...infra.plotting import pyplot, save_figure
 from ...metrics.classification import binomial_ci, bootstrap_ci, class_scores, kid
+from ...metrics.spectrum import octave_power_ratio
 from ..data import RealSplits, refuse_listed_twice, split_list
 from ..study import command_line, machine
 from . import crops as C
@@ -314,11 +318,12 @@ def run_evidence(cfg: EvidenceConfig, ccfg: ClassifierConfig, argv: Optional[Seq
         "kid": {str(c): v for c, v in kids.items()},
         "grid": grid,
     }
+    real_p = np.stack([x for r in runs for x in r.real])
+    syn_p = np.stack([s.image for r in runs for s in r.samples])
+    result["spectrum"] = octave_power_ratio(real_p, syn_p)
     if cfg.c2st:
         critic = ClassifierConfig(width=8, stem_stride=2, steps=cfg.c2st_steps, batch_size=32, jitter=0.0,
                                   seed=ccfg.seed, lr=ccfg.lr, lr_drop_at=ccfg.lr_drop_at)
-        real_p = np.stack([x for r in runs for x in r.real])
-        syn_p = np.stack([s.image for r in runs for s in r.samples])
         group = tile_of if cfg.c2st_groups == "tile" else (lambda src: src)
         groups = [group(src) for r in runs for src in r.sources]
         result["c2st"] = c2st(real_p, syn_p, groups, groups, critic, cfg.c2st_folds, ccfg.seed, cfg.progress)
@@ -413,6 +418,13 @@ def render(result: Dict[str, Any]) -> str:
     for c, v in result["kid"].items():
         label = names.get(c, names.get(int(c), c)) if c != "all" else "all nuclei"
         lines.append(f"| {label} | {_f(v['kid'], 4)} | {_f(v['sd'], 4)} | {v['n_x']} | {v['n_y']} |")
+    if "spectrum" in result:
+        t = result["spectrum"]
+        lines += ["", "## Fine detail: power per octave of spatial frequency, synthetic / real source crops", "",
+                  "| wavelength (px) | " + " | ".join(f"{hi:g}-{lo:g}" for hi, lo in t["period_px"]) + " |",
+                  "|---|" + "---|" * len(t["ratio"]),
+                  "| power ratio | " + " | ".join(_f(r) for r in t["ratio"]) + " |", "",
+                  "1 = as much detail as real at that scale, < 1 = smoother, > 1 = noisier."]
     if "c2st" in result:
         t = result["c2st"]
         lines += ["", "## C2ST (real source crops vs synthetic patches, held-out tiles)", "",
