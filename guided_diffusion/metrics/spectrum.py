@@ -15,15 +15,28 @@ import numpy as np
 
 
 def _gray(images: np.ndarray, name: str) -> np.ndarray:
-    arr = np.asarray(images)
+    arr = np.asarray(images, dtype=np.float64)
     if arr.ndim == 4 and arr.shape[-1] in (1, 3):
-        arr = arr.astype(np.float64).mean(-1)
+        arr = arr.mean(-1)
     if arr.ndim != 3 or arr.shape[1] != arr.shape[2] or arr.shape[1] < 8:
         raise ValueError(f"{name}: expected square images [N, S, S] or [N, S, S, 3] with S >= 8, "
                          f"got shape {tuple(np.shape(images))}")
     if len(arr) == 0:
         raise ValueError(f"{name}: no images")
-    return arr.astype(np.float64)
+    return arr
+
+
+def _ring_power(gray: np.ndarray) -> np.ndarray:
+    """:func:`radial_power` of images already checked and made single-channel float64 ``[N, S, S]``."""
+    size = gray.shape[1]
+    window = np.outer(np.hanning(size), np.hanning(size))
+    centred = (gray - gray.mean(axis=(1, 2), keepdims=True)) * window
+    power = (np.abs(np.fft.fftshift(np.fft.fft2(centred), axes=(1, 2))) ** 2).mean(0)
+    yy, xx = np.indices(power.shape)
+    radius = np.hypot(yy - size // 2, xx - size // 2).astype(np.int64).ravel()
+    total = np.bincount(radius, power.ravel())[: size // 2]
+    count = np.bincount(radius)[: size // 2]
+    return total / count
 
 
 def radial_power(images: np.ndarray) -> np.ndarray:
@@ -39,16 +52,7 @@ def radial_power(images: np.ndarray) -> np.ndarray:
         images. Each image has its mean removed and a Hann window applied, so the borders of a crop
         do not add power at every frequency.
     """
-    gray = _gray(images, "images")
-    size = gray.shape[1]
-    window = np.outer(np.hanning(size), np.hanning(size))
-    centred = (gray - gray.mean(axis=(1, 2), keepdims=True)) * window
-    power = (np.abs(np.fft.fftshift(np.fft.fft2(centred), axes=(1, 2))) ** 2).mean(0)
-    yy, xx = np.indices(power.shape)
-    radius = np.hypot(yy - size // 2, xx - size // 2).astype(np.int64).ravel()
-    total = np.bincount(radius, power.ravel())[: size // 2]
-    count = np.bincount(radius)[: size // 2]
-    return total / count
+    return _ring_power(_gray(images, "images"))
 
 
 def octave_power_ratio(real: np.ndarray, synthetic: np.ndarray) -> Dict[str, List]:
@@ -67,7 +71,7 @@ def octave_power_ratio(real: np.ndarray, synthetic: np.ndarray) -> Dict[str, Lis
     a, b = _gray(real, "real"), _gray(synthetic, "synthetic")
     if a.shape[1:] != b.shape[1:]:
         raise ValueError(f"real images {a.shape[1:]} and synthetic images {b.shape[1:]} differ in size")
-    pr, ps = radial_power(a), radial_power(b)
+    pr, ps = _ring_power(a), _ring_power(b)
     size = a.shape[1]
     periods, ratios = [], []
     lo = 1
